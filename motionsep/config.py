@@ -1,0 +1,532 @@
+"""Typed settings: one nested tree, five layers of precedence.
+
+Lowest first, each layer overrides the ones before it:
+
+1. the defaults written in this file (the upstream training defaults);
+2. a preset (``--preset NAME|PATH``), a YAML file from ``presets/``;
+3. a config file (``--config FILE``, YAML or TOML);
+4. environment variables ``MOTIONSEP_<SECTION>__<FIELD>`` (for instance
+   ``MOTIONSEP_TRAIN__STEPS=500``);
+5. command-line flags and repeatable ``--set section.field=value``.
+
+Use :func:`load_settings` to build a :class:`Settings` from all five; an
+invalid value in any layer raises :class:`~motionsep.errors.SettingsError`
+listing every bad field, what is allowed and which layer set it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import math
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from motionsep.errors import SettingsError, UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+ENV_PREFIX = "MOTIONSEP_"
+HOME_ENV = "MOTIONSEP_HOME"
+
+
+class Recipe(str, Enum):
+    """Which layers get the motion LoRA and which skips the highway reroutes."""
+
+    PAPER = "paper"
+    REFERENCE = "reference"
+    MOTIONDIRECTOR = "motiondirector"
+
+
+class Precision(str, Enum):
+    """Numeric precision of model weights and activations."""
+
+    AUTO = "auto"
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+class VideoFormat(str, Enum):
+    """File format of generated videos."""
+
+    MP4 = "mp4"
+    GIF = "gif"
+    PNG = "png"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+
+
+def _check_multiple_of_8(value: int) -> int:
+    if value % 8:
+        raise ValueError(f"must be a multiple of 8")
+    return value
+
+
+class ModelSettings(_Section):
+    """Which base model to use and where to run it."""
+
+    name: str = Field(
+        "zeroscope",
+        description="Base model: a name in the store (zeroscope, modelscope, tiny), "
+        "a hub id OWNER/REPO, or a path to a diffusers folder.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    variant: str | None = Field(None, description="Weight variant to download, e.g. fp16.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    dtype: Precision = Field(
+        Precision.AUTO, description="Weights dtype: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        base, _, index = value.partition(":")
+        if base not in {"auto", "cpu", "cuda", "mps"} or (index and not index.isdigit()):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+
+class DataSettings(_Section):
+    """How clips become training data (``prepare``)."""
+
+    width: int = Field(384, ge=8, description="Frame width in pixels, a multiple of 8.")
+    height: int = Field(384, ge=8, description="Frame height in pixels, a multiple of 8.")
+    frames: int = Field(16, ge=2, description="Frames sampled from each clip.")
+    frame_step: int = Field(1, ge=1, description="Take every N-th frame of the clip.")
+    fps: float | None = Field(
+        None, gt=0, description="Resample clips to this frame rate instead of using frame_step."
+    )
+    crop: Literal["center", "bucket"] = Field(
+        "center", description="center: resize and center-crop; bucket: keep aspect in buckets."
+    )
+    prompt: str | None = Field(
+        None, description="Prompt for every clip that has no manifest entry or sidecar .txt."
+    )
+    inversion: bool = Field(False, description="Store a DDIM inversion of each clip (noise prior).")
+    inversion_steps: int = Field(50, ge=1, description="DDIM steps of that inversion.")
+    vae_batch_size: int = Field(8, ge=1, description="Frames encoded per VAE call.")
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        return _check_multiple_of_8(value)
+
+    @model_validator(mode="after")
+    def _fps_or_step(self) -> DataSettings:
+        if self.fps is not None and self.frame_step != 1:
+            raise ValueError("data.fps and data.frame_step exclude each other: set only one")
+        return self
+
+
+class LoraSettings(_Section):
+    """The motion LoRA and the spatial LoRAs of dual-path training."""
+
+    recipe: Recipe = Field(
+        Recipe.PAPER,
+        description="paper (TAP: to_k only, highway on every attention skip), reference "
+        "(the released code: to_k + to_out), motiondirector (the baseline: q, k, v, out, ff).",
+    )
+    rank: int = Field(32, ge=1, le=1024, description="Rank of the motion LoRA.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="LoRA dropout during training.")
+    spatial_rank: int = Field(32, ge=1, le=1024, description="Rank of the spatial LoRAs.")
+    shared_spatial: bool = Field(
+        False, description="One spatial LoRA for all clips instead of one per clip."
+    )
+
+
+class OptimSettings(_Section):
+    """AdamW over the LoRA parameters."""
+
+    lr: float = Field(5e-4, gt=0, description="Learning rate of the motion LoRA.")
+    spatial_lr: float = Field(5e-4, gt=0, description="Learning rate of the spatial LoRAs.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        "constant", description="Learning-rate schedule."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Warm-up steps of the schedule.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null for none.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError("each beta must be in [0, 1)")
+        return value
+
+
+class TrainSettings(_Section):
+    """The training loop (``train``)."""
+
+    steps: int = Field(1000, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(1, ge=1, description="Clips per step and process.")
+    checkpoint_every: int = Field(200, ge=1, description="Write a resumable checkpoint every N steps.")
+    seed: int = Field(42, ge=0, description="Seed of everything random in training.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="auto: fp16 on CUDA, none on CPU."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    spatial_skip_prob: float = Field(
+        0.2, ge=0.0, le=1.0, description="Fraction of steps that skip the spatial path."
+    )
+    debias_alpha: float = Field(
+        math.sqrt(2.0), description="alpha of the appearance-debiased loss term."
+    )
+    debias_beta: float = Field(1.0, description="beta of the appearance-debiased loss term.")
+    preview_every: int = Field(0, ge=0, description="Render a preview video every N steps; 0: never.")
+    num_processes: int = Field(1, ge=1, description="Data-parallel processes (accelerate).")
+
+
+class SampleSettings(_Section):
+    """Generation (``generate``): upstream defaults are DDIM, 30 steps, guidance 12."""
+
+    steps: int = Field(30, ge=1, description="DDIM denoising steps.")
+    guidance: float = Field(12.0, ge=0, description="Classifier-free guidance scale.")
+    width: int = Field(384, ge=8, description="Video width, a multiple of 8.")
+    height: int = Field(384, ge=8, description="Video height, a multiple of 8.")
+    frames: int = Field(16, ge=1, description="Frames per video.")
+    negative_prompt: str = Field("", description="Negative prompt for guidance.")
+    lora_scale: float = Field(1.0, description="Scale of the motion LoRA; 0 switches it off.")
+    highway: bool | None = Field(None, description="Appearance highway on/off; null: as the recipe says.")
+    highway_beta: float | None = Field(None, gt=0, description="Highway scale; null: the recipe's.")
+    pli: float | None = Field(
+        None, gt=0, le=1, description="Phased LoRA integration: motion for this fraction of steps."
+    )
+    noise_prior: float = Field(0.0, ge=0, le=1, description="Weight of the stored inversion noise.")
+    seed: int = Field(0, ge=0, description="Seed of the first video; video k uses seed + k.")
+    num_videos: int = Field(1, ge=1, description="Videos per prompt.")
+    fps: int = Field(8, ge=1, le=120, description="Frame rate of written videos.")
+    format: VideoFormat = Field(VideoFormat.MP4, description="mp4, gif or png (one PNG per frame).")
+    prompts: list[str] = Field(default_factory=list, description="Validation prompts of the preset.")
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        return _check_multiple_of_8(value)
+
+
+class EvalSettings(_Section):
+    """Metrics (``evaluate``)."""
+
+    clip_model: str = Field("clip", description="CLIP model in the store, hub id, or path.")
+    track_grid: int = Field(16, ge=2, description="Point-track grid size per side (motion fidelity).")
+    batch_size: int = Field(16, ge=1, description="Frames per CLIP call.")
+
+
+def default_home() -> Path:
+    """The store root: ``$MOTIONSEP_HOME`` or the user's cache directory."""
+    env = os.environ.get(HOME_ENV)
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("motionsep"))
+
+
+class StoreSettings(_Section):
+    """Where models, prepared data and motions live."""
+
+    home: Path = Field(
+        default_factory=default_home,
+        description="Root of the store (models/, motions/, prepared/); default $MOTIONSEP_HOME "
+        "or the user's cache directory.",
+    )
+
+
+# The preset and config-file layers of the call being built. A context variable
+# (not a global) because pydantic-settings builds its sources in a classmethod.
+_FILE_LAYERS: contextvars.ContextVar[tuple[dict[str, Any], ...]] = contextvars.ContextVar(
+    "motionsep_file_layers", default=()
+)
+
+
+class Settings(BaseSettings):
+    """Every setting of motionsep, one section per concern."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+        nested_model_default_partial_update=True,
+    )
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    optim: OptimSettings = Field(default_factory=OptimSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    sample: SampleSettings = Field(default_factory=SampleSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Highest priority first: CLI (init kwargs) > env > config file > preset.
+        file_sources = [
+            InitSettingsSource(settings_cls, init_kwargs=layer)
+            for layer in reversed(_FILE_LAYERS.get())
+        ]
+        return (init_settings, env_settings, *file_sources)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved settings as plain JSON-compatible data."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        """The resolved settings as YAML, in the shape a config file takes."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------
+# presets and files
+
+
+def preset_dir() -> Path:
+    """The folder of the built-in presets (inside the installed package)."""
+    return Path(str(resources.files("motionsep.presets")))
+
+
+def available_presets() -> list[str]:
+    """Names of the built-in presets."""
+    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """Finds a preset by built-in name or as a path to a YAML file."""
+    candidate = Path(name_or_path).expanduser()
+    if candidate.suffix in {".yaml", ".yml"} or os.sep in name_or_path:
+        if not candidate.is_file():
+            raise UsageError(
+                f"preset file not found: {candidate}",
+                f"built-in presets: {', '.join(available_presets())}",
+            )
+        return candidate
+    builtin = preset_dir() / f"{name_or_path}.yaml"
+    if not builtin.is_file():
+        raise UsageError(
+            f"unknown preset {name_or_path!r}",
+            f"built-in presets: {', '.join(available_presets())}; or pass a path to a YAML file",
+        )
+    return builtin
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Reads a YAML or TOML settings file into a nested dict."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UsageError(f"config file not found: {path}", "check the path given to --config")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".toml":
+            data: Any = tomllib.loads(text)
+        elif path.suffix in {".yaml", ".yml"}:
+            data = yaml.safe_load(text)
+        else:
+            raise UsageError(
+                f"config file {path} has an unknown type {path.suffix!r}",
+                "use a .yaml, .yml or .toml file",
+            )
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot parse {path}: {exc}", "fix the syntax of the file") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(
+            f"{path} must hold a mapping of sections (model, data, train, ...), "
+            f"found {type(data).__name__}"
+        )
+    return data
+
+
+def parse_set_options(assignments: list[str]) -> dict[str, Any]:
+    """Turns ``["train.steps=10", "optim.betas=[0.9, 0.99]"]`` into a nested dict.
+
+    Values are read as YAML, so numbers, booleans, lists and ``null`` work;
+    anything that is not valid YAML stays a string.
+    """
+    result: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UsageError(
+                f"--set {item!r} is not of the form section.field=value",
+                "for example: --set train.steps=500",
+            )
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw
+        _set_nested(result, key.split("."), value)
+    return result
+
+
+def _set_nested(target: dict[str, Any], keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        nxt = target.setdefault(key, {})
+        if not isinstance(nxt, dict):
+            raise UsageError(f"--set gives both {key} and {key}.{keys[-1]}")
+        target = nxt
+    target[keys[-1]] = value
+
+
+def deep_merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Merges nested mappings; later layers win key by key."""
+    result: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, Mapping) and isinstance(result.get(key), dict):
+                result[key] = deep_merge(result[key], value)
+            elif isinstance(value, Mapping):
+                result[key] = deep_merge(value)
+            else:
+                result[key] = value
+    return result
+
+
+def load_settings(
+    preset: str | None = None,
+    config_file: Path | str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    set_options: list[str] | None = None,
+) -> Settings:
+    """Builds the settings from defaults, preset, config file, environment and CLI.
+
+    Args:
+        preset: A built-in preset name or a path to a preset YAML.
+        config_file: A YAML or TOML file with any sections.
+        overrides: Values from dedicated CLI flags, nested by section.
+        set_options: ``--set section.field=value`` strings (applied after ``overrides``).
+
+    Raises:
+        SettingsError: listing every invalid field with what is allowed.
+        UsageError: for a missing or unreadable preset or config file.
+    """
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if preset:
+        path = resolve_preset(preset)
+        layers.append((f"preset {path.stem}", read_config_file(path)))
+    if config_file:
+        layers.append((f"config file {config_file}", read_config_file(Path(config_file))))
+    cli = deep_merge(_drop_none(overrides or {}), parse_set_options(set_options or []))
+
+    token = _FILE_LAYERS.set(tuple(layer for _, layer in layers))
+    try:
+        return Settings(**cli)
+    except ValidationError as exc:
+        named = [*layers, ("environment", _env_layer()), ("command line", cli)]
+        raise SettingsError(format_validation_error(exc, named)) from exc
+    finally:
+        _FILE_LAYERS.reset(token)
+
+
+def _drop_none(values: Mapping[str, Any]) -> dict[str, Any]:
+    """CLI flags the user did not give arrive as None; they must not override."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            nested = _drop_none(value)
+            if nested:
+                out[key] = nested
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def _env_layer() -> dict[str, Any]:
+    layer: dict[str, Any] = {}
+    for name, value in os.environ.items():
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            keys = name[len(ENV_PREFIX) :].lower().split("__")
+            _set_nested(layer, keys, value)
+    return layer
+
+
+def _lookup(layer: Mapping[str, Any], path: tuple[str | int, ...]) -> tuple[bool, Any]:
+    node: Any = layer
+    for key in path:
+        if isinstance(node, Mapping) and key in node:
+            node = node[key]
+        elif isinstance(node, list | tuple) and isinstance(key, int) and key < len(node):
+            node = node[key]
+        else:
+            return False, None
+    return True, node
+
+
+def _field_help(path: tuple[str | int, ...]) -> str | None:
+    """The description of a settings field, or the known fields of a section."""
+    model: type[BaseModel] = Settings
+    for key in path:
+        fields = model.model_fields
+        if not isinstance(key, str) or key not in fields:
+            return f"known fields here: {', '.join(fields)}"
+        annotation = fields[key].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return fields[key].description
+    return None
+
+
+def format_validation_error(
+    exc: ValidationError, layers: list[tuple[str, dict[str, Any]]] | None = None
+) -> str:
+    """One message listing every invalid field, what is allowed, and who set it."""
+    lines = [f"{exc.error_count()} invalid setting{'s' if exc.error_count() != 1 else ''}:"]
+    for error in exc.errors():
+        loc = tuple(part for part in error["loc"] if part != "__root__")
+        name = ".".join(str(part) for part in loc) or "(settings)"
+        origin = ""
+        for label, layer in reversed(layers or []):
+            found, _ = _lookup(layer, loc)
+            if found:
+                origin = f" (set by {label})"
+                break
+        value = error.get("input")
+        shown = "" if isinstance(value, dict) else f", got {json.dumps(value, default=str)}"
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"  - {name}: {message}{shown}{origin}")
+        help_text = _field_help(loc)
+        if help_text:
+            lines.append(f"      {help_text}")
+    return "\n".join(lines)
+
+
+def iter_fields(model: type[BaseModel] = Settings, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """Yields ``(dotted.name, description)`` for every leaf setting."""
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from iter_fields(annotation, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", field.description or ""

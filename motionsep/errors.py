@@ -1,0 +1,69 @@
+"""Typed errors. Each says what went wrong and what to do next.
+
+The CLI maps them to a message and an exit code in one place
+(``motionsep_cli/_errors.py``): ``exit_code`` 2 means bad usage or bad input,
+1 means the work itself failed.
+"""
+
+from __future__ import annotations
+
+
+class MotionsepError(Exception):
+    """Base class of every error motionsep raises on purpose.
+
+    Args:
+        message: What went wrong, naming the thing (file, field, model) at fault.
+        hint: What the user can do about it; shown on its own line.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n{self.hint}"
+
+
+class UsageError(MotionsepError):
+    """The command was given something it cannot use (bad path, bad value)."""
+
+    exit_code = 2
+
+
+class SettingsError(UsageError):
+    """One or more settings are invalid; the message lists every bad field."""
+
+
+class ModelNotFoundError(UsageError):
+    """A base model name or path does not resolve to a usable model."""
+
+
+class ModelFormatError(MotionsepError):
+    """A model folder exists but is not a text-to-video model we can use."""
+
+
+class MotionNotFoundError(UsageError):
+    """A motion name is not in the store."""
+
+
+class PackageError(MotionsepError):
+    """A motion package is damaged, incomplete or of an unknown format."""
+
+
+class IncompatibleModelError(UsageError):
+    """A motion was trained on a different base model than the one given."""
+
+
+class RecipeMismatchError(MotionsepError):
+    """Injecting a recipe's LoRA did not adapt exactly the modules it names."""
+
+
+class StoreLockedError(MotionsepError):
+    """Another process holds the lock on a store entry."""
+
+
+class NotImplementedYetError(UsageError):
+    """A subcommand whose issue is still open. Never pretends to work."""

@@ -1,0 +1,315 @@
+"""Base-model components: load them from a diffusers folder, or build them.
+
+A base model is an ordinary diffusers text-to-video folder (``model_index.json``
+plus ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``).
+ZeroScope and ModelScope come from the hub; the ``tiny`` model is built here,
+offline and deterministically, with the same architecture family and much
+smaller channels, so every code path runs on a CPU in tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from motionsep.errors import ModelFormatError
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+COMPONENT_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+# The 3D U-Net of ZeroScope v2 / ModelScope T2V. Note that diffusers'
+# `attention_head_dim` here is really the number of heads per attention.
+ZEROSCOPE_UNET_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "attention_head_dim": 64,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "cross_attention_dim": 1024,
+    "down_block_types": [
+        "CrossAttnDownBlock3D",
+        "CrossAttnDownBlock3D",
+        "CrossAttnDownBlock3D",
+        "DownBlock3D",
+    ],
+    "downsample_padding": 1,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 32,
+    "up_block_types": [
+        "UpBlock3D",
+        "CrossAttnUpBlock3D",
+        "CrossAttnUpBlock3D",
+        "CrossAttnUpBlock3D",
+    ],
+}
+
+# Same block layout as ZeroScope (three attention down blocks, two layers each,
+# a plain bottom block, mirrored up path), with tiny channels: about 5 M
+# parameters. Every module name of ZeroScope's U-Net exists here too.
+TINY_UNET_CONFIG: dict[str, Any] = {
+    **ZEROSCOPE_UNET_CONFIG,
+    "attention_head_dim": 4,
+    "block_out_channels": [32, 64, 64, 64],
+    "cross_attention_dim": 32,
+    "norm_num_groups": 8,
+    "sample_size": 16,
+}
+
+TINY_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "block_out_channels": [16, 32],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": 32,
+    "scaling_factor": 0.18215,
+}
+
+TINY_TEXT_CONFIG: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 32,
+}
+
+# ZeroScope's scheduler (DDIM over the Stable Diffusion noise schedule).
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+TINY_SEED = 0
+
+
+@dataclass
+class Components:
+    """The parts of a text-to-video model that motionsep drives."""
+
+    unet: UNet3DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDIMScheduler
+    path: Path
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along each side."""
+        return int(2 ** (len(self.vae.config.block_out_channels) - 1))
+
+
+def unet_config_hash(config: dict[str, Any]) -> str:
+    """A stable hash of the U-Net architecture (ignores bookkeeping keys).
+
+    Motion packages record it, so that a motion is only used with the base
+    model architecture it was trained on.
+    """
+    relevant = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    relevant.pop("sample_size", None)
+    blob = json.dumps(relevant, sort_keys=True, default=list).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _tiny_vocab() -> tuple[dict[str, int], list[str]]:
+    """A character-level CLIP vocabulary, written in code (no download).
+
+    Every printable ASCII character appears twice: inside a word and at the
+    end of a word (``</w>``), as CLIP's byte-pair tokenizer expects. With no
+    merges, words are spelled out letter by letter, which is enough for a
+    model that only needs prompts to map to distinct embeddings.
+    """
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    tokens = ["<|startoftext|>", "<|endoftext|>"]
+    tokens += list(chars) + [f"{c}</w>" for c in chars]
+    return {token: index for index, token in enumerate(tokens)}, []
+
+
+def build_tiny_components(seed: int = TINY_SEED) -> dict[str, Any]:
+    """Builds the tiny ZeroScope-shaped model with seeded random weights.
+
+    Building twice with the same seed gives bit-identical weights.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab, merges = _tiny_vocab()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+    torch.manual_seed(seed)
+    unet = UNet3DConditionModel(**TINY_UNET_CONFIG)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    torch.manual_seed(seed + 2)
+    text_config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+        **TINY_TEXT_CONFIG,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
+
+
+def save_components(parts: dict[str, Any], folder: Path) -> None:
+    """Saves components as a diffusers text-to-video folder (safetensors only)."""
+    import diffusers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    index: dict[str, Any] = {
+        "_class_name": "TextToVideoSDPipeline",
+        "_diffusers_version": diffusers.__version__,
+    }
+    for name in COMPONENT_FOLDERS:
+        part = parts[name]
+        if name == "tokenizer":
+            part.save_pretrained(folder / name)
+        elif name == "scheduler":
+            part.save_pretrained(folder / name)
+        else:
+            part.save_pretrained(folder / name, safe_serialization=True)
+        library = "transformers" if name in {"tokenizer", "text_encoder"} else "diffusers"
+        index[name] = [library, type(part).__name__]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def build_zeroscope_unet(device: str | torch.device = "cpu", dtype: Any = None) -> Any:
+    """The full ZeroScope v2 U-Net architecture with random weights (no download).
+
+    Meant for speed and memory benchmarks and for counting parameters; with
+    ``device="meta"`` no memory is allocated.
+    """
+    import torch
+    from diffusers import UNet3DConditionModel
+
+    with torch.device(device):
+        unet = UNet3DConditionModel(**ZEROSCOPE_UNET_CONFIG)
+    if dtype is not None:
+        unet = unet.to(dtype=dtype)
+    return unet
+
+
+def check_model_folder(folder: Path) -> dict[str, Any]:
+    """Checks that a folder is a text-to-video model motionsep supports.
+
+    Returns the parsed U-Net config.
+
+    Raises:
+        ModelFormatError: naming the missing file or the unsupported part.
+    """
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise ModelFormatError(
+            f"{folder} is not a diffusers model folder: model_index.json is missing",
+            "point at a folder saved by diffusers, or use `motionsep download`",
+        )
+    for name in ("unet", "vae", "text_encoder", "scheduler"):
+        config = folder / name / ("scheduler_config.json" if name == "scheduler" else "config.json")
+        if not config.is_file():
+            raise ModelFormatError(f"{folder}: {config.relative_to(folder)} is missing")
+    if not (folder / "tokenizer").is_dir():
+        raise ModelFormatError(f"{folder}: the tokenizer folder is missing")
+    try:
+        unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelFormatError(f"{folder}/unet/config.json is not valid JSON: {exc}") from exc
+    if unet_config.get("_class_name") != "UNet3DConditionModel":
+        raise ModelFormatError(
+            f"{folder} has a {unet_config.get('_class_name')!r} U-Net; motionsep needs a "
+            "UNet3DConditionModel (ZeroScope / ModelScope text-to-video)",
+        )
+    for name in ("unet", "vae", "text_encoder"):
+        if not list((folder / name).glob("*.safetensors")):
+            raise ModelFormatError(
+                f"{folder}/{name} holds no .safetensors weights",
+                "motionsep loads only safetensors; re-import the model with `motionsep download`",
+            )
+    return dict(unet_config)
+
+
+def load_unet(folder: Path, dtype: Any = None, device: Any = "cpu") -> UNet3DConditionModel:
+    """Loads only the U-Net of a model folder (safetensors only)."""
+    from diffusers import UNet3DConditionModel
+
+    unet = UNet3DConditionModel.from_pretrained(
+        folder, subfolder="unet", torch_dtype=dtype, use_safetensors=True
+    )
+    unet.to(device)
+    unet.eval()
+    unet.requires_grad_(False)
+    return unet
+
+
+def load_components(folder: Path, dtype: Any = None, device: Any = "cpu") -> Components:
+    """Loads every component of a model folder, frozen, in eval mode.
+
+    Args:
+        folder: A diffusers text-to-video folder (see :func:`check_model_folder`).
+        dtype: torch dtype of the U-Net, VAE and text encoder; None keeps fp32.
+        device: Where to put them.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler
+    from diffusers.utils import logging as diffusers_logging
+    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    check_model_folder(folder)
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    unet = load_unet(folder, dtype=dtype, device=device)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, use_safetensors=True)
+    text_encoder = CLIPTextModel.from_pretrained(
+        folder, subfolder="text_encoder", dtype=dtype, use_safetensors=True
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    for module in (vae, text_encoder):
+        module.to(device)
+        module.eval()
+        module.requires_grad_(False)
+    return Components(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        path=folder,
+    )
+
+
+def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (optionally only those that require grad)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,267 @@
+"""The local store: base models, prepared data and motions under one root.
+
+Layout under ``$MOTIONSEP_HOME`` (default: the user's cache directory)::
+
+    models/NAME/        a diffusers text-to-video folder + motionsep-model.json
+    motions/NAME/       a motion package (see motionsep.model.motion)
+    prepared/KEY/       cached latents and prompts of prepared clips
+
+Everything is written into a temporary sibling folder and renamed into place,
+so a half-written entry is never visible under its name. Entries that one
+process writes at a time are guarded by :func:`lock`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from motionsep.errors import ModelNotFoundError, StoreLockedError, UsageError
+
+MODEL_RECORD = "motionsep-model.json"
+_TMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """What the store knows about an installed base model."""
+
+    name: str
+    path: Path
+    source: str
+    revision: str | None
+    size_bytes: int
+    created: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, for ``--json`` output."""
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "source": self.source,
+            "revision": self.revision,
+            "size_bytes": self.size_bytes,
+            "created": self.created,
+        }
+
+
+def folder_size(path: Path) -> int:
+    """Total bytes of the files under ``path``."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def validate_name(name: str, what: str = "name") -> str:
+    """Accepts names that are safe as a single folder name."""
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+    if not name or name.startswith(".") or not set(name) <= allowed or len(name) > 100:
+        raise UsageError(
+            f"invalid {what} {name!r}",
+            "use letters, digits, '-', '_' and '.', not starting with '.', at most 100 characters",
+        )
+    return name
+
+
+class Store:
+    """The folders of one store root.
+
+    Args:
+        home: The store root; created on first write.
+    """
+
+    def __init__(self, home: Path) -> None:
+        self.home = Path(home).expanduser()
+
+    @property
+    def models_dir(self) -> Path:
+        """Base models."""
+        return self.home / "models"
+
+    @property
+    def motions_dir(self) -> Path:
+        """Motion packages."""
+        return self.home / "motions"
+
+    @property
+    def prepared_dir(self) -> Path:
+        """Prepared (encoded) training data."""
+        return self.home / "prepared"
+
+    # -- models -------------------------------------------------------------
+
+    @staticmethod
+    def model_folder_name(name: str) -> str:
+        """Folder name of a model: hub ids ``OWNER/REPO`` become ``OWNER--REPO``."""
+        return validate_name(name.replace("/", "--"), "model name")
+
+    def model_path(self, name: str) -> Path:
+        """Where the model ``name`` lives (whether or not it is installed)."""
+        return self.models_dir / self.model_folder_name(name)
+
+    def model_record(self, name: str) -> ModelRecord | None:
+        """The record of an installed, verified model, or None."""
+        path = self.model_path(name)
+        record_file = path / MODEL_RECORD
+        if not record_file.is_file():
+            return None
+        data = json.loads(record_file.read_text())
+        return ModelRecord(
+            name=data["name"],
+            path=path,
+            source=data.get("source", ""),
+            revision=data.get("revision"),
+            size_bytes=int(data.get("size_bytes", 0)),
+            created=data.get("created", ""),
+        )
+
+    def installed_models(self) -> list[ModelRecord]:
+        """Every verified model in the store, by name."""
+        if not self.models_dir.is_dir():
+            return []
+        records = []
+        for path in sorted(self.models_dir.iterdir()):
+            if path.name.startswith(".") or not (path / MODEL_RECORD).is_file():
+                continue
+            record = self.model_record(path.name.replace("--", "/"))
+            if record is not None:
+                records.append(record)
+        return records
+
+    def resolve_model(self, name_or_path: str) -> Path:
+        """The folder of a base model given by store name, hub id or path.
+
+        Raises:
+            ModelNotFoundError: with the command that installs it.
+        """
+        candidate = Path(name_or_path).expanduser()
+        looks_like_path = name_or_path.startswith((".", "/", "~")) or candidate.exists()
+        if looks_like_path:
+            if (candidate / "model_index.json").is_file():
+                return candidate
+            raise ModelNotFoundError(
+                f"{candidate} is not a diffusers model folder (no model_index.json)",
+                "pass a folder saved by diffusers, or a model name from `motionsep download --list`",
+            )
+        record = self.model_record(name_or_path)
+        if record is not None:
+            return record.path
+        installed = [r.name for r in self.installed_models()]
+        hint = f"install it with `motionsep download {name_or_path}`"
+        if installed:
+            hint += f"; installed models: {', '.join(installed)}"
+        raise ModelNotFoundError(f"model {name_or_path!r} is not in the store ({self.models_dir})", hint)
+
+    def write_model_record(self, folder: Path, name: str, source: str, revision: str | None) -> None:
+        """Marks a model folder as verified and ready (call last, before renaming)."""
+        record = {
+            "name": name,
+            "source": source,
+            "revision": revision,
+            "size_bytes": folder_size(folder),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (folder / MODEL_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_folder(final: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temporary folder that becomes ``final`` only if the block succeeds.
+
+    The temporary folder is a sibling of ``final`` (same file system, so the
+    rename is atomic). On error it is removed and ``final`` is untouched. With
+    ``overwrite``, an existing ``final`` is replaced only after the new
+    content is complete.
+
+    Raises:
+        UsageError: if ``final`` exists and ``overwrite`` is false.
+    """
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise UsageError(f"{final} already exists", "choose another name or pass --force")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f"{_TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.parent / f"{_TMP_PREFIX}{final.name}-old-{uuid.uuid4().hex[:8]}"
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Writes a file through a temporary sibling and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        with tmp.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def lock(path: Path, what: str) -> Iterator[None]:
+    """An exclusive lock file; a lock left by a dead process on this host is taken over.
+
+    Args:
+        path: The lock file (created next to the entry it guards).
+        what: Named in the error, e.g. "training of motion 'dolly'".
+
+    Raises:
+        StoreLockedError: if a live process holds the lock.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            same_host = holder.get("host") == me["host"]
+            if same_host and not _pid_alive(int(holder.get("pid", -1))):
+                path.unlink(missing_ok=True)  # left behind by a crashed run
+                continue
+            raise StoreLockedError(
+                f"{what} is already running (pid {holder.get('pid')} on {holder.get('host')})",
+                f"wait for it to finish; if it is gone, delete {path}",
+            ) from None
+        with os.fdopen(fd, "w") as handle:
+            json.dump(me, handle)
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)

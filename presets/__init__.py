@@ -1,0 +1,1 @@
+"""Built-in presets, shipped as package data ``motionsep.presets``."""
