@@ -78,7 +78,7 @@ class _Section(BaseModel):
 
 def _check_multiple_of_8(value: int) -> int:
     if value % 8:
-        raise ValueError(f"must be a multiple of 8")
+        raise ValueError("must be a multiple of 8")
     return value
 
 
@@ -94,7 +94,8 @@ class ModelSettings(_Section):
     variant: str | None = Field(None, description="Weight variant to download, e.g. fp16.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     dtype: Precision = Field(
-        Precision.AUTO, description="Weights dtype: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16."
+        Precision.AUTO,
+        description="Weights dtype: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.",
     )
 
     @field_validator("device")
@@ -181,7 +182,9 @@ class TrainSettings(_Section):
 
     steps: int = Field(1000, ge=1, description="Optimizer steps.")
     batch_size: int = Field(1, ge=1, description="Clips per step and process.")
-    checkpoint_every: int = Field(200, ge=1, description="Write a resumable checkpoint every N steps.")
+    checkpoint_every: int = Field(
+        200, ge=1, description="Write a resumable checkpoint every N steps."
+    )
     seed: int = Field(42, ge=0, description="Seed of everything random in training.")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="auto: fp16 on CUDA, none on CPU."
@@ -194,7 +197,9 @@ class TrainSettings(_Section):
         math.sqrt(2.0), description="alpha of the appearance-debiased loss term."
     )
     debias_beta: float = Field(1.0, description="beta of the appearance-debiased loss term.")
-    preview_every: int = Field(0, ge=0, description="Render a preview video every N steps; 0: never.")
+    preview_every: int = Field(
+        0, ge=0, description="Render a preview video every N steps; 0: never."
+    )
     num_processes: int = Field(1, ge=1, description="Data-parallel processes (accelerate).")
 
 
@@ -208,7 +213,9 @@ class SampleSettings(_Section):
     frames: int = Field(16, ge=1, description="Frames per video.")
     negative_prompt: str = Field("", description="Negative prompt for guidance.")
     lora_scale: float = Field(1.0, description="Scale of the motion LoRA; 0 switches it off.")
-    highway: bool | None = Field(None, description="Appearance highway on/off; null: as the recipe says.")
+    highway: bool | None = Field(
+        None, description="Appearance highway on/off; null: as the recipe says."
+    )
     highway_beta: float | None = Field(None, gt=0, description="Highway scale; null: the recipe's.")
     pli: float | None = Field(
         None, gt=0, le=1, description="Phased LoRA integration: motion for this fraction of steps."
@@ -218,7 +225,9 @@ class SampleSettings(_Section):
     num_videos: int = Field(1, ge=1, description="Videos per prompt.")
     fps: int = Field(8, ge=1, le=120, description="Frame rate of written videos.")
     format: VideoFormat = Field(VideoFormat.MP4, description="mp4, gif or png (one PNG per frame).")
-    prompts: list[str] = Field(default_factory=list, description="Validation prompts of the preset.")
+    prompts: list[str] = Field(
+        default_factory=list, description="Validation prompts of the preset."
+    )
 
     @field_validator("width", "height")
     @classmethod
@@ -230,7 +239,9 @@ class EvalSettings(_Section):
     """Metrics (``evaluate``)."""
 
     clip_model: str = Field("clip", description="CLIP model in the store, hub id, or path.")
-    track_grid: int = Field(16, ge=2, description="Point-track grid size per side (motion fidelity).")
+    track_grid: int = Field(
+        16, ge=2, description="Point-track grid size per side (motion fidelity)."
+    )
     batch_size: int = Field(16, ge=1, description="Frames per CLIP call.")
 
 
@@ -311,8 +322,15 @@ class Settings(BaseSettings):
 
 
 def preset_dir() -> Path:
-    """The folder of the built-in presets (inside the installed package)."""
-    return Path(str(resources.files("motionsep.presets")))
+    """The folder of the built-in presets.
+
+    Installed, they are the package data ``motionsep.presets``; run from a
+    checkout that was not installed, they are the repository's ``presets/``.
+    """
+    try:
+        return Path(str(resources.files("motionsep.presets")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "presets"
 
 
 def available_presets() -> list[str]:
@@ -474,9 +492,9 @@ def _env_layer() -> dict[str, Any]:
 def _lookup(layer: Mapping[str, Any], path: tuple[str | int, ...]) -> tuple[bool, Any]:
     node: Any = layer
     for key in path:
-        if isinstance(node, Mapping) and key in node:
-            node = node[key]
-        elif isinstance(node, list | tuple) and isinstance(key, int) and key < len(node):
+        in_mapping = isinstance(node, Mapping) and key in node
+        in_sequence = isinstance(node, list | tuple) and isinstance(key, int) and key < len(node)
+        if in_mapping or in_sequence:
             node = node[key]
         else:
             return False, None

@@ -32,11 +32,15 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         "modelscope", "ali-vilab/text-to-video-ms-1.7b", "ModelScope text-to-video 1.7B"
     ),
     "clip": KnownModel("clip", "openai/clip-vit-base-patch32", "CLIP ViT-B/32 for evaluate"),
-    "tiny": KnownModel("tiny", None, "tiny random ZeroScope-shaped model for tests (built locally)"),
+    "tiny": KnownModel(
+        "tiny", None, "tiny random ZeroScope-shaped model for tests (built locally)"
+    ),
 }
 
 
-def install_tiny(store: Store, force: bool = False, progress: Progress | None = None) -> ModelRecord:
+def install_tiny(
+    store: Store, force: bool = False, progress: Progress | None = None
+) -> ModelRecord:
     """Builds the tiny model and installs it in the store as ``tiny``.
 
     Args:

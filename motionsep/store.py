@@ -148,7 +148,7 @@ class Store:
                 return candidate
             raise ModelNotFoundError(
                 f"{candidate} is not a diffusers model folder (no model_index.json)",
-                "pass a folder saved by diffusers, or a model name from `motionsep download --list`",
+                "pass a folder saved by diffusers, or a name from `motionsep download --list`",
             )
         record = self.model_record(name_or_path)
         if record is not None:
@@ -157,9 +157,13 @@ class Store:
         hint = f"install it with `motionsep download {name_or_path}`"
         if installed:
             hint += f"; installed models: {', '.join(installed)}"
-        raise ModelNotFoundError(f"model {name_or_path!r} is not in the store ({self.models_dir})", hint)
+        raise ModelNotFoundError(
+            f"model {name_or_path!r} is not in the store ({self.models_dir})", hint
+        )
 
-    def write_model_record(self, folder: Path, name: str, source: str, revision: str | None) -> None:
+    def write_model_record(
+        self, folder: Path, name: str, source: str, revision: str | None
+    ) -> None:
         """Marks a model folder as verified and ready (call last, before renaming)."""
         record = {
             "name": name,

@@ -19,7 +19,9 @@ SHARED_CLIPS = PROJECT_ROOT.parent / "shared" / "clips"
 
 
 @pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+def _isolated_env(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """No test sees the user's store or MOTIONSEP_* settings."""
     for name in list(os.environ):
         if name.startswith("MOTIONSEP_"):

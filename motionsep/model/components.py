@@ -187,7 +187,12 @@ def build_tiny_components(seed: int = TINY_SEED) -> dict[str, Any]:
 def save_components(parts: dict[str, Any], folder: Path) -> None:
     """Saves components as a diffusers text-to-video folder (safetensors only)."""
     import diffusers
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
+    # The library never prints: no tqdm bars from the savers either.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     folder.mkdir(parents=True, exist_ok=True)
     index: dict[str, Any] = {
         "_class_name": "TextToVideoSDPipeline",
@@ -195,9 +200,7 @@ def save_components(parts: dict[str, Any], folder: Path) -> None:
     }
     for name in COMPONENT_FOLDERS:
         part = parts[name]
-        if name == "tokenizer":
-            part.save_pretrained(folder / name)
-        elif name == "scheduler":
+        if name == "tokenizer" or name == "scheduler":
             part.save_pretrained(folder / name)
         else:
             part.save_pretrained(folder / name, safe_serialization=True)
@@ -290,7 +293,9 @@ def load_components(folder: Path, dtype: Any = None, device: Any = "cpu") -> Com
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     unet = load_unet(folder, dtype=dtype, device=device)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, use_safetensors=True)
+    vae = AutoencoderKL.from_pretrained(
+        folder, subfolder="vae", torch_dtype=dtype, use_safetensors=True
+    )
     text_encoder = CLIPTextModel.from_pretrained(
         folder, subfolder="text_encoder", dtype=dtype, use_safetensors=True
     )

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Literal
 from motionsep.config import Recipe
 
 if TYPE_CHECKING:
-    from torch import nn
+    from diffusers import UNet3DConditionModel
 
 # Projections of a temporal attention (attn1 and attn2 alike) per recipe.
 PAPER_PROJECTIONS = ("to_k",)
@@ -115,21 +115,21 @@ def get_recipe(recipe: Recipe | str) -> RecipeSpec:
     return RECIPES[Recipe(recipe)]
 
 
-def temporal_transformer_names(unet: nn.Module) -> list[str]:
+def temporal_transformer_names(unet: UNet3DConditionModel) -> list[str]:
     """Names of every ``TransformerTemporalModel``, ``transformer_in`` first."""
     from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 
     return [name for name, m in unet.named_modules() if isinstance(m, TransformerTemporalModel)]
 
 
-def spatial_transformer_names(unet: nn.Module) -> list[str]:
+def spatial_transformer_names(unet: UNet3DConditionModel) -> list[str]:
     """Names of every spatial ``Transformer2DModel``."""
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     return [name for name, m in unet.named_modules() if isinstance(m, Transformer2DModel)]
 
 
-def _linear_names_under(unet: nn.Module, prefix: str) -> list[str]:
+def _linear_names_under(unet: UNet3DConditionModel, prefix: str) -> list[str]:
     from torch import nn
 
     return [
@@ -139,12 +139,12 @@ def _linear_names_under(unet: nn.Module, prefix: str) -> list[str]:
     ]
 
 
-def _block_names(unet: nn.Module, transformer: str) -> list[str]:
+def _block_names(unet: UNet3DConditionModel, transformer: str) -> list[str]:
     module = unet.get_submodule(transformer)
     return [f"{transformer}.transformer_blocks.{i}" for i in range(len(module.transformer_blocks))]
 
 
-def motion_lora_targets(unet: nn.Module, recipe: Recipe | str) -> list[str]:
+def motion_lora_targets(unet: UNet3DConditionModel, recipe: Recipe | str) -> list[str]:
     """Full names of the Linear layers that get the motion LoRA, in module order."""
     spec = get_recipe(recipe)
     wanted: set[str] = set()
@@ -157,7 +157,7 @@ def motion_lora_targets(unet: nn.Module, recipe: Recipe | str) -> list[str]:
     return [name for name, _ in unet.named_modules() if name in wanted]
 
 
-def spatial_lora_targets(unet: nn.Module) -> list[str]:
+def spatial_lora_targets(unet: UNet3DConditionModel) -> list[str]:
     """Full names of the Linear layers that get the spatial LoRAs, in module order."""
     wanted: set[str] = set()
     for transformer in spatial_transformer_names(unet):
@@ -187,7 +187,7 @@ class Skip:
     consumer: tuple[int, int]
 
 
-def skip_layout(unet: nn.Module) -> list[Skip]:
+def skip_layout(unet: UNet3DConditionModel) -> list[Skip]:
     """Every skip of the U-Net in the order ``down_block_res_samples`` holds them."""
     emitted: list[tuple[str, int | None, int | None, bool]] = [("conv_in", None, None, False)]
     for index, block in enumerate(unet.down_blocks):
@@ -223,7 +223,9 @@ class HighwayPlan:
     scale: dict[str, float]
 
 
-def highway_plan(unet: nn.Module, recipe: Recipe | str, beta: float | None = None) -> HighwayPlan:
+def highway_plan(
+    unet: UNet3DConditionModel, recipe: Recipe | str, beta: float | None = None
+) -> HighwayPlan:
     """Resolves a recipe's highway to skip names of ``unet``.
 
     Args:

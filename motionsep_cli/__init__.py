@@ -1,0 +1,1 @@
+"""The ``motionsep`` command line: a thin Typer layer over the library."""

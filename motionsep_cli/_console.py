@@ -1,0 +1,77 @@
+"""The console: rich progress and logs on stderr, results on stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+err_console = Console(stderr=True, highlight=False)
+
+
+class RichProgress:
+    """Renders the library's progress events (motionsep.progress.Progress) with rich."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console or err_console,
+            transient=False,
+        )
+        self._tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> RichProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def start(self, task: str, total: float | None, unit: str = "") -> None:
+        self._tasks[task] = self._progress.add_task(task, total=total, info="")
+
+    def advance(self, task: str, amount: float = 1.0, **fields: Any) -> None:
+        if task not in self._tasks:
+            self.start(task, None)
+        info = "  ".join(f"{key} {_short(value)}" for key, value in fields.items())
+        self._progress.update(self._tasks[task], advance=amount, info=info)
+
+    def finish(self, task: str) -> None:
+        task_id = self._tasks.pop(task, None)
+        if task_id is not None:
+            self._progress.update(task_id, total=self._progress.tasks[task_id].completed)
+
+    def log(self, message: str) -> None:
+        self._progress.console.print(message)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def emit(result: Any, as_json: bool, lines: list[str] | None = None) -> None:
+    """Writes a command's result to stdout: JSON with ``--json``, else plain lines."""
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+    else:
+        for line in lines or []:
+            sys.stdout.write(f"{line}\n")
+    sys.stdout.flush()

@@ -1,0 +1,88 @@
+"""The store: atomic folders, locks, model resolution."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from motionsep.errors import ModelNotFoundError, StoreLockedError, UsageError
+from motionsep.store import Store, atomic_folder, lock
+
+
+def test_failed_write_leaves_nothing_and_keeps_the_old_entry(tmp_path: Path) -> None:
+    final = tmp_path / "motions" / "dolly"
+    final.mkdir(parents=True)
+    (final / "adapter.safetensors").write_bytes(b"old")
+
+    def write_then_fail() -> None:
+        with atomic_folder(final, overwrite=True) as tmp:
+            (tmp / "adapter.safetensors").write_bytes(b"new, half written")
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_then_fail()
+    assert (final / "adapter.safetensors").read_bytes() == b"old"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["dolly"]
+
+
+def test_existing_entry_is_refused_without_overwrite(tmp_path: Path) -> None:
+    final = tmp_path / "x"
+    final.mkdir()
+    with pytest.raises(UsageError, match="already exists"), atomic_folder(final):
+        pass
+
+
+def test_completed_write_replaces_the_entry(tmp_path: Path) -> None:
+    final = tmp_path / "x"
+    with atomic_folder(final) as tmp:
+        (tmp / "a").write_text("1")
+    with atomic_folder(final, overwrite=True) as tmp:
+        (tmp / "b").write_text("2")
+    assert sorted(p.name for p in final.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+def test_lock_refuses_a_second_holder_and_releases(tmp_path: Path) -> None:
+    path = tmp_path / "dolly.lock"
+    with (
+        lock(path, "training of motion 'dolly'"),
+        pytest.raises(StoreLockedError, match="training of motion 'dolly'"),
+        lock(path, "training of motion 'dolly'"),
+    ):
+        pass
+    assert not path.exists()
+
+
+def test_lock_left_by_a_crashed_process_is_taken_over(tmp_path: Path) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    path = tmp_path / "dolly.lock"
+    path.write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename}))
+    with lock(path, "training"):
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+
+
+def test_unknown_model_name_says_how_to_install_it(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError) as info:
+        Store(tmp_path).resolve_model("zeroscope")
+    assert "motionsep download zeroscope" in (info.value.hint or "")
+    assert info.value.exit_code == 2
+
+
+def test_a_folder_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match=r"no model_index\.json"):
+        Store(tmp_path / "store").resolve_model(str(tmp_path))
+
+
+def test_unsafe_names_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="invalid model name"):
+        Store(tmp_path).model_path("../escape")
