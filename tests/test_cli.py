@@ -43,12 +43,10 @@ def test_version() -> None:
 @pytest.mark.parametrize(
     ("args", "issue"),
     [
-        (["prepare", "clips/"], 4),
         (["train", "clips/", "--name", "dolly"], 5),
         (["generate", "--motion", "dolly", "a wolf"], 6),
         (["evaluate", "outputs/"], 7),
         (["inspect-attention", "--motion", "dolly", "a wolf"], 8),
-        (["download", "zeroscope"], 4),
     ],
 )
 def test_unfinished_subcommands_say_so_and_exit_2(

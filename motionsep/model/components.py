@@ -315,6 +315,27 @@ def load_components(folder: Path, dtype: Any = None, device: Any = "cpu") -> Com
     )
 
 
+def encode_prompts(components: Components, prompts: list[str]) -> torch.Tensor:
+    """CLIP text embeddings (last hidden state) of ``prompts``, padded to the max length.
+
+    Returns:
+        A tensor (len(prompts), max_length, hidden) on the text encoder's device.
+    """
+    import torch
+
+    tokenizer = components.tokenizer
+    ids = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    encoder = components.text_encoder
+    with torch.no_grad():
+        return encoder(ids.to(encoder.device))[0]
+
+
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (optionally only those that require grad)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
