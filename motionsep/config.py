@@ -436,10 +436,14 @@ def load_settings(
     config_file: Path | str | None = None,
     overrides: Mapping[str, Any] | None = None,
     set_options: list[str] | None = None,
+    base: tuple[str, Mapping[str, Any]] | None = None,
 ) -> Settings:
     """Builds the settings from defaults, preset, config file, environment and CLI.
 
     Args:
+        base: A named layer just above the defaults, e.g. ``("motion dolly",
+            settings_it_was_trained_with)`` so that ``generate`` starts from the
+            settings of the preset a motion was trained with.
         preset: A built-in preset name or a path to a preset YAML.
         config_file: A YAML or TOML file with any sections.
         overrides: Values from dedicated CLI flags, nested by section.
@@ -450,6 +454,8 @@ def load_settings(
         UsageError: for a missing or unreadable preset or config file.
     """
     layers: list[tuple[str, dict[str, Any]]] = []
+    if base is not None:
+        layers.append((base[0], deep_merge(base[1])))
     if preset:
         path = resolve_preset(preset)
         layers.append((f"preset {path.stem}", read_config_file(path)))
