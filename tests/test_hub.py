@@ -1,0 +1,654 @@
+"""`motionsep download` against a real HTTP server on 127.0.0.1 in the hub's URL layout.
+
+Nothing here mocks huggingface_hub: the tests start a ``ThreadingHTTPServer``
+that answers the endpoints huggingface_hub calls (revision, tree, HEAD/GET
+resolve with Range) and point the library at it with ``endpoint=`` or
+``HF_ENDPOINT``.
+
+Offline mode: tests/conftest.py sets ``HF_HUB_OFFLINE=1`` before
+huggingface_hub is imported, so ``constants.HF_HUB_OFFLINE`` is True. The
+client checks ``constants.is_offline_mode()`` (which reads that module
+attribute) on every request, so the ``hub`` fixture sets the attribute to
+False for one test with monkeypatch, which restores it afterwards. Requests
+can only reach the loopback server the test started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import socket
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from motionsep.errors import (
+    DiskFullError,
+    HubAccessError,
+    HubFileMissingError,
+    HubRepoNotFoundError,
+    HubUnreachableError,
+    ModelFormatError,
+)
+from motionsep.hub import download, import_folder, plan_files
+from motionsep.model.components import load_components
+from motionsep.store import MODEL_RECORD, Store
+from motionsep_cli.app import app
+
+runner = CliRunner()
+
+REPO = "acme/tiny-t2v"
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+# -- a hub on loopback ------------------------------------------------------------
+
+
+@dataclass
+class Repo:
+    """One repository: its files, its commit, optionally a token it requires."""
+
+    files: dict[str, bytes]
+    sha: str = ""
+    token: str | None = None
+    # Listed in the tree but answered with 404 EntryNotFound.
+    unserved: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        digest = hashlib.sha1()
+        for path in sorted(self.files):
+            digest.update(path.encode() + hashlib.sha1(self.files[path]).digest())
+        self.sha = self.sha or digest.hexdigest()
+
+
+def _is_lfs(path: str) -> bool:
+    return path.endswith((".safetensors", ".bin"))
+
+
+def _git_blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+class FakeHub:
+    """The part of the hub's HTTP API that huggingface_hub downloads use."""
+
+    def __init__(self) -> None:
+        self.repos: dict[str, Repo] = {}
+        self.gets: Counter[str] = Counter()
+        self.ranges: list[tuple[str, str]] = []
+        # path -> byte offset where the body is cut; "once" cuts only the next GET.
+        self.cut_at: dict[str, int] = {}
+        self.cut_once: set[str] = set()
+        self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive and Range, as the real hub
+
+            def setup(self) -> None:
+                super().setup()
+                with hub._lock:
+                    hub._connections.add(self.connection)
+
+            def log_message(self, format: str, *args: object) -> None:
+                return None
+
+            def do_GET(self) -> None:
+                hub._handle(self, head=False)
+
+            def do_HEAD(self) -> None:
+                hub._handle(self, head=True)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        """Stops listening and closes the open keep-alive connections too."""
+        self.server.shutdown()
+        self.server.server_close()
+        with self._lock:
+            for conn in self._connections:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+
+    # -- request handling -----------------------------------------------------
+
+    @staticmethod
+    def _send(
+        handler: BaseHTTPRequestHandler,
+        status: int,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        head: bool = False,
+    ) -> None:
+        handler.send_response(status)
+        for key, value in (headers or {}).items():
+            handler.send_header(key, value)
+        if "Content-Length" not in (headers or {}):
+            handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        if not head:
+            handler.wfile.write(body)
+
+    def _error(self, handler: BaseHTTPRequestHandler, status: int, code: str, head: bool) -> None:
+        body = json.dumps({"error": code}).encode()
+        headers = {
+            "X-Error-Code": code,
+            "X-Error-Message": code,
+            "Content-Type": "application/json",
+        }
+        self._send(handler, status, body, headers, head)
+
+    def _json(self, handler: BaseHTTPRequestHandler, data: object) -> None:
+        self._send(handler, 200, json.dumps(data).encode(), {"Content-Type": "application/json"})
+
+    def _handle(self, handler: BaseHTTPRequestHandler, head: bool) -> None:
+        url = urlsplit(handler.path)
+        parts = [unquote(p) for p in url.path.strip("/").split("/")]
+        api = parts[:2] == ["api", "models"]
+        repo_id = "/".join(parts[2:4] if api else parts[0:2])
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            return self._error(handler, 404, "RepoNotFound", head)
+        if repo.token and handler.headers.get("authorization") != f"Bearer {repo.token}":
+            return self._error(handler, 401, "GatedRepo", head)
+        if api:
+            rest = parts[4:]
+            revision = rest[1] if len(rest) >= 2 else "main"
+            if revision not in ("main", repo.sha):
+                return self._error(handler, 404, "RevisionNotFound", head)
+            if not rest or rest[0] == "revision":
+                siblings = [{"rfilename": p, "size": len(d)} for p, d in sorted(repo.files.items())]
+                return self._json(handler, {"id": repo_id, "sha": repo.sha, "siblings": siblings})
+            if rest[0] == "tree":
+                return self._json(
+                    handler, [self._tree_entry(p, d) for p, d in sorted(repo.files.items())]
+                )
+            return self._error(handler, 404, "NotFound", head)
+        # /{repo}/resolve/{revision}/{path}
+        revision, path = parts[3], "/".join(parts[4:])
+        if revision not in ("main", repo.sha):
+            return self._error(handler, 404, "RevisionNotFound", head)
+        if path not in repo.files or path in repo.unserved:
+            return self._error(handler, 404, "EntryNotFound", head)
+        self._serve_file(handler, repo, path, head)
+
+    @staticmethod
+    def _tree_entry(path: str, data: bytes) -> dict[str, object]:
+        entry: dict[str, object] = {
+            "type": "file",
+            "path": path,
+            "size": len(data),
+            "oid": _git_blob_id(data),
+        }
+        if _is_lfs(path):
+            entry["lfs"] = {
+                "oid": hashlib.sha256(data).hexdigest(),
+                "size": len(data),
+                "pointerSize": 134,
+            }
+        return entry
+
+    def _serve_file(
+        self, handler: BaseHTTPRequestHandler, repo: Repo, path: str, head: bool
+    ) -> None:
+        data = repo.files[path]
+        etag = hashlib.sha256(data).hexdigest() if _is_lfs(path) else _git_blob_id(data)
+        headers = {"X-Repo-Commit": repo.sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
+        if _is_lfs(path):
+            headers["X-Linked-Etag"] = f'"{etag}"'
+            headers["X-Linked-Size"] = str(len(data))
+        if head:
+            headers["Content-Length"] = str(len(data))
+            return self._send(handler, 200, b"", headers, head=True)
+        with self._lock:
+            self.gets[path] += 1
+        start, status = 0, 200
+        range_header = handler.headers.get("Range")
+        if range_header:
+            with self._lock:
+                self.ranges.append((path, range_header))
+            start = int(range_header.removeprefix("bytes=").split("-")[0])
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        body = data[start:]
+        with self._lock:
+            cut = self.cut_at.get(path)
+            if path in self.cut_once:
+                self.cut_once.discard(path)
+                self.cut_at.pop(path, None)
+        if cut is None:
+            return self._send(handler, status, body, headers)
+        # Promise the whole body, send part of it, and hang up: a cut download.
+        handler.send_response(status)
+        for key, value in headers.items():
+            handler.send_header(key, value)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body[: max(0, cut - start)])
+        handler.wfile.flush()
+        handler.close_connection = True
+        with contextlib.suppress(OSError):
+            handler.connection.shutdown(socket.SHUT_RDWR)
+
+
+def _folder_files(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MODEL_RECORD
+    }
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    """A running loopback hub; huggingface_hub may talk to it for this test only."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    # Small chunks, so that a cut body leaves complete chunks to resume from.
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    server = FakeHub()
+    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def tiny_repo(hub: FakeHub, tiny_model_dir: Path) -> Repo:
+    """The tiny model as a hub repo, with files a download must leave alone."""
+    files = _folder_files(tiny_model_dir)
+    files["README.md"] = b"# tiny\n"
+    files[".gitattributes"] = b"*.safetensors filter=lfs\n"
+    files["zs2_576w/text2video_pytorch_model.pth"] = b"webui checkpoint, not for diffusers"
+    files["unet/diffusion_pytorch_model.fp16.safetensors"] = b"not fetched without --variant"
+    repo = Repo(files)
+    hub.repos[REPO] = repo
+    return repo
+
+
+def _store_entries(home: Path) -> list[str]:
+    models = home / "models"
+    return sorted(p.name for p in models.iterdir()) if models.is_dir() else []
+
+
+# -- file selection (no server) ---------------------------------------------------------
+
+ZEROSCOPE_MAIN = [  # cerspense/zeroscope_v2_576w at main: pickles only, plus webui files
+    ".gitattributes",
+    "README.md",
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/pytorch_model.bin",
+    "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.bin",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.bin",
+    "zs2_576w/open_clip_pytorch_model.bin",
+    "zs2_576w/text2video_pytorch_model.pth",
+]
+# ali-vilab/text-to-video-ms-1.7b: .bin and safetensors, each also as fp16
+MODELSCOPE_MAIN = (
+    [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer/merges.txt",
+        "tokenizer/special_tokens_map.json",
+        "tokenizer/tokenizer_config.json",
+        "tokenizer/vocab.json",
+    ]
+    + [
+        f"{part}/{stem}{variant}.{ext}"
+        for part, stem in (
+            ("unet", "diffusion_pytorch_model"),
+            ("vae", "diffusion_pytorch_model"),
+            ("text_encoder", "model"),
+        )
+        for variant in ("", ".fp16")
+        for ext in ("bin", "safetensors")
+    ]
+    + ["unet/config.json", "vae/config.json", "text_encoder/config.json"]
+)
+CLIP_MAIN = [  # openai/clip-vit-base-patch32: pytorch_model.bin, flax, tf
+    "README.md",
+    "config.json",
+    "flax_model.msgpack",
+    "merges.txt",
+    "preprocessor_config.json",
+    "pytorch_model.bin",
+    "special_tokens_map.json",
+    "tf_model.h5",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+]
+
+
+def test_plan_takes_pickles_only_when_no_safetensors_exist() -> None:
+    plan = plan_files(ZEROSCOPE_MAIN)
+    assert plan.kind == "text-to-video"
+    assert not any(p.startswith("zs2_576w/") or p.endswith(".md") for p in plan.files)
+    assert set(plan.converts) == {
+        "unet/diffusion_pytorch_model.bin",
+        "vae/diffusion_pytorch_model.bin",
+        "text_encoder/pytorch_model.bin",
+    }
+    assert plan.targets["text_encoder/pytorch_model.bin"] == "text_encoder/model.safetensors"
+    assert plan.files.index("unet/config.json") < plan.files.index(
+        "unet/diffusion_pytorch_model.bin"
+    )
+
+
+def test_plan_prefers_safetensors_and_honours_the_variant() -> None:
+    plain = plan_files(MODELSCOPE_MAIN)
+    weights = [p for p in plain.files if "." in p and p.rsplit(".", 1)[1] in ("bin", "safetensors")]
+    assert weights == [
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ]
+    fp16 = plan_files(MODELSCOPE_MAIN, variant="fp16")
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in fp16.files
+    # stored under the default name, so diffusers loads it without variant=
+    assert (
+        fp16.targets["unet/diffusion_pytorch_model.fp16.safetensors"]
+        == "unet/diffusion_pytorch_model.safetensors"
+    )
+    bf16 = plan_files(MODELSCOPE_MAIN, variant="bf16")
+    assert "unet/diffusion_pytorch_model.safetensors" in bf16.files
+    assert any("no 'bf16' weights" in note for note in bf16.notes)
+
+
+def test_plan_for_clip_takes_model_processor_and_tokenizer_files() -> None:
+    plan = plan_files(CLIP_MAIN, kind="clip")
+    assert set(plan.files) == set(CLIP_MAIN) - {"README.md", "flax_model.msgpack", "tf_model.h5"}
+    assert plan.targets["pytorch_model.bin"] == "model.safetensors"
+
+
+def test_plan_refuses_a_repo_without_weights() -> None:
+    with pytest.raises(ModelFormatError, match="unet/ holds no model weights"):
+        plan_files([p for p in ZEROSCOPE_MAIN if p != "unet/diffusion_pytorch_model.bin"])
+
+
+# -- downloads from the loopback hub ---------------------------------------------------------
+
+
+def test_full_download_loads_and_records_the_commit(
+    hub: FakeHub, tiny_repo: Repo, store_home: Path
+) -> None:
+    result = runner.invoke(app, ["download", REPO, "--json"])
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    folder = Path(record["path"])
+    assert folder == store_home / "models" / "acme--tiny-t2v"
+    assert record["revision"] == tiny_repo.sha
+    assert record["source"] == REPO
+    parts = load_components(folder)
+    assert parts.unet.config.sample_size == 16
+    # only what the pipeline needs, each fetched once, nothing left over
+    assert not (folder / "README.md").exists() and not (folder / "zs2_576w").exists()
+    assert hub.gets["unet/diffusion_pytorch_model.fp16.safetensors"] == 0
+    assert hub.gets["README.md"] == 0
+    assert set(hub.gets.values()) == {1}
+    assert _store_entries(store_home) == ["acme--tiny-t2v"]
+    assert "MB" in result.stderr  # sizes in the progress / summary
+
+
+def test_a_cut_file_is_resumed_with_a_range_request(
+    hub: FakeHub, tiny_repo: Repo, tmp_path: Path
+) -> None:
+    hub.cut_at[UNET_WEIGHTS] = 5_000_000
+    hub.cut_once.add(UNET_WEIGHTS)
+    record = download(Store(tmp_path), REPO, endpoint=hub.endpoint)
+    assert any(path == UNET_WEIGHTS for path, _ in hub.ranges)
+    stored = (record.path / UNET_WEIGHTS).read_bytes()
+    assert stored == tiny_repo.files[UNET_WEIGHTS]
+
+
+def test_an_interrupted_download_resumes_on_the_next_run(
+    hub: FakeHub, tiny_repo: Repo, tmp_path: Path
+) -> None:
+    store = Store(tmp_path)
+    hub.cut_at[UNET_WEIGHTS] = 5_000_000  # every try is cut: the client gives up
+    with pytest.raises(HubUnreachableError) as failure:
+        download(store, REPO, endpoint=hub.endpoint)
+    assert UNET_WEIGHTS in failure.value.message
+    assert "--from" in str(failure.value.hint) and "rerun" in str(failure.value.hint)
+    assert store.model_record(REPO) is None
+    assert _store_entries(tmp_path) == [".partial-acme--tiny-t2v"]
+    finished = {p for p, n in hub.gets.items() if p != UNET_WEIGHTS}
+    assert "vae/diffusion_pytorch_model.safetensors" in finished  # smaller weights came first
+
+    hub.cut_at.clear()
+    before = Counter(hub.gets)
+    record = download(store, REPO, endpoint=hub.endpoint)
+    assert record.revision == tiny_repo.sha
+    assert all(hub.gets[p] == before[p] for p in finished), "finished files were fetched again"
+    assert hub.gets[UNET_WEIGHTS] == before[UNET_WEIGHTS] + 1
+    assert _store_entries(tmp_path) == ["acme--tiny-t2v"]
+
+
+def test_a_missing_repo_says_check_the_id_and_exits_2(hub: FakeHub, store_home: Path) -> None:
+    result = runner.invoke(app, ["download", "acme/nope"])
+    assert result.exit_code == 2
+    assert "'acme/nope' was not found" in result.stderr
+    assert "check the id" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert _store_entries(store_home) == []
+
+
+def test_a_missing_file_names_it_and_leaves_nothing(
+    hub: FakeHub, tiny_repo: Repo, store_home: Path
+) -> None:
+    tiny_repo.unserved.add("vae/diffusion_pytorch_model.safetensors")
+    result = runner.invoke(app, ["download", REPO])
+    assert result.exit_code == 1
+    assert "vae/diffusion_pytorch_model.safetensors" in result.stderr
+    assert "does not serve it" in result.stderr
+    assert _store_entries(store_home) == []
+
+
+def test_an_unknown_revision_is_a_usage_error(
+    hub: FakeHub, tiny_repo: Repo, tmp_path: Path
+) -> None:
+    with pytest.raises(HubRepoNotFoundError, match="revision 'v9' does not exist"):
+        download(Store(tmp_path), REPO, revision="v9", endpoint=hub.endpoint)
+    assert _store_entries(tmp_path) == []
+
+
+def test_a_gated_repo_needs_hf_token(
+    hub: FakeHub, tiny_repo: Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiny_repo.token = "hf_secret"
+    with pytest.raises(HubAccessError) as failure:
+        download(Store(tmp_path), REPO, endpoint=hub.endpoint)
+    assert "HF_TOKEN" in str(failure.value.hint) and "license" in str(failure.value.hint)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    assert download(Store(tmp_path), REPO, endpoint=hub.endpoint).revision == tiny_repo.sha
+
+
+def test_pickled_weights_are_converted_and_no_pickle_remains(
+    hub: FakeHub, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    files = _folder_files(tiny_model_dir)
+    originals = {}
+    for path in [p for p in files if p.endswith(".safetensors")]:
+        state = load_file(str(tiny_model_dir / path))
+        originals[path] = state
+        buffer = tmp_path / "pickle.bin"
+        torch.save(state, buffer)
+        del files[path]
+        bin_name = path.replace("model.safetensors", "pytorch_model.bin")
+        if path.startswith(("unet/", "vae/")):
+            bin_name = path.replace(".safetensors", ".bin")
+        files[bin_name] = buffer.read_bytes()
+    hub.repos["acme/old-t2v"] = Repo(files)
+    record = download(Store(tmp_path / "store"), "acme/old-t2v", endpoint=hub.endpoint)
+    assert not list(record.path.rglob("*.bin"))
+    for path, state in originals.items():
+        converted = load_file(str(record.path / path))
+        assert converted.keys() == state.keys()
+        assert all(torch.equal(converted[k], state[k]) for k in state)
+    load_components(record.path)
+
+
+def test_a_2d_unet_repo_is_refused_before_its_weights_are_fetched(
+    hub: FakeHub, tiny_repo: Repo, tmp_path: Path
+) -> None:
+    config = json.loads(tiny_repo.files["unet/config.json"])
+    config["_class_name"] = "UNet2DConditionModel"
+    hub.repos["acme/image"] = Repo(
+        {**tiny_repo.files, "unet/config.json": json.dumps(config).encode()}
+    )
+    with pytest.raises(ModelFormatError, match="UNet3DConditionModel"):
+        download(Store(tmp_path), "acme/image", endpoint=hub.endpoint)
+    assert hub.gets[UNET_WEIGHTS] == 0
+    assert _store_entries(tmp_path) == []
+
+
+def test_server_down_says_unreachable_and_suggests_from(hub: FakeHub, store_home: Path) -> None:
+    hub.stop()
+    result = runner.invoke(app, ["download", "zeroscope"])
+    assert result.exit_code == 1
+    assert "unreachable" in result.stderr
+    assert "motionsep download zeroscope --from PATH" in result.stderr
+    assert _store_entries(store_home) == []
+
+
+def test_offline_mode_is_reported_before_any_request(tmp_path: Path) -> None:
+    # conftest keeps HF_HUB_OFFLINE=1 for tests that do not use the `hub` fixture
+    with pytest.raises(HubUnreachableError, match="offline mode"):
+        download(Store(tmp_path), "zeroscope", endpoint="http://127.0.0.1:9")
+
+
+def test_too_little_disk_space_says_how_much_and_where(
+    hub: FakeHub, tiny_repo: Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = shutil.disk_usage
+    monkeypatch.setattr(
+        "motionsep.hub.shutil.disk_usage", lambda p: real(p)._replace(free=1_000_000)
+    )
+    with pytest.raises(DiskFullError, match=r"MB needed, 1\.0 MB free") as failure:
+        download(Store(tmp_path), REPO, endpoint=hub.endpoint)
+    assert str(tmp_path / "models") in failure.value.message
+    assert hub.gets.total() == 0
+
+
+def test_a_missing_file_error_is_typed(hub: FakeHub, tiny_repo: Repo, tmp_path: Path) -> None:
+    tiny_repo.unserved.add("unet/config.json")
+    with pytest.raises(HubFileMissingError):
+        download(Store(tmp_path), REPO, endpoint=hub.endpoint)
+
+
+# -- --from and --list -----------------------------------------------------------------------
+
+
+def test_import_from_a_folder_copies_and_verifies(tiny_model_dir: Path, store_home: Path) -> None:
+    result = runner.invoke(app, ["download", "mine", "--from", str(tiny_model_dir), "--json"])
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["source"] == str(tiny_model_dir.resolve())
+    load_components(Path(record["path"]))
+    assert (tiny_model_dir / MODEL_RECORD).is_file()  # the source is left as it was
+
+
+def test_import_refuses_a_folder_that_is_not_a_t2v_model(
+    tiny_model_dir: Path, tmp_path: Path, store_home: Path
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    shutil.rmtree(broken / "unet")
+    result = runner.invoke(app, ["download", "mine", "--from", str(broken)])
+    assert result.exit_code == 1
+    assert "unet/ folder is missing" in result.stderr
+    assert _store_entries(store_home) == []
+    flat = tmp_path / "flat"
+    shutil.copytree(tiny_model_dir, flat)
+    config = json.loads((flat / "unet" / "config.json").read_text())
+    config["_class_name"] = "UNet2DConditionModel"
+    (flat / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFormatError, match="UNet3DConditionModel"):
+        import_folder(Store(store_home), flat, "flat")
+    assert _store_entries(store_home) == []
+
+
+def test_list_json_shows_the_installed_model_with_size_and_revision(
+    hub: FakeHub, tiny_repo: Repo, store_home: Path
+) -> None:
+    assert runner.invoke(app, ["download", REPO]).exit_code == 0
+    result = runner.invoke(app, ["download", "--list", "--json"])
+    assert result.exit_code == 0
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    row = rows[REPO]
+    assert row["installed"] and row["revision"] == tiny_repo.sha
+    assert row["size_bytes"] > 20_000_000
+    assert not rows["zeroscope"]["installed"]
+
+
+def test_clip_with_pickled_weights_loads_as_clipmodel_and_processor(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
+
+    from motionsep.model.components import _tiny_vocab
+
+    vocab, merges = _tiny_vocab()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    tiny = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+    config = CLIPConfig(
+        text_config={**tiny, "vocab_size": len(vocab), "num_attention_heads": 4},
+        vision_config={**tiny, "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    model = CLIPModel(config)
+    source = tmp_path / "clip-src"
+    model.save_pretrained(source)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(source)
+    state = model.state_dict()
+    # the real openai/clip-vit-base-patch32 ships pytorch_model.bin (+ flax and tf weights)
+    (source / "model.safetensors").unlink()
+    torch.save(state, source / "pytorch_model.bin")
+    (source / "flax_model.msgpack").write_bytes(b"flax weights")
+    hub.repos["openai/clip-vit-base-patch32"] = Repo(_folder_files(source))
+
+    record = download(Store(tmp_path / "store"), "clip", endpoint=hub.endpoint)
+    assert hub.gets["flax_model.msgpack"] == 0
+    assert not list(record.path.glob("*.bin"))
+    loaded = CLIPModel.from_pretrained(record.path)
+    CLIPProcessor.from_pretrained(record.path)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
