@@ -69,6 +69,26 @@ class NotImplementedYetError(UsageError):
     """A subcommand whose issue is still open. Never pretends to work."""
 
 
+class HubRepoNotFoundError(UsageError):
+    """A hub repository or revision does not exist (or is private and no token was sent)."""
+
+
+class HubAccessError(MotionsepError):
+    """The hub refused access: a gated or private repository without a valid token."""
+
+
+class HubFileMissingError(MotionsepError):
+    """A file the model needs is listed by the hub but cannot be fetched from it."""
+
+
+class HubUnreachableError(MotionsepError):
+    """The hub could not be reached, or a download was cut off; a rerun resumes."""
+
+
+class DiskFullError(MotionsepError):
+    """Not enough free disk space; the message says how much is needed and where."""
+
+
 class VideoError(UsageError):
     """A clip cannot be used: missing, not a video, corrupt, empty, or too short.
 
