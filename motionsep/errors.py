@@ -41,7 +41,7 @@ class ModelNotFoundError(UsageError):
     """A base model name or path does not resolve to a usable model."""
 
 
-class ModelFormatError(MotionsepError):
+class ModelFormatError(UsageError):
     """A model folder exists but is not a text-to-video model we can use."""
 
 

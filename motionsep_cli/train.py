@@ -2,33 +2,45 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from motionsep.config import Recipe
+from motionsep_cli._console import RichProgress, emit, err_console
 from motionsep_cli._options import (
     ConfigOption,
     ForceOption,
+    JsonOption,
     ModelOption,
     PresetOption,
     SeedOption,
     SetOption,
-    not_done,
+    settings_from_cli,
 )
 
 HELP = """Learn the motion shared by CLIPS as a motion LoRA named NAME.
 
-Raw clips go through `prepare` first (cached). The result is a motion package
-in $MOTIONSEP_HOME/motions/NAME that `generate` uses. Checkpoints are written
-as it goes; --resume continues an interrupted run.
+Raw clips (files, folders, CSV/JSONL manifests) go through `prepare` first,
+from its cache when they were prepared before; a prepared dataset folder works
+too. The result is a motion package in $MOTIONSEP_HOME/motions/NAME that
+`generate` uses; it appears only once training has finished.
+
+Checkpoints are written every train.checkpoint_every steps. Ctrl-C writes one
+and prints the command that resumes (exit 130); --resume continues from the
+newest checkpoint and ends bit-identical to an uninterrupted run.
+
+The resolved settings are printed on stderr and saved in the package.
 
 Examples:
 
   motionsep train clips/ --name dolly --preset dolly
 
-  motionsep train clip.mp4 --name smoke --preset tiny --steps 10
+  motionsep train ../shared/clips/dolly.mp4 --name smoke --preset tiny --steps 10
+
+  motionsep train clips/ --name dolly --preset dolly --resume
 """
 
 
@@ -38,19 +50,105 @@ def train(
     ],
     name: Annotated[str, typer.Option("--name", help="Name of the motion to create.")],
     recipe: Annotated[
-        Recipe | None, typer.Option("--recipe", help="Which layers learn the motion.")
+        Recipe | None,
+        typer.Option("--recipe", help="Which layers learn the motion (default: paper)."),
     ] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
     rank: Annotated[int | None, typer.Option("--rank", help="Motion LoRA rank.")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate.")] = None,
+    lr: Annotated[
+        float | None, typer.Option("--lr", help="Learning rate of the motion LoRA.")
+    ] = None,
     seed: SeedOption = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the last checkpoint.")
+        bool, typer.Option("--resume", help="Continue from the newest checkpoint.")
     ] = False,
     force: ForceOption = False,
+    num_processes: Annotated[
+        int | None,
+        typer.Option("--num-processes", help="Data-parallel processes (relaunches with torchrun)."),
+    ] = None,
+    preview_every: Annotated[
+        int | None, typer.Option("--preview-every", help="Render a preview every N steps.")
+    ] = None,
     model: ModelOption = None,
     preset: PresetOption = None,
     config: ConfigOption = None,
     set_options: SetOption = None,
+    as_json: JsonOption = False,
 ) -> None:
-    not_done("train", 5, "train")
+    from motionsep.store import Store
+    from motionsep.train import resume_command_line, train_motion
+
+    overrides = {
+        "model": {"name": model},
+        "lora": {"recipe": recipe, "rank": rank},
+        "optim": {"lr": lr},
+        "train": {
+            "steps": steps,
+            "seed": seed,
+            "num_processes": num_processes,
+            "preview_every": preview_every,
+        },
+    }
+    settings = settings_from_cli(preset, config, set_options, overrides)
+    if settings.train.num_processes > 1 and not _in_distributed_run():
+        raise SystemExit(_relaunch(settings.train.num_processes))
+    if _is_main_process():
+        err_console.print("[bold]settings[/]")
+        err_console.print(settings.to_yaml().rstrip(), markup=False, highlight=False)
+    store = Store(settings.store.home)
+    command = resume_command_line(sys.argv[1:])
+    if _is_main_process():
+        with RichProgress() as progress:
+            result = train_motion(
+                clips,
+                name,
+                settings,
+                store,
+                resume=resume,
+                force=force,
+                progress=progress,
+                resume_command=command,
+            )
+    else:
+        result = train_motion(clips, name, settings, store, resume=resume, force=force)
+    if _is_main_process():
+        loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
+        err_console.print(
+            f"[green]trained[/] {result.name}: {result.steps} steps in {result.seconds:.1f}s, "
+            f"final temporal loss {loss}"
+        )
+        emit(result.to_dict(), as_json, lines=[str(result.package)])
+
+
+def _in_distributed_run() -> bool:
+    import os
+
+    return "LOCAL_RANK" in os.environ or "RANK" in os.environ
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _relaunch(processes: int) -> int:
+    """Runs this same command under torch.distributed.run with N processes."""
+    import os
+    import subprocess
+
+    err_console.print(f"launching {processes} processes (torch.distributed.run)")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        "motionsep_cli",
+        *sys.argv[1:],
+    ]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.call(command, env=env)

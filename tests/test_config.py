@@ -41,7 +41,7 @@ def test_defaults_are_the_upstream_training_recipe() -> None:
 def test_preset_overrides_defaults() -> None:
     settings = load_settings(preset="tiny")
     assert settings.model.name == "tiny"
-    assert settings.train.steps == 20
+    assert settings.train.steps == 30
     # a field the preset does not set keeps its default
     assert settings.train.batch_size == 1
 

@@ -130,13 +130,18 @@ def spatial_transformer_names(unet: UNet3DConditionModel) -> list[str]:
 
 
 def _linear_names_under(unet: UNet3DConditionModel, prefix: str) -> list[str]:
+    """Linear layers under ``prefix``; a layer peft already wrapped counts once, by its own name."""
     from torch import nn
 
-    return [
-        name
-        for name, module in unet.named_modules()
-        if name.startswith(prefix + ".") and isinstance(module, nn.Linear)
-    ]
+    names = []
+    for name, module in unet.named_modules():
+        if not name.startswith(prefix + ".") or ".lora_" in name:
+            continue
+        if name.endswith(".base_layer"):
+            names.append(name.removesuffix(".base_layer"))
+        elif isinstance(module, nn.Linear):
+            names.append(name)
+    return names
 
 
 def _block_names(unet: UNet3DConditionModel, transformer: str) -> list[str]:

@@ -1,0 +1,833 @@
+"""``train``: learn a motion LoRA from prepared clips (dual-path, resumable).
+
+The loop of DESIGN.md section 4 (MotionDirector's dual path):
+
+* spatial path, skipped on ``train.spatial_skip_prob`` of the steps: the
+  spatial LoRA of the step's clip learns to denoise one random frame, with the
+  motion LoRA switched off;
+* temporal path: the motion LoRA learns to denoise the whole clip, with the
+  spatial LoRA on but frozen; loss = MSE(eps_pred, eps) + MSE of the
+  appearance-debiased difference alpha * x - beta * x[anchor].
+
+Every random choice of a step (clip, timestep, noise, frame, anchor, skip,
+dropout) is drawn from generators seeded by ``(seed, step, rank)``, so a run
+resumed from a checkpoint continues bit-identically.
+
+While training, the run lives in ``motions/.partial-NAME/`` (checkpoints,
+metrics); the package appears as ``motions/NAME`` only when it is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from motionsep.config import Settings
+from motionsep.errors import MotionsepError, UsageError
+from motionsep.progress import Progress, or_null
+from motionsep.store import Store, atomic_folder, atomic_write_bytes, lock, validate_name
+
+if TYPE_CHECKING:
+    import torch
+
+    from motionsep.data import PreparedDataset
+    from motionsep.model.components import Components
+
+CHECKPOINT_PREFIX = "step-"
+KEEP_CHECKPOINTS = 2
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingInterruptedError(MotionsepError):
+    """Training stopped on request (Ctrl-C) after writing a checkpoint."""
+
+    exit_code = 130
+
+
+class TrainingDivergedError(MotionsepError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished training produced."""
+
+    name: str
+    package: Path
+    steps: int
+    final_loss: float | None
+    resumed_from: int | None
+    seconds: float
+    metrics: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, for ``--json``."""
+        return {
+            "name": self.name,
+            "package": str(self.package),
+            "steps": self.steps,
+            "final_loss": self.final_loss,
+            "resumed_from": self.resumed_from,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+# ---------------------------------------------------------------------------
+# run folders and checkpoints
+
+
+def partial_dir(store: Store, name: str) -> Path:
+    """Where an unfinished training run of ``name`` keeps its state."""
+    return store.motions_dir / f".partial-{name}"
+
+
+def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        if path.name.startswith(CHECKPOINT_PREFIX) and (path / "state.json").is_file():
+            try:
+                found.append((int(path.name[len(CHECKPOINT_PREFIX) :]), path))
+            except ValueError:
+                continue
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
+    """The newest complete checkpoint of a run, or None."""
+    found = _checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state as safetensors-ready tensors plus JSON (no pickles)."""
+    import torch
+
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_states() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    import random
+
+    import numpy as np
+    import torch
+
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{index}"] = state
+    py_state = random.getstate()
+    np_state: tuple[Any, ...] = tuple(np.random.get_state(legacy=True))
+    meta = {
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    return tensors, meta
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    version, values, gauss = meta["python"]
+    random.setstate((version, tuple(values), gauss))
+    kind, keys, *rest = meta["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+
+
+# ---------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class _Trainer:
+    settings: Settings
+    components: Components
+    dataset: PreparedDataset
+    spatial_adapters: list[str]
+    optimizer: Any
+    scheduler: Any
+    accelerator: Any
+    latents: list[torch.Tensor]
+    prompts: list[torch.Tensor]
+
+    @property
+    def rank(self) -> int:
+        return int(self.accelerator.process_index)
+
+    def generator(self, step: int, stream: int) -> torch.Generator:
+        """A CPU generator determined by (seed, step, rank, stream) alone."""
+        import torch
+
+        seed = self.settings.train.seed
+        mixed = (seed * 1_000_003 + step * 8_191 + self.rank * 131 + stream) % (2**63 - 1)
+        return torch.Generator().manual_seed(mixed)
+
+    def step(self, step: int) -> dict[str, float]:
+        """One optimizer step; returns the losses of this process."""
+        import torch
+        import torch.nn.functional as F
+
+        from motionsep.model import tap
+
+        train = self.settings.train
+        unet = self.components.unet
+        device = self.accelerator.device
+        scheduler = self.components.scheduler
+        choice = self.generator(step, 0)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=choice)))  # LoRA dropout
+        clip = int(torch.randint(len(self.latents), (1,), generator=choice))
+        batch = train.batch_size
+        latents = self.latents[clip].unsqueeze(0).expand(batch, -1, -1, -1, -1)
+        prompt = self.prompts[clip].unsqueeze(0).expand(batch, -1, -1).to(device)
+        frames = latents.shape[2]
+        noise = torch.randn(latents.shape, generator=choice)
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (batch,), generator=choice
+        )
+        skip_spatial = float(torch.rand((1,), generator=choice)) < train.spatial_skip_prob
+        frame = int(torch.randint(frames, (1,), generator=choice))
+        anchor = int(torch.randint(frames, (1,), generator=choice))
+        latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        spatial_name = self.spatial_adapters[clip % len(self.spatial_adapters)]
+        losses: dict[str, float] = {}
+        total = torch.zeros((), device=device)
+
+        with self._only_spatial(spatial_name), self.accelerator.autocast():
+            if not skip_spatial:
+                one = slice(frame, frame + 1)
+                with tap.adapter_enabled(unet, False, tap.MOTION_ADAPTER):
+                    pred = unet(noisy[:, :, one], timesteps, encoder_hidden_states=prompt).sample
+                loss_spatial = F.mse_loss(pred.float(), noise[:, :, one].float())
+                total = total + loss_spatial
+                losses["loss_spatial"] = float(loss_spatial.detach())
+            with _frozen(tap.adapter_parameters(unet, spatial_name)):
+                pred = unet(noisy, timesteps, encoder_hidden_states=prompt).sample.float()
+            target = noise.float()
+            loss_plain = F.mse_loss(pred, target)
+            alpha, beta = train.debias_alpha, train.debias_beta
+            loss_debias = F.mse_loss(
+                alpha * pred - beta * pred[:, :, anchor : anchor + 1],
+                alpha * target - beta * target[:, :, anchor : anchor + 1],
+            )
+            loss_temporal = loss_plain + loss_debias
+            total = total + loss_temporal
+        losses["loss_temporal"] = float(loss_temporal.detach())
+        losses["loss"] = float(total.detach())
+        if not math.isfinite(losses["loss"]):
+            return losses
+
+        self.accelerator.backward(total)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self.accelerator.num_processes > 1:
+            self._average_gradients(params)
+        max_norm = self.settings.optim.max_grad_norm
+        if max_norm is not None:
+            self.accelerator.clip_grad_norm_(params, max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return losses
+
+    @contextmanager
+    def _only_spatial(self, name: str) -> Iterator[None]:
+        """Only the step's clip's spatial LoRA is on (per-clip spatial LoRAs)."""
+        from motionsep.model import tap
+
+        others = [a for a in self.spatial_adapters if a != name]
+        for other in others:
+            tap.set_adapter_enabled(self.components.unet, False, other)
+        try:
+            yield
+        finally:
+            for other in others:
+                tap.set_adapter_enabled(self.components.unet, True, other)
+
+    def _average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Mean of every process's gradients; a skipped path contributes zeros."""
+        import torch
+        import torch.distributed as dist
+
+        for param in params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            param.grad /= self.accelerator.num_processes
+
+
+@contextmanager
+def _frozen(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+
+
+def _trainable_state(unet: torch.nn.Module, adapters: list[str]) -> dict[str, torch.Tensor]:
+    from motionsep.model import tap
+
+    state: dict[str, torch.Tensor] = {}
+    for adapter in adapters:
+        for key, value in tap.adapter_state_dict(unet, adapter).items():
+            state[f"{adapter}::{key}"] = value.detach().to("cpu", copy=True).contiguous()
+    return state
+
+
+def _load_trainable_state(unet: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    from motionsep.model import tap
+
+    by_adapter: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        adapter, name = key.split("::", 1)
+        by_adapter.setdefault(adapter, {})[name] = value
+    for adapter, tensors in by_adapter.items():
+        tap.load_adapter_state_dict(unet, tensors, adapter)
+
+
+def _save_checkpoint(trainer: _Trainer, run_dir: Path, step: int, adapters: list[str]) -> Path:
+    from safetensors.torch import save_file
+
+    target = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
+    optimizer_tensors, optimizer_meta = _flatten_optimizer(trainer.optimizer.state_dict())
+    rng_tensors, rng_meta = _rng_states()
+    with atomic_folder(target, overwrite=True) as tmp:
+        save_file(
+            _trainable_state(trainer.components.unet, adapters), str(tmp / "adapters.safetensors")
+        )
+        save_file(optimizer_tensors, str(tmp / "optimizer.safetensors"))
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        state = {
+            "step": step,
+            "optimizer": optimizer_meta,
+            "scheduler": {
+                k: v for k, v in trainer.scheduler.state_dict().items() if k != "lr_lambdas"
+            },
+            "rng": rng_meta,
+        }
+        # state.json last: a checkpoint without it is incomplete and ignored
+        (tmp / "state.json").write_text(json.dumps(state))
+    for _, old in _checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _load_checkpoint(trainer: _Trainer, path: Path) -> int:
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "state.json").read_text())
+    _load_trainable_state(trainer.components.unet, load_file(path / "adapters.safetensors"))
+    optimizer_state = _unflatten_optimizer(
+        load_file(path / "optimizer.safetensors"), state["optimizer"]
+    )
+    trainer.optimizer.load_state_dict(optimizer_state)
+    scheduler_state = trainer.scheduler.state_dict()
+    scheduler_state.update(state["scheduler"])
+    trainer.scheduler.load_state_dict(scheduler_state)
+    _restore_rng(load_file(path / "rng.safetensors"), state["rng"])
+    return int(state["step"])
+
+
+def _lr_lambda(settings: Settings) -> Any:
+    optim, steps = settings.optim, settings.train.steps
+    warmup = optim.warmup_steps
+
+    def factor(step: int) -> float:
+        if optim.scheduler == "constant":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        if optim.scheduler == "constant_with_warmup":
+            return 1.0
+        progress = (step - warmup) / max(1, steps - warmup)
+        if optim.scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _mixed_precision(settings: Settings, device_type: str) -> str:
+    choice = settings.train.mixed_precision
+    if choice == "auto":
+        return "fp16" if device_type == "cuda" else "no"
+    if choice != "no" and device_type == "cpu":
+        raise UsageError(
+            f"train.mixed_precision={choice} needs a GPU; this run is on the CPU",
+            "use --set train.mixed_precision=no (or auto)",
+        )
+    return choice
+
+
+def _enable_checkpointing(unet: torch.nn.Module) -> None:
+    """Gradient checkpointing per transformer (the 3D U-Net has no switch of its own)."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    from motionsep.model import recipes
+
+    for name in recipes.temporal_transformer_names(unet) + recipes.spatial_transformer_names(unet):
+        module = unet.get_submodule(name)
+        plain = module.forward
+
+        def forward(*args: Any, _plain: Any = plain, **kwargs: Any) -> Any:
+            return checkpoint(partial(_plain, **kwargs), *args, use_reentrant=False)
+
+        module.forward = forward
+
+
+# ---------------------------------------------------------------------------
+# entry point
+
+
+def train_motion(
+    inputs: list[Path],
+    name: str,
+    settings: Settings,
+    store: Store,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+    resume_command: str | None = None,
+) -> TrainResult:
+    """Trains a motion and installs it in the store as ``name``.
+
+    Args:
+        inputs: Clips, folders, manifests (prepared first, cached) or prepared
+            dataset folders / ``manifest.json`` files.
+        name: The motion's name in the store.
+        settings: Every setting; ``lora``, ``optim`` and ``train`` drive training.
+        store: The store.
+        resume: Continue from the newest checkpoint of an unfinished run.
+        force: Replace an existing motion of that name (when training ends).
+        progress: Receives a "train" task (and "prepare" if clips need it).
+        resume_command: The command line that resumes, shown on Ctrl-C.
+
+    Raises:
+        UsageError: an existing name without ``force``; ``resume`` without a checkpoint.
+        TrainingInterruptedError: on Ctrl-C, after writing a checkpoint (exit 130).
+        TrainingDivergedError: when the loss becomes NaN or infinite.
+    """
+    from accelerate import Accelerator
+
+    from motionsep.devices import resolve_device
+
+    validate_name(name, "motion name")
+    final = store.motions_dir / name
+    if final.exists() and not force:
+        raise UsageError(
+            f"a motion named {name!r} already exists ({final})",
+            "choose another --name, or pass --force to replace it when training ends",
+        )
+    device_type = resolve_device(settings.model.device).type
+    precision = _mixed_precision(settings, device_type)
+    accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision=precision)
+    with ExitStack() as stack:
+        if accelerator.is_main_process:
+            stack.enter_context(
+                lock(store.motions_dir / f".{name}.lock", f"training of motion {name!r}")
+            )
+        return _train_locked(
+            inputs,
+            name,
+            settings,
+            store,
+            accelerator,
+            precision,
+            resume,
+            force,
+            progress,
+            resume_command,
+        )
+
+
+def _train_locked(
+    inputs: list[Path],
+    name: str,
+    settings: Settings,
+    store: Store,
+    accelerator: Any,
+    precision: str,
+    resume: bool,
+    force: bool,
+    progress: Progress | None,
+    resume_command: str | None,
+) -> TrainResult:
+    import torch
+
+    from motionsep.data import load_prepared, prepare
+    from motionsep.devices import resolve_dtype
+    from motionsep.model import tap
+    from motionsep.model.components import load_components
+
+    main = accelerator.is_main_process
+    events = or_null(progress if main else None)
+    run_dir = partial_dir(store, name)
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        raise UsageError(
+            f"there is no checkpoint to resume for motion {name!r} (looked in {run_dir})",
+            "start the training without --resume",
+        )
+    if not resume and run_dir.exists() and main:
+        shutil.rmtree(run_dir)  # an abandoned run of this name; --resume keeps it
+    accelerator.wait_for_everyone()
+
+    device = accelerator.device
+    model_dir = store.resolve_model(settings.model.name)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    if precision == "no":
+        weight_dtype = resolve_dtype(settings.model.dtype, device)
+        if weight_dtype != torch.float32 and device.type == "cpu":
+            weight_dtype = torch.float32
+    components = load_components(model_dir, dtype=weight_dtype, device=device)
+
+    prepared = [p for p in inputs if _is_prepared(p)]
+    raw = [p for p in inputs if not _is_prepared(p)]
+    if prepared and raw:
+        raise UsageError("give either clips or one prepared dataset, not both")
+    if prepared:
+        if len(prepared) != 1:
+            raise UsageError("give one prepared dataset (its folder or manifest.json)")
+        dataset = load_prepared(prepared[0])
+    elif main:
+        dataset = prepare(raw, settings, store, progress=events, components=components)
+    accelerator.wait_for_everyone()
+    if not prepared and not main:
+        dataset = prepare(raw, settings, store, components=components)  # cache hits only
+
+    unet = components.unet
+    lora = settings.lora
+    torch.manual_seed(settings.train.seed)  # the LoRA initialisation is part of the run
+    motion = tap.inject_motion_lora(unet, lora.recipe, lora.rank, dropout=lora.dropout)
+    clip_count = len(dataset.clips)
+    spatial_names = (
+        [tap.SPATIAL_ADAPTER]
+        if lora.shared_spatial or clip_count == 1
+        else [f"{tap.SPATIAL_ADAPTER}_{i}" for i in range(clip_count)]
+    )
+    for spatial in spatial_names:
+        tap.inject_spatial_lora(unet, lora.spatial_rank, dropout=lora.dropout, adapter_name=spatial)
+    adapters = [tap.MOTION_ADAPTER, *spatial_names]
+    for adapter in adapters:  # trainable LoRA tensors in fp32 even when the base is fp16
+        for param in tap.adapter_parameters(unet, adapter):
+            param.data = param.data.float()
+    if settings.train.gradient_checkpointing:
+        _enable_checkpointing(unet)
+    unet.train()
+    events.log(
+        f"motion LoRA ({lora.recipe.value}): {len(motion.adapted)} modules, "
+        f"{motion.trainable_parameters:,} parameters; spatial LoRAs: {len(spatial_names)}"
+    )
+
+    optim = settings.optim
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": tap.adapter_parameters(unet, tap.MOTION_ADAPTER), "lr": optim.lr},
+            {
+                "params": [p for s in spatial_names for p in tap.adapter_parameters(unet, s)],
+                "lr": optim.spatial_lr,
+            },
+        ],
+        betas=optim.betas,
+        weight_decay=optim.weight_decay,
+        eps=optim.eps,
+    )
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings))
+    # prepared so that fp16 steps go through the gradient scaler; the scheduler
+    # is stepped by hand (accelerate would step it once per process)
+    optimizer = accelerator.prepare_optimizer(optimizer)
+    tensors = [dataset.load(i) for i in range(clip_count)]
+    trainer = _Trainer(
+        settings=settings,
+        components=components,
+        dataset=dataset,
+        spatial_adapters=spatial_names,
+        optimizer=optimizer,
+        scheduler=lr_schedule,
+        accelerator=accelerator,
+        latents=[t["latents"].to(weight_dtype) for t in tensors],
+        prompts=[t["prompt_embeds"].to(weight_dtype) for t in tensors],
+    )
+    start = 0
+    if checkpoint is not None:
+        start = _load_checkpoint(trainer, checkpoint[1])
+        events.log(f"resuming from step {start} ({checkpoint[1]})")
+    metrics = _read_metrics(run_dir, upto=start)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "settings.yaml").write_text(settings.to_yaml())
+        _write_metrics(run_dir, metrics)
+
+    total_steps = settings.train.steps
+    interrupted = _InterruptFlag()
+    started = time.monotonic()
+    events.start("train", total=total_steps, unit="step")
+    events.advance("train", start)
+    last_saved = start
+    with interrupted.installed():
+        for step in range(start, total_steps):
+            step_started = time.monotonic()
+            losses = trainer.step(step)
+            if not math.isfinite(losses["loss"]):
+                raise TrainingDivergedError(
+                    f"the loss became {losses['loss']} at step {step + 1}; training stopped",
+                    f"the last good checkpoint (step {last_saved}) is kept in {run_dir}; "
+                    "lower --lr, use --set train.mixed_precision=bf16 or no, or check the clips; "
+                    "--resume continues from that checkpoint",
+                )
+            record = {
+                "step": step + 1,
+                **{k: round(v, 6) for k, v in losses.items()},
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": round(time.monotonic() - step_started, 4),
+            }
+            metrics.append(record)
+            if main:
+                with (run_dir / METRICS_FILE).open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            done = step + 1
+            events.advance("train", 1, loss=losses["loss_temporal"])
+            if done % settings.train.checkpoint_every == 0 or done == total_steps:
+                if main:
+                    _save_checkpoint(trainer, run_dir, done, adapters)
+                last_saved = done
+                accelerator.wait_for_everyone()
+            if interrupted.requested:
+                if main and last_saved != done:
+                    _save_checkpoint(trainer, run_dir, done, adapters)
+                command = resume_command or f"motionsep train ... --name {name} --resume"
+                raise TrainingInterruptedError(
+                    f"training of {name!r} interrupted at step {done}; checkpoint written",
+                    f"resume with: {command}",
+                )
+    events.finish("train")
+    seconds = time.monotonic() - started
+
+    final_loss = _mean([m["loss_temporal"] for m in metrics[-10:]])
+    package = store.motions_dir / name
+    if main:
+        package = _write_package(
+            trainer,
+            name,
+            settings,
+            store,
+            dataset,
+            metrics,
+            run_dir,
+            force,
+            {
+                "steps": total_steps,
+                "seconds": round(seconds, 2),
+                "resumed_from": start or None,
+                "processes": accelerator.num_processes,
+                "precision": precision,
+            },
+            final_loss,
+        )
+        shutil.rmtree(run_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return TrainResult(
+        name=name,
+        package=package,
+        steps=total_steps,
+        final_loss=final_loss,
+        resumed_from=start or None,
+        seconds=seconds,
+        metrics=metrics,
+    )
+
+
+def _is_prepared(path: Path) -> bool:
+    path = Path(path)
+    return path.name == "manifest.json" or (path.is_dir() and (path / "manifest.json").is_file())
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _read_metrics(run_dir: Path, upto: int) -> list[dict[str, Any]]:
+    path = run_dir / METRICS_FILE
+    if not path.is_file() or upto == 0:
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut off by a crash
+        if row.get("step", 0) <= upto:
+            rows.append(row)
+    return rows
+
+
+def _write_metrics(run_dir: Path, metrics: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(row) + "\n" for row in metrics)
+    atomic_write_bytes(run_dir / METRICS_FILE, text.encode())
+
+
+def _write_package(
+    trainer: _Trainer,
+    name: str,
+    settings: Settings,
+    store: Store,
+    dataset: PreparedDataset,
+    metrics: list[dict[str, Any]],
+    run_dir: Path,
+    force: bool,
+    training: dict[str, Any],
+    final_loss: float | None,
+) -> Path:
+    import torch
+    from safetensors.torch import save
+
+    from motionsep.model import tap
+    from motionsep.model.components import unet_config_hash
+    from motionsep.model.motion import (
+        BaseModelRecord,
+        ClipRecord,
+        MotionMetadata,
+        save_motion,
+    )
+
+    unet = trainer.components.unet
+    adapter = {
+        k: v.detach().float().cpu().contiguous() for k, v in tap.adapter_state_dict(unet).items()
+    }
+    record = (
+        store.model_record(settings.model.name) if not Path(settings.model.name).exists() else None
+    )
+    metadata = MotionMetadata(
+        recipe=settings.lora.recipe,
+        lora_targets=tap.adapted_modules(unet),
+        lora_rank=settings.lora.rank,
+        lora_alpha=float(settings.lora.rank),
+        base_model=BaseModelRecord(
+            id=settings.model.name,
+            revision=record.revision if record else None,
+            unet_config_hash=unet_config_hash(dict(unet.config)),
+        ),
+        clips=[ClipRecord(c.name, c.sha256, c.indices, c.prompt) for c in dataset.clips],
+        prompts=[c.prompt for c in dataset.clips],
+        settings=settings.to_dict(),
+        training=training,
+        final_loss=final_loss,
+    )
+    extra: dict[str, Path | bytes] = {METRICS_FILE: run_dir / METRICS_FILE}
+    plot = _loss_plot(metrics)
+    if plot is not None:
+        extra["loss.png"] = plot
+    steps = settings.data.inversion_steps
+    inversions = [dataset.inversion_path(i, steps) for i in range(len(dataset.clips))]
+    if settings.data.inversion and all(p is not None for p in inversions):
+        from safetensors.torch import load_file
+
+        stacked = torch.stack([load_file(p)["inversion"] for p in inversions if p is not None])
+        extra["inversion.safetensors"] = save({"inversion": stacked.contiguous()})
+    return save_motion(
+        store.motions_dir / name, adapter, metadata, extra_files=extra, overwrite=force
+    )
+
+
+def _loss_plot(metrics: list[dict[str, Any]]) -> bytes | None:
+    if not metrics:
+        return None
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 3.5), dpi=100)
+    axes = figure.add_subplot()
+    steps = [m["step"] for m in metrics]
+    for key, label in (("loss_temporal", "temporal"), ("loss_spatial", "spatial")):
+        points = [(m["step"], m[key]) for m in metrics if key in m]
+        if points:
+            axes.plot(*zip(*points, strict=True), label=label, linewidth=1)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_xlim(min(steps), max(steps) if len(steps) > 1 else min(steps) + 1)
+    axes.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+class _InterruptFlag:
+    """Turns the first Ctrl-C into a request to checkpoint and stop."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._handle)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def resume_command_line(argv: list[str]) -> str:
+    """``motionsep`` with the given arguments and ``--resume`` (shell-quoted)."""
+    import shlex
+
+    args = list(argv)
+    if "--resume" not in args:
+        args.append("--resume")
+    return " ".join(shlex.quote(a) for a in ["motionsep", *args])

@@ -1,0 +1,245 @@
+"""train: the loss goes down, Ctrl-C and SIGKILL resume exactly, two processes, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from motionsep.config import load_settings
+from motionsep.model.motion import load_motion
+from motionsep.store import Store
+from motionsep.train import latest_checkpoint, partial_dir, train_motion
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOTIONSEP_")}
+    env.update(MOTIONSEP_HOME=str(home), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return env
+
+
+def _train_args(clip: Path, model: Path, name: str, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "motionsep_cli", "train", str(clip), "--name", name,
+        "--preset", "tiny", "--model", str(model), *extra,
+    ]  # fmt: skip
+
+
+def _adapter(home: Path, name: str) -> dict:
+    return load_file(home / "motions" / name / "adapter.safetensors")
+
+
+def _assert_no_half_written_state(home: Path, name: str) -> None:
+    motions = home / "motions"
+    if (motions / name).exists():
+        load_motion(motions / name)  # a visible package is always complete
+    for entry in motions.iterdir() if motions.is_dir() else []:
+        assert not entry.name.startswith(".tmp-"), f"temporary folder left visible: {entry}"
+    checkpoints = partial_dir(Store(home), name) / "checkpoints"
+    for checkpoint in checkpoints.iterdir() if checkpoints.is_dir() else []:
+        if checkpoint.name.startswith("step-"):
+            assert (checkpoint / "state.json").is_file()
+            load_file(checkpoint / "adapters.safetensors")
+
+
+def _wait_for_step(home: Path, name: str, step: int, process: subprocess.Popen, timeout: float):
+    metrics = partial_dir(Store(home), name) / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1]
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"training did not reach step {step} in {timeout}s")
+
+
+def test_training_lowers_the_temporal_loss(
+    clips_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    settings = load_settings(preset="tiny", set_options=[f"model.name={tiny_model_dir}"])
+    store = Store(tmp_path)
+    result = train_motion([clips_dir / "dolly.mp4"], "dolly", settings, store)
+    temporal = [row["loss_temporal"] for row in result.metrics]
+    assert len(temporal) == settings.train.steps == 30
+    first, last = sum(temporal[:10]) / 10, sum(temporal[-10:]) / 10
+    print(f"temporal loss: first 10 steps {first:.3f}, last 10 steps {last:.3f}")
+    assert last < 0.9 * first
+
+    package = load_motion(result.package)
+    assert package.metadata.recipe.value == "paper"
+    assert package.metadata.settings["train"]["steps"] == 30
+    assert package.metadata.clips[0].name == "dolly"
+    assert package.has_file("loss.png") and package.has_file("metrics.jsonl")
+    assert all(".to_k." in key for key in package.adapter_state)
+    assert not partial_dir(store, "dolly").exists(), "the run folder is gone once done"
+
+
+def test_sigint_then_resume_is_bit_identical_to_one_run(
+    clips_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    clip = clips_dir / "dolly.mp4"
+    extra = ["--steps", "12", "--set", "train.checkpoint_every=5", "--set", "lora.dropout=0.1"]
+    straight = tmp_path / "straight"
+    subprocess.run(
+        _train_args(clip, tiny_model_dir, "m", *extra), env=_env(straight), check=True,
+        capture_output=True, timeout=300,
+    )  # fmt: skip
+
+    home = tmp_path / "interrupted"
+    args = _train_args(clip, tiny_model_dir, "m", *extra)
+    process = subprocess.Popen(
+        args, env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _wait_for_step(home, "m", 7, process, timeout=240)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "--resume" in stderr
+    checkpoint = latest_checkpoint(partial_dir(Store(home), "m"))
+    assert checkpoint is not None and 7 <= checkpoint[0] < 12
+    assert not (home / "motions" / "m").exists()
+
+    resumed = subprocess.run(
+        [*args, "--resume"], env=_env(home), capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from step {checkpoint[0]}" in resumed.stderr
+    a, b = _adapter(straight, "m"), _adapter(home, "m")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] == b[key]).all(), f"{key} differs after resume"
+    metrics = (home / "motions" / "m" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in metrics] == list(range(1, 13))
+
+
+def _kill_and_resume(clip: Path, model: Path, home: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    args = _train_args(clip, model, "k", "--steps", "8", "--set", "train.checkpoint_every=2")
+    process = subprocess.Popen(
+        args, env=_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    _wait_for_step(home, "k", rng.randint(1, 7), process, timeout=240)
+    time.sleep(rng.uniform(0.0, 0.6))
+    process.kill()
+    process.wait()
+    _assert_no_half_written_state(home, "k")
+    if (home / "motions" / "k").exists():
+        return  # killed after the package was complete
+    resume = ["--resume"] if latest_checkpoint(partial_dir(Store(home), "k")) else []
+    finished = subprocess.run(
+        [*args, *resume], env=_env(home), capture_output=True, text=True, timeout=300
+    )
+    assert finished.returncode == 0, finished.stderr
+    load_motion(home / "motions" / "k")
+    _assert_no_half_written_state(home, "k")
+
+
+@pytest.mark.parametrize("trial", range(2))
+def test_sigkill_at_a_random_moment_always_resumes(
+    trial: int, clips_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    _kill_and_resume(clips_dir / "dolly.mp4", tiny_model_dir, tmp_path, seed=trial)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(10))
+def test_sigkill_ten_trials(
+    trial: int, clips_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    _kill_and_resume(clips_dir / "dolly.mp4", tiny_model_dir, tmp_path, seed=100 + trial)
+
+
+def test_two_processes_train_one_motion(
+    clips_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    args = _train_args(
+        clips_dir / "dolly.mp4", tiny_model_dir, "ddp", "--steps", "4", "--num-processes", "2"
+    )
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for name in ("dolly", "zoom-in"):
+        shutil.copy(clips_dir / f"{name}.mp4", clips)
+        shutil.copy(clips_dir / f"{name}.txt", clips)
+    args[4] = str(clips)
+    result = subprocess.run(args, env=_env(tmp_path), capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr
+    assert "launching 2 processes" in result.stderr
+    package = load_motion(tmp_path / "motions" / "ddp")
+    assert package.metadata.training["processes"] == 2
+    assert len(package.metadata.clips) == 2
+    # only the main process wrote: one metrics line per step
+    assert len((tmp_path / "motions" / "ddp" / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--preset", "nope"], "unknown preset 'nope'"),
+        (["--recipe", "fancy"], "fancy"),
+        (["--set", "train.steps=0"], "train.steps"),
+    ],
+)
+def test_bad_settings_exit_2_and_change_nothing(
+    extra: list[str], message: str, clips_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    args = _train_args(clips_dir / "dolly.mp4", tiny_model_dir, "bad", *extra)
+    result = subprocess.run(args, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (tmp_path / "motions").exists()
+
+
+def test_a_2d_unet_is_refused(clips_dir: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model2d"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "unet" / "config.json").read_text())
+    config["_class_name"] = "UNet2DConditionModel"
+    (model / "unet" / "config.json").write_text(json.dumps(config))
+    home = tmp_path / "home"
+    result = subprocess.run(
+        _train_args(clips_dir / "dolly.mp4", model, "m"), env=_env(home),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "UNet3DConditionModel" in result.stderr
+    assert not (home / "motions" / "m").exists()
+
+
+def test_existing_name_is_refused_without_force(
+    clips_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    existing = tmp_path / "motions" / "taken"
+    existing.mkdir(parents=True)
+    (existing / "motion.json").write_text("{}")
+    result = subprocess.run(
+        _train_args(clips_dir / "dolly.mp4", tiny_model_dir, "taken"), env=_env(tmp_path),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "already exists" in result.stderr and "--force" in result.stderr
+    assert (existing / "motion.json").read_text() == "{}"
+    assert sorted(p.name for p in (tmp_path / "motions").iterdir()) == ["taken"]
+
+
+def test_a_second_training_of_the_same_name_is_locked_out(
+    clips_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from motionsep.errors import StoreLockedError
+    from motionsep.store import lock
+
+    settings = load_settings(preset="tiny", set_options=[f"model.name={tiny_model_dir}"])
+    store = Store(tmp_path)
+    with (
+        lock(store.motions_dir / ".m.lock", "another run"),
+        pytest.raises(StoreLockedError, match="training of motion 'm' is already running"),
+    ):
+        train_motion([clips_dir / "dolly.mp4"], "m", settings, store)
