@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from motionsep.config import VideoFormat
+from motionsep_cli._console import RichProgress, emit, err_console
 from motionsep_cli._options import (
     ConfigOption,
     JsonOption,
@@ -14,37 +16,254 @@ from motionsep_cli._options import (
     PresetOption,
     SeedOption,
     SetOption,
-    not_done,
 )
 
 HELP = """Generate videos of PROMPT with the motion NAME (or `none` for the base model).
 
-Paths of the written videos go to stdout, one per line, so the output can be
-piped into other tools; each video gets a JSON sidecar with every setting.
+Defaults come from the settings the motion was trained with (its preset's
+steps, guidance, size and frames); --preset, --config, MOTIONSEP_* variables,
+the flags below and --set override them, in that order. The base model is the
+one the motion was trained on unless --model names another.
+
+Each video is written as an H.264 mp4 (or a gif, or a folder of PNG frames)
+with a JSON sidecar NAME.json beside it holding every setting actually used,
+the seed, the motion's adapter hash and the model. Video k of each prompt uses
+seed S + k. The paths go to stdout, one per line (a JSON list with --json),
+so the output can be piped: `motionsep generate ... | xargs -n1 open`.
+Progress goes to stderr.
 
 Examples:
 
   motionsep generate --motion dolly "a wolf on a snowy mountain"
 
   motionsep generate --motion dolly --num-videos 4 --seed 7 "a red car" --out outputs/
+
+  motionsep generate --motion none "a red car" --seed 7      # the base model, to compare
+
+  motionsep generate --motion dolly --pli 0.5 --noise-prior 0.3 --prompts-file prompts.txt
 """
+
+_SAMPLING = "Sampling"
+_OUTPUT = "Output"
+
+
+def _parse_size(size: str | None) -> tuple[int | None, int | None]:
+    from motionsep.errors import UsageError
+
+    if size is None:
+        return None, None
+    width, sep, height = size.lower().partition("x")
+    if not sep or not width.strip().isdigit() or not height.strip().isdigit():
+        raise UsageError(f"--size {size!r} is not WIDTHxHEIGHT", "for example: --size 576x320")
+    return int(width), int(height)
 
 
 def generate(
-    prompts: Annotated[list[str] | None, typer.Argument(help="One or more prompts.")] = None,
-    motion: Annotated[str, typer.Option("--motion", help="Motion name, or none.")] = "none",
+    motion: Annotated[
+        str,
+        typer.Option(
+            "--motion", help="Motion name in the store, path to a motion folder, or none."
+        ),
+    ],
+    prompts: Annotated[
+        list[str] | None,
+        typer.Argument(help="Prompts; none given: the validation prompts of the motion's preset."),
+    ] = None,
     prompts_file: Annotated[
-        Path | None, typer.Option("--prompts-file", help="One prompt per line.")
+        Path | None,
+        typer.Option("--prompts-file", help="More prompts, one per line ('#' comments)."),
     ] = None,
     num_videos: Annotated[
-        int | None, typer.Option("--num-videos", help="Videos per prompt.")
+        int | None,
+        typer.Option("--num-videos", "-n", help="Videos per prompt.", rich_help_panel=_SAMPLING),
     ] = None,
     seed: SeedOption = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Output folder or file.")] = None,
+    frames: Annotated[
+        int | None,
+        typer.Option("--frames", help="Frames per video.", rich_help_panel=_SAMPLING),
+    ] = None,
+    size: Annotated[
+        str | None,
+        typer.Option(
+            "--size", help="WIDTHxHEIGHT, multiples of 8, e.g. 576x320.", rich_help_panel=_SAMPLING
+        ),
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option("--steps", help="DDIM denoising steps.", rich_help_panel=_SAMPLING),
+    ] = None,
+    guidance: Annotated[
+        float | None,
+        typer.Option(
+            "--guidance", help="Classifier-free guidance scale.", rich_help_panel=_SAMPLING
+        ),
+    ] = None,
+    negative_prompt: Annotated[
+        str | None,
+        typer.Option("--negative-prompt", help="Negative prompt.", rich_help_panel=_SAMPLING),
+    ] = None,
+    lora_scale: Annotated[
+        float | None,
+        typer.Option(
+            "--lora-scale",
+            help="Motion LoRA scale; 0 keeps only the highway.",
+            rich_help_panel=_SAMPLING,
+        ),
+    ] = None,
+    highway: Annotated[
+        bool | None,
+        typer.Option(
+            "--highway/--no-highway",
+            help="Appearance highway on or off (default: as the motion's recipe says).",
+            show_default=False,
+            rich_help_panel=_SAMPLING,
+        ),
+    ] = None,
+    highway_beta: Annotated[
+        float | None,
+        typer.Option(
+            "--highway-beta",
+            help="Highway scale (default: the recipe's).",
+            rich_help_panel=_SAMPLING,
+        ),
+    ] = None,
+    pli: Annotated[
+        float | None,
+        typer.Option(
+            "--pli",
+            help="Phased LoRA integration: motion for the first fraction F of steps, "
+            "base model after.",
+            rich_help_panel=_SAMPLING,
+        ),
+    ] = None,
+    noise_prior: Annotated[
+        float | None,
+        typer.Option(
+            "--noise-prior",
+            help="Weight p of the motion's stored inversion in the starting noise (0-1).",
+            rich_help_panel=_SAMPLING,
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output folder (default outputs/), or a .mp4/.gif file for one video.",
+            rich_help_panel=_OUTPUT,
+        ),
+    ] = None,
+    video_format: Annotated[
+        VideoFormat | None,
+        typer.Option(
+            "--format", help="mp4 (H.264), gif, or png (frame folder).", rich_help_panel=_OUTPUT
+        ),
+    ] = None,
+    fps: Annotated[
+        int | None, typer.Option("--fps", help="Frame rate.", rich_help_panel=_OUTPUT)
+    ] = None,
     model: ModelOption = None,
+    offload: Annotated[
+        bool,
+        typer.Option(
+            "--offload", help="Move each model part to the GPU only while used (small GPUs)."
+        ),
+    ] = False,
+    batch_size: Annotated[
+        int,
+        typer.Option("--batch-size", help="Videos denoised together; 1 for small GPUs.", min=1),
+    ] = 4,
     as_json: JsonOption = False,
     preset: PresetOption = None,
     config: ConfigOption = None,
     set_options: SetOption = None,
 ) -> None:
-    not_done("generate", 6, "generate")
+    from motionsep.config import load_settings
+    from motionsep.errors import UsageError
+    from motionsep.model.motion import load_motion, resolve_motion
+    from motionsep.sample import (
+        generate_videos,
+        generation_settings,
+        output_targets,
+        read_prompts_file,
+        resolve_model,
+        save_videos,
+    )
+    from motionsep.store import Store
+
+    width, height = _parse_size(size)
+    if video_format is None and out is not None and out.suffix.lower() in {".mp4", ".gif"}:
+        video_format = VideoFormat(out.suffix.lower()[1:])
+    overrides: dict[str, Any] = {
+        "model": {"name": model},
+        "sample": {
+            "num_videos": num_videos,
+            "seed": seed,
+            "frames": frames,
+            "width": width,
+            "height": height,
+            "steps": steps,
+            "guidance": guidance,
+            "negative_prompt": negative_prompt,
+            "lora_scale": lora_scale,
+            "highway": highway,
+            "highway_beta": highway_beta,
+            "pli": pli,
+            "noise_prior": noise_prior,
+            "format": video_format,
+            "fps": fps,
+        },
+    }
+    # The store holding the motion may itself be set by a preset, config or --set.
+    store = Store(
+        load_settings(
+            preset=preset, config_file=config, overrides=overrides, set_options=set_options
+        ).store.home
+    )
+    package = None
+    if motion.lower() != "none":
+        package = load_motion(resolve_motion(store, motion))
+    settings = generation_settings(
+        package, preset=preset, config_file=config, set_options=set_options, overrides=overrides
+    )
+    sample = settings.sample
+
+    all_prompts = list(prompts or [])
+    if prompts_file is not None:
+        all_prompts += read_prompts_file(prompts_file)
+    if not all_prompts:
+        all_prompts = list(sample.prompts)
+        if not all_prompts:
+            raise UsageError(
+                "no prompt given",
+                'pass a prompt, e.g. motionsep generate --motion NAME "a wolf on a snowy mountain"',
+            )
+        err_console.print(f"no prompt given: using the {len(all_prompts)} preset prompt(s)")
+    if package is None and highway:
+        err_console.print("[yellow]note:[/] --highway has no effect with --motion none")
+    target = out if out is not None else Path("outputs")
+    # Fail on a bad --out before spending minutes on denoising.
+    output_targets(
+        [(p, sample.seed + k) for p in all_prompts for k in range(sample.num_videos)],
+        target,
+        sample.format,
+    )
+    ref = resolve_model(settings, package)
+    what = f"motion {package.name} ({package.metadata.recipe.value})" if package else "no motion"
+    err_console.print(
+        f"generating {len(all_prompts) * sample.num_videos} video(s) with {what} on "
+        f"{ref.id}: {sample.frames} frames {sample.width}x{sample.height}, "
+        f"{sample.steps} steps, guidance {sample.guidance:g}"
+    )
+    with RichProgress() as progress:
+        videos = generate_videos(
+            all_prompts,
+            settings,
+            package,
+            model=ref,
+            offload=offload,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        saved = save_videos(videos, target, sample.format, sample.fps)
+    emit([item.to_dict() for item in saved], as_json, lines=[str(item.path) for item in saved])

@@ -1,0 +1,969 @@
+"""Generation: our own DDIM sampling loop over stock diffusers components.
+
+diffusers' ``TextToVideoSDPipeline`` is deprecated, so motionsep owns the loop
+(DESIGN.md section 2). One call of :func:`generate_videos`:
+
+1. resolves the sample settings against the motion package
+   (:func:`resolve_plan`): the highway and phased LoRA integration (PLI) as the
+   package's recipe says unless ``sample.highway``, ``sample.highway_beta`` or
+   ``sample.pli`` override it;
+2. injects the motion LoRA once (and removes it again at the end), installs
+   the appearance highway hooks once, then switches both per denoising step:
+   motion LoRA + highway for the first ``ceil(pli * steps)`` steps, the plain
+   base model after (:func:`tap.adapter_enabled` and the highway's
+   ``enabled`` flag; nothing is re-injected);
+3. runs DDIM (eta 0) with classifier-free guidance in one batched U-Net call
+   per step (unconditional and conditional halves concatenated), several
+   videos per batch;
+4. decodes the latents with the VAE a few frames at a time (VAE slicing) into
+   ``uint8`` frames.
+
+Seeds. Video ``k`` (0-based) of *every* prompt starts from noise drawn by a
+CPU ``torch.Generator`` seeded with ``seed + k``, as one
+``torch.randn((1, C, F, h, w))`` in float32. The noise is drawn on the CPU
+so that the same seed starts from the same noise on CPU, CUDA and MPS, and it
+does not depend on how videos are grouped into batches. (Prompt ``"a"`` and
+prompt ``"b"`` with the same ``k`` therefore start from the same noise, which
+makes prompts comparable.)
+
+Noise prior. With ``sample.noise_prior = p > 0`` the initial latent is
+``sqrt(p) * inv + sqrt(1 - p) * noise``, where ``inv`` is the motion package's
+stored DDIM inversion (``inversion.safetensors``, tensor ``"inversion"`` of
+shape ``(N, C, F, h, w)`` for ``N`` training clips); video ``k`` uses clip
+``k mod N``.
+
+The library never prints; progress goes through :mod:`motionsep.progress`
+(tasks ``"videos"`` and ``"denoise"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+import motionsep
+from motionsep.config import Settings, VideoFormat, load_settings
+from motionsep.errors import PackageError, UsageError
+from motionsep.model import tap
+from motionsep.model.motion import INVERSION_FILE, MotionPackage
+from motionsep.model.recipes import get_recipe
+from motionsep.progress import Progress, or_null
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from motionsep.model.components import Components
+    from motionsep.model.highway import AppearanceHighway
+
+INVERSION_KEY = "inversion"
+DEFAULT_BATCH_SIZE = 4
+SIDECAR_SUFFIX = ".json"
+
+# Settings of a motion's training run that describe the machine it ran on,
+# not the motion; they must not leak into generation on another machine.
+_MACHINE_SETTINGS: tuple[tuple[str, ...], ...] = (("store",), ("model", "device"))
+
+
+# ---------------------------------------------------------------------------
+# settings
+
+
+def generation_settings(
+    package: MotionPackage | None,
+    *,
+    preset: str | None = None,
+    config_file: Path | str | None = None,
+    set_options: list[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """The settings of a generation, starting from those the motion was trained with.
+
+    Layers, lowest first: defaults < the motion's training settings (named
+    ``motion NAME`` in errors) < preset < config file < environment < CLI
+    flags (``overrides``) < ``--set``. The motion's store location and device
+    are left out (they describe the training machine). The model is the
+    package's base model unless ``overrides`` or ``--set`` name another one.
+
+    Args:
+        package: The motion, or None for the base model alone.
+        preset: A preset name or path.
+        config_file: A YAML or TOML settings file.
+        set_options: ``section.field=value`` strings.
+        overrides: Values of dedicated CLI flags, nested by section; None
+            values do not override.
+
+    Raises:
+        SettingsError: listing every invalid field and the layer that set it.
+    """
+    cli = copy.deepcopy(dict(overrides or {}))
+    base: tuple[str, Mapping[str, Any]] | None = None
+    if package is not None:
+        trained = copy.deepcopy(package.metadata.settings)
+        for path in _MACHINE_SETTINGS:
+            _pop_path(trained, path)
+        base = (f"motion {package.name}", trained)
+        model = dict(cli.get("model") or {})
+        if model.get("name") is None:
+            # The motion dictates its base model; a preset's model.name (say,
+            # zeroscope in `--preset dolly`) must not silently replace it.
+            model["name"] = package.metadata.base_model.id
+            if model.get("revision") is None:
+                model["revision"] = package.metadata.base_model.revision
+        cli["model"] = model
+    return load_settings(
+        base=base, preset=preset, config_file=config_file, overrides=cli, set_options=set_options
+    )
+
+
+def _pop_path(tree: dict[str, Any], path: tuple[str, ...]) -> None:
+    node: Any = tree
+    for key in path[:-1]:
+        node = node.get(key) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(path[-1], None)
+
+
+def read_prompts_file(path: Path | str) -> list[str]:
+    """Prompts from a text file: one per line; blank lines and ``#`` comments are skipped.
+
+    Raises:
+        UsageError: if the file cannot be read.
+    """
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(
+            f"cannot read prompts file {path}: {exc}", "pass a UTF-8 text file"
+        ) from exc
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+# ---------------------------------------------------------------------------
+# the plan
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """The sample settings resolved against a motion: what the loop does.
+
+    Attributes:
+        steps: DDIM steps.
+        guidance: Classifier-free guidance scale (1 means no guidance pass).
+        width: Video width in pixels.
+        height: Video height in pixels.
+        frames: Frames per video.
+        negative_prompt: Text of the unconditional half of guidance.
+        recipe: The motion's recipe; None without a motion.
+        lora_scale: Motion LoRA scale; None without a motion.
+        highway: Whether the appearance highway is installed.
+        highway_beta: Its scale, None when the highway is off.
+        pli: Phased LoRA integration fraction; None when every step uses the motion.
+        motion_steps: Steps (the first ones) that use the motion LoRA and the
+            highway; 0 without a motion.
+        noise_prior: Weight p of the stored inversion in the initial latent.
+    """
+
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    frames: int
+    negative_prompt: str
+    recipe: str | None
+    lora_scale: float | None
+    highway: bool
+    highway_beta: float | None
+    pli: float | None
+    motion_steps: int
+    noise_prior: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (what sidecars record under ``sample``)."""
+        return {
+            "scheduler": "ddim",
+            "eta": 0.0,
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "width": self.width,
+            "height": self.height,
+            "frames": self.frames,
+            "negative_prompt": self.negative_prompt,
+            "recipe": self.recipe,
+            "lora_scale": self.lora_scale,
+            "highway": self.highway,
+            "highway_beta": self.highway_beta,
+            "pli": self.pli,
+            "motion_steps": self.motion_steps,
+            "noise_prior": self.noise_prior,
+        }
+
+
+def pli_steps(pli: float | None, steps: int) -> int:
+    """Denoising steps that use the motion: ``ceil(pli * steps)``, all of them for None.
+
+    The product is rounded to 9 decimals first, so that e.g. ``0.3 * 10``
+    (``3.0000000000000004`` in floating point) gives 3, not 4.
+    """
+    if pli is None:
+        return steps
+    return min(steps, max(1, math.ceil(round(pli * steps, 9))))
+
+
+def resolve_plan(settings: Settings, package: MotionPackage | None) -> SamplingPlan:
+    """Resolves ``settings.sample`` against a motion's recipe.
+
+    ``sample.highway`` None means the recipe's highway, ``sample.highway_beta``
+    None the recipe's beta, ``sample.pli`` None the recipe's PLI. Without a
+    motion there is no LoRA, no highway and no PLI.
+
+    Raises:
+        UsageError: for a noise prior without a motion.
+    """
+    sample = settings.sample
+    common: dict[str, Any] = {
+        "steps": sample.steps,
+        "guidance": sample.guidance,
+        "width": sample.width,
+        "height": sample.height,
+        "frames": sample.frames,
+        "negative_prompt": sample.negative_prompt,
+        "noise_prior": sample.noise_prior,
+    }
+    if package is None:
+        if sample.noise_prior > 0:
+            raise UsageError(
+                "the noise prior needs a motion: it mixes in the motion's stored inversion",
+                "pass --motion NAME, or --noise-prior 0 with --motion none",
+            )
+        return SamplingPlan(
+            **common,
+            recipe=None,
+            lora_scale=None,
+            highway=False,
+            highway_beta=None,
+            pli=None,
+            motion_steps=0,
+        )
+    spec = get_recipe(package.metadata.recipe)
+    highway = spec.has_highway if sample.highway is None else sample.highway
+    # A recipe without a highway (motiondirector) has no skips to reroute even
+    # when asked for one: record the truth, not the request.
+    highway = highway and spec.has_highway
+    beta = (spec.beta if sample.highway_beta is None else sample.highway_beta) if highway else None
+    pli = spec.pli if sample.pli is None else sample.pli
+    if pli is not None and pli >= 1.0:
+        pli = None  # every step uses the motion: the same as no PLI
+    return SamplingPlan(
+        **common,
+        recipe=spec.name.value,
+        lora_scale=sample.lora_scale,
+        highway=highway,
+        highway_beta=beta,
+        pli=pli,
+        motion_steps=pli_steps(pli, sample.steps),
+    )
+
+
+# ---------------------------------------------------------------------------
+# initial latents
+
+
+def video_seed(seed: int, video_index: int) -> int:
+    """The seed of video ``video_index`` (0-based) of a prompt: ``seed + video_index``."""
+    return seed + video_index
+
+
+def load_inversion(package: MotionPackage) -> torch.Tensor:
+    """The motion's stored DDIM inversion ``(N, C, F, h, w)``, float32 on the CPU.
+
+    Raises:
+        UsageError: if the package has none.
+        PackageError: if the file does not hold a 5-D ``"inversion"`` tensor.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not package.has_file(INVERSION_FILE):
+        raise UsageError(
+            f"motion {package.name!r} has no stored inversion ({INVERSION_FILE}), "
+            "which the noise prior needs",
+            "train the motion with --set data.inversion=true, or use --noise-prior 0",
+        )
+    path = package.file_path(INVERSION_FILE)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise PackageError(f"{path} cannot be read: {exc}") from exc
+    inversion = tensors.get(INVERSION_KEY)
+    if inversion is None or inversion.ndim != 5:
+        found = "no such tensor" if inversion is None else f"shape {tuple(inversion.shape)}"
+        raise PackageError(
+            f"{path} must hold a tensor {INVERSION_KEY!r} of shape (clips, channels, frames, "
+            f"height, width); found {found}",
+            "train the motion again with --set data.inversion=true",
+        )
+    return inversion.float()
+
+
+def check_inversion(
+    inversion: torch.Tensor, latent_shape: Sequence[int], plan: SamplingPlan, name: str
+) -> None:
+    """Checks that a stored inversion fits the latents asked for.
+
+    Args:
+        inversion: ``(N, C, F, h, w)``.
+        latent_shape: ``(C, F, h, w)`` of one video's latents.
+        plan: The resolved plan (for the message).
+        name: The motion's name (for the message).
+
+    Raises:
+        UsageError: naming both shapes and the flags that make them agree.
+    """
+    stored = tuple(inversion.shape[1:])
+    if stored == tuple(latent_shape):
+        return
+    channels, frames, height, width = stored
+    scale = plan.height // latent_shape[2]
+    raise UsageError(
+        f"motion {name!r}: its stored inversion is {frames} frames of {width}x{height} latents "
+        f"({width * scale}x{height * scale} pixels, {channels} channels); this generation "
+        f"asks for {plan.frames} frames at {plan.width}x{plan.height}",
+        f"use --frames {frames} --size {width * scale}x{height * scale}, or --noise-prior 0",
+    )
+
+
+def initial_latents(
+    latent_shape: Sequence[int],
+    seed: int,
+    *,
+    inversion: torch.Tensor | None = None,
+    noise_prior: float = 0.0,
+) -> torch.Tensor:
+    """The starting latent of one video, float32 on the CPU.
+
+    ``noise`` is ``torch.randn((1, *latent_shape))`` from a CPU generator
+    seeded with ``seed``; the result is ``sqrt(p) * inversion + sqrt(1 - p) *
+    noise`` (just ``noise`` for p = 0, exactly ``inversion`` for p = 1).
+
+    Args:
+        latent_shape: ``(C, F, h, w)``.
+        seed: The video's seed (:func:`video_seed`).
+        inversion: One clip's inversion ``(C, F, h, w)``; needed when p > 0.
+        noise_prior: p in [0, 1].
+
+    Returns:
+        A tensor ``(1, C, F, h, w)``.
+    """
+    import torch
+
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.randn((1, *latent_shape), generator=generator, dtype=torch.float32)
+    if noise_prior <= 0.0:
+        return noise
+    if inversion is None:
+        raise ValueError("a noise prior above 0 needs an inversion")
+    prior = inversion.to(torch.float32).reshape(1, *latent_shape)
+    return math.sqrt(noise_prior) * prior + math.sqrt(1.0 - noise_prior) * noise
+
+
+# ---------------------------------------------------------------------------
+# the model
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """The base model of a generation, as sidecars record it.
+
+    Attributes:
+        id: Store name, hub id or path as given (``settings.model.name``).
+        path: The diffusers folder it was loaded from.
+        revision: The hub commit recorded by the store, or ``settings.model.revision``.
+    """
+
+    id: str
+    path: Path
+    revision: str | None
+
+
+def resolve_model(settings: Settings, package: MotionPackage | None = None) -> ModelRef:
+    """Finds the base model folder and checks it against the motion before loading.
+
+    Raises:
+        ModelNotFoundError: with the command that installs it.
+        IncompatibleModelError: if the motion was trained on another U-Net
+            architecture, naming the model it needs.
+        ModelFormatError: if the folder is not a text-to-video model.
+    """
+    from motionsep.model.components import check_model_folder
+    from motionsep.model.motion import check_base_model
+    from motionsep.store import Store
+
+    store = Store(settings.store.home)
+    name = settings.model.name
+    folder = store.resolve_model(name)
+    unet_config = check_model_folder(folder)
+    if package is not None:
+        check_base_model(package, unet_config)
+    revision = settings.model.revision
+    if not Path(name).expanduser().exists():
+        record = store.model_record(name)
+        if record is not None and record.revision:
+            revision = record.revision
+    return ModelRef(id=name, path=folder, revision=revision)
+
+
+def load_generation_model(
+    settings: Settings, ref: ModelRef, *, offload: bool = False
+) -> Components:
+    """Loads a model's components in the settings' dtype.
+
+    On the CPU with ``offload`` (they move to the accelerator only while
+    used), else on ``settings.model.device``.
+    """
+    from motionsep.devices import resolve_device, resolve_dtype
+    from motionsep.model.components import load_components
+
+    device = resolve_device(settings.model.device)
+    dtype = resolve_dtype(settings.model.dtype, device)
+    return load_components(ref.path, dtype=dtype, device="cpu" if offload else device)
+
+
+@contextlib.contextmanager
+def _placed(module: nn.Module, device: torch.device, offload: bool) -> Iterator[nn.Module]:
+    """Keeps ``module`` on ``device`` inside the block; with offload, on the CPU after."""
+    module.to(device)
+    try:
+        yield module
+    finally:
+        if offload and device.type != "cpu":
+            module.to("cpu")
+            _empty_cache(device)
+
+
+def _empty_cache(device: torch.device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
+# ---------------------------------------------------------------------------
+# denoising and decoding
+
+
+def _text_embeddings(
+    components: Components, texts: Sequence[str], device: torch.device, offload: bool
+) -> dict[str, torch.Tensor]:
+    """CLIP embeddings of each distinct text, on the CPU."""
+    from motionsep.model.components import encode_prompts
+
+    unique = list(dict.fromkeys(texts))
+    with _placed(components.text_encoder, device, offload):
+        embeds = encode_prompts(components, unique).to("cpu")
+    return {text: embeds[i : i + 1] for i, text in enumerate(unique)}
+
+
+def denoise(
+    components: Components,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    plan: SamplingPlan,
+    *,
+    highway: AppearanceHighway | None = None,
+    motion: bool = False,
+    on_step: Any = None,
+) -> torch.Tensor:
+    """Runs the DDIM loop (eta 0) from ``latents``; returns the clean latents.
+
+    Latents and the scheduler arithmetic stay in float32 whatever the U-Net's
+    dtype, so fp16 weights do not round the trajectory at every step.
+
+    Args:
+        components: The model; the U-Net must already sit on its device.
+        latents: ``(B, C, F, h, w)`` starting latents.
+        cond: ``(B, L, D)`` prompt embeddings.
+        uncond: ``(B, L, D)`` negative-prompt embeddings; None when
+            ``plan.guidance == 1`` (no guidance pass).
+        plan: Steps, guidance, and how many first steps use the motion.
+        highway: The installed highway, switched per step (or None).
+        motion: Whether the U-Net holds the motion adapter to switch per step.
+        on_step: Called as ``on_step(step_index)`` after every step.
+    """
+    import torch
+    from diffusers import DDIMScheduler
+
+    unet = components.unet
+    device, dtype = unet.device, unet.dtype
+    # A private scheduler: set_timesteps mutates it, the caller's stays as it was.
+    scheduler = DDIMScheduler.from_config(components.scheduler.config)
+    scheduler.set_timesteps(plan.steps, device="cpu")
+    guided = uncond is not None
+    text = cond if uncond is None else torch.cat([uncond, cond])
+    text = text.to(device, dtype)
+    sample = latents.to(device, torch.float32) * scheduler.init_noise_sigma
+    timesteps = list(scheduler.timesteps)
+    # Two phases (PLI): the motion's first steps, then the base model's. The
+    # adapter switch walks every module, so it happens once per phase rather
+    # than once per step; the highway flag is a plain attribute.
+    phases = ((True, 0, plan.motion_steps), (False, plan.motion_steps, len(timesteps)))
+    with torch.no_grad():
+        for use_motion, first, stop in phases:
+            if first >= stop:
+                continue
+            if highway is not None:
+                highway.enabled = use_motion
+            with tap.adapter_enabled(unet, use_motion) if motion else contextlib.nullcontext():
+                for index in range(first, stop):
+                    t = timesteps[index]
+                    model_input = torch.cat([sample, sample]) if guided else sample
+                    eps = unet(
+                        model_input.to(dtype), t.to(device), encoder_hidden_states=text
+                    ).sample.to(torch.float32)
+                    if guided:
+                        eps_uncond, eps_cond = eps.chunk(2)
+                        eps = eps_uncond + plan.guidance * (eps_cond - eps_uncond)
+                    sample = scheduler.step(eps, t, sample, eta=0.0).prev_sample
+                    if on_step is not None:
+                        on_step(index)
+    return sample
+
+
+def decode_latents(vae: Any, latents: torch.Tensor, frames_per_call: int) -> np.ndarray:
+    """VAE-decodes video latents ``(B, C, F, h, w)`` into ``uint8`` frames ``(B, F, H, W, 3)``.
+
+    Decodes ``frames_per_call`` frames per VAE call (VAE slicing), so the
+    decoder's activations stay small whatever the video length.
+    """
+    import torch
+
+    batch, channels, frames, height, width = latents.shape
+    scaled = latents / vae.config.scaling_factor
+    flat = scaled.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
+    images = []
+    with torch.no_grad():
+        for start in range(0, flat.shape[0], frames_per_call):
+            chunk = flat[start : start + frames_per_call].to(vae.device, vae.dtype)
+            images.append(vae.decode(chunk).sample.to("cpu", torch.float32))
+    pixels = torch.cat(images)
+    pixels = ((pixels + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    pixels = pixels.reshape(batch, frames, 3, pixels.shape[-2], pixels.shape[-1])
+    return pixels.permute(0, 1, 3, 4, 2).contiguous().numpy()
+
+
+# ---------------------------------------------------------------------------
+# generate
+
+
+@dataclass(frozen=True)
+class GeneratedVideo:
+    """One generated video.
+
+    Attributes:
+        prompt: Its prompt.
+        prompt_index: Position of the prompt in the call's list.
+        video_index: k: which video of its prompt (seed = base seed + k).
+        seed: The seed of its starting noise.
+        frames: ``uint8`` frames ``(F, H, W, 3)``.
+        latents: Its final (denoised) latents ``(C, F, h, w)``, float32 on the CPU.
+        record: What its sidecar records: prompt, seed, resolved sample
+            settings, motion and model identity, full settings, versions.
+    """
+
+    prompt: str
+    prompt_index: int
+    video_index: int
+    seed: int
+    frames: np.ndarray = field(repr=False)
+    latents: torch.Tensor = field(repr=False)
+    record: dict[str, Any] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class _Job:
+    prompt: str
+    prompt_index: int
+    video_index: int
+    seed: int
+
+
+def motion_record(package: MotionPackage | None) -> dict[str, Any] | None:
+    """Identity of a motion for sidecars: name, path, adapter sha256, recipe, base model."""
+    if package is None:
+        return None
+    base = package.metadata.base_model
+    return {
+        "name": package.name,
+        "path": str(package.path),
+        "adapter_sha256": package.files.get("adapter.safetensors"),
+        "recipe": package.metadata.recipe.value,
+        "lora_rank": package.metadata.lora_rank,
+        "base_model": {
+            "id": base.id,
+            "revision": base.revision,
+            "unet_config_hash": base.unet_config_hash,
+        },
+        "motionsep_version": package.metadata.motionsep_version,
+    }
+
+
+def generate_videos(
+    prompts: Sequence[str],
+    settings: Settings,
+    motion: MotionPackage | None = None,
+    *,
+    components: Components | None = None,
+    model: ModelRef | None = None,
+    offload: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress | None = None,
+) -> list[GeneratedVideo]:
+    """Generates ``settings.sample.num_videos`` videos of every prompt.
+
+    Args:
+        prompts: The prompts; video k of each uses seed ``sample.seed + k``.
+        settings: The resolved settings (see :func:`generation_settings`).
+        motion: A verified motion package, or None for the base model alone.
+        components: Already loaded components to use instead of loading
+            ``settings.model.name`` (they come back without the motion adapter;
+            without ``offload`` they are left on the device); the sidecar then
+            names ``model`` (or ``settings.model.name``) as their source.
+        model: The resolved model (:func:`resolve_model`); found from the
+            settings when None.
+        offload: Keep each component on the CPU except while it is used
+            (small GPUs); slower.
+        batch_size: Videos denoised together (each takes two U-Net rows with
+            guidance). Grouping does not change a video's starting noise;
+            results agree across batch sizes to float rounding.
+        progress: Receives the ``"videos"`` and ``"denoise"`` tasks.
+
+    Returns:
+        One :class:`GeneratedVideo` per (prompt, k), prompts in order.
+
+    Raises:
+        UsageError: for no prompts, a bad batch size, or a noise prior the
+            motion cannot serve (no inversion, or one of another shape).
+        MotionNotFoundError, ModelNotFoundError, IncompatibleModelError:
+            see :func:`resolve_model`.
+    """
+    import torch
+
+    from motionsep.devices import resolve_device
+    from motionsep.model.highway import recipe_highway
+    from motionsep.model.motion import apply_motion
+
+    prompts = list(prompts)
+    if not prompts:
+        raise UsageError(
+            "no prompt given", 'pass one or more prompts, e.g. "a wolf on a snowy mountain"'
+        )
+    if batch_size < 1:
+        raise UsageError(f"batch size must be at least 1, got {batch_size}")
+    events = or_null(progress)
+    plan = resolve_plan(settings, motion)
+    sample = settings.sample
+
+    if model is None:
+        model = (
+            resolve_model(settings, motion)
+            if components is None
+            else ModelRef(settings.model.name, components.path, settings.model.revision)
+        )
+    # Everything that can be wrong with the request is checked before the
+    # (for ZeroScope, slow) loading of the weights.
+    latent_shape = _latent_shape(plan, components, model.path)
+    inversion = None
+    if plan.noise_prior > 0:
+        assert motion is not None  # resolve_plan refuses a prior without a motion
+        inversion = load_inversion(motion)
+        check_inversion(inversion, latent_shape, plan, motion.name)
+
+    if components is None:
+        events.log(f"loading {model.id} from {model.path}")
+        components = load_generation_model(settings, model, offload=offload)
+        device = resolve_device(settings.model.device)
+    else:
+        device = components.unet.device if not offload else resolve_device(settings.model.device)
+    unet = components.unet
+
+    jobs = [
+        _Job(prompt, p, k, video_seed(sample.seed, k))
+        for p, prompt in enumerate(prompts)
+        for k in range(sample.num_videos)
+    ]
+    guided = plan.guidance != 1.0
+    embeds = _text_embeddings(
+        components, [plan.negative_prompt, *prompts] if guided else prompts, device, offload
+    )
+    batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
+    base_record = _base_record(settings, plan, motion, model, unet.dtype, device)
+
+    results: list[GeneratedVideo] = []
+    events.start("videos", total=len(jobs), unit="video")
+    events.start("denoise", total=len(batches) * plan.steps, unit="step")
+    with contextlib.ExitStack() as stack:
+        if motion is not None:
+            apply_motion(unet, motion)
+            stack.callback(tap.drop_adapter, unet, tap.MOTION_ADAPTER)
+            stack.enter_context(tap.lora_scale(unet, plan.lora_scale or 0.0))
+        highway = None
+        if plan.highway and motion is not None:
+            highway = stack.enter_context(
+                recipe_highway(unet, motion.metadata.recipe, plan.highway_beta, enabled=True)
+            )
+        for number, batch in enumerate(batches, start=1):
+            start = torch.cat(
+                [
+                    initial_latents(
+                        latent_shape,
+                        job.seed,
+                        inversion=None
+                        if inversion is None
+                        else inversion[job.video_index % len(inversion)],
+                        noise_prior=plan.noise_prior,
+                    )
+                    for job in batch
+                ]
+            )
+            cond = torch.cat([embeds[job.prompt] for job in batch])
+            uncond = embeds[plan.negative_prompt].expand_as(cond) if guided else None
+
+            def on_step(index: int, number: int = number) -> None:
+                events.advance("denoise", batch=f"{number}/{len(batches)}")
+
+            with _placed(unet, device, offload):
+                latents = denoise(
+                    components,
+                    start,
+                    cond,
+                    uncond,
+                    plan,
+                    highway=highway,
+                    motion=motion is not None,
+                    on_step=on_step,
+                )
+            with _placed(components.vae, device, offload):
+                frames = decode_latents(components.vae, latents, settings.data.vae_batch_size)
+            latents = latents.to("cpu")
+            for row, job in enumerate(batch):
+                record = {
+                    "prompt": job.prompt,
+                    "prompt_index": job.prompt_index,
+                    "video_index": job.video_index,
+                    "seed": job.seed,
+                    "inversion_clip": None
+                    if inversion is None
+                    else job.video_index % len(inversion),
+                    **base_record,
+                }
+                results.append(
+                    GeneratedVideo(
+                        prompt=job.prompt,
+                        prompt_index=job.prompt_index,
+                        video_index=job.video_index,
+                        seed=job.seed,
+                        frames=frames[row],
+                        latents=latents[row].clone(),
+                        record=record,
+                    )
+                )
+                events.advance("videos", prompt=_short_prompt(job.prompt), seed=job.seed)
+    events.finish("denoise")
+    events.finish("videos")
+    return results
+
+
+def _latent_shape(
+    plan: SamplingPlan, components: Components | None, folder: Path
+) -> tuple[int, int, int, int]:
+    """``(C, F, h, w)`` of one video's latents, from loaded components or the model's configs.
+
+    Raises:
+        UsageError: if the size is not a multiple of the VAE's downsampling factor.
+    """
+    if components is not None:
+        channels = int(components.unet.config.in_channels)
+        scale = components.vae_scale_factor
+    else:
+        unet_config = json.loads((folder / "unet" / "config.json").read_text())
+        vae_config = json.loads((folder / "vae" / "config.json").read_text())
+        channels = int(unet_config.get("in_channels", 4))
+        scale = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
+    if plan.width % scale or plan.height % scale:
+        raise UsageError(
+            f"size {plan.width}x{plan.height} is not a multiple of the VAE's factor {scale}",
+            f"use a width and height divisible by {scale}",
+        )
+    return channels, plan.frames, plan.height // scale, plan.width // scale
+
+
+def _base_record(
+    settings: Settings,
+    plan: SamplingPlan,
+    motion: MotionPackage | None,
+    model: ModelRef,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> dict[str, Any]:
+    return {
+        "sample": {
+            **plan.to_dict(),
+            "base_seed": settings.sample.seed,
+            "num_videos": settings.sample.num_videos,
+            "fps": settings.sample.fps,
+            "format": settings.sample.format.value,
+        },
+        "motion": motion_record(motion),
+        "model": {
+            "id": model.id,
+            "path": str(model.path),
+            "revision": model.revision,
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": str(device),
+        },
+        "settings": settings.to_dict(),
+        "motionsep_version": motionsep.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _short_prompt(prompt: str, limit: int = 32) -> str:
+    return prompt if len(prompt) <= limit else prompt[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------
+# writing
+
+
+@dataclass(frozen=True)
+class SavedVideo:
+    """Where one video went.
+
+    Attributes:
+        path: The mp4 or gif file, or the folder of PNG frames.
+        sidecar: The JSON file beside it with every setting used.
+        video: The generated video.
+    """
+
+    path: Path
+    sidecar: Path
+    video: GeneratedVideo
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (``--json`` output)."""
+        return {
+            "path": str(self.path),
+            "sidecar": str(self.sidecar),
+            "prompt": self.video.prompt,
+            "seed": self.video.seed,
+            "video_index": self.video.video_index,
+        }
+
+
+def slugify(text: str, limit: int = 60) -> str:
+    """A file-name-safe slug of a prompt: lowercase words joined by ``-``."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:limit].rstrip("-") or "video"
+
+
+def output_targets(
+    items: Sequence[tuple[str, int]], out: Path | str, fmt: VideoFormat | str
+) -> list[Path]:
+    """Where each video goes: ``OUT/SLUG-SEED.EXT`` (a folder for png), never colliding.
+
+    ``out`` ending in ``.mp4`` or ``.gif`` names the file of a single video;
+    anything else is a folder. Inside a folder nothing is overwritten: when
+    a name (or its sidecar) exists already or repeats, ``-2``, ``-3``, ... is
+    appended.
+
+    Args:
+        items: ``(prompt, seed)`` of each video.
+        out: The folder, or one file.
+        fmt: The video format.
+
+    Raises:
+        UsageError: for a file ``out`` with several videos or of another format.
+    """
+    fmt = VideoFormat(fmt)
+    out = Path(out).expanduser()
+    suffix = "" if fmt is VideoFormat.PNG else f".{fmt.value}"
+    if out.suffix.lower() in {".mp4", ".gif"}:
+        if len(items) != 1:
+            raise UsageError(
+                f"--out {out} names one file but {len(items)} videos are to be generated",
+                "pass a folder to --out",
+            )
+        if out.suffix.lower() != suffix:
+            raise UsageError(
+                f"--out {out} ends in {out.suffix} but the format is {fmt.value}",
+                f"pass --format {out.suffix[1:].lower()}, or a folder to --out",
+            )
+        return [out]
+    taken: set[Path] = set()
+    targets = []
+    for prompt, seed in items:
+        stem = f"{slugify(prompt)}-{seed}"
+        candidate, n = out / f"{stem}{suffix}", 1
+        while candidate in taken or candidate.exists() or sidecar_path(candidate).exists():
+            n += 1
+            candidate = out / f"{stem}-{n}{suffix}"
+        taken.add(candidate)
+        targets.append(candidate)
+    return targets
+
+
+def sidecar_path(target: Path) -> Path:
+    """The JSON sidecar beside a video file or PNG folder: ``NAME.json``."""
+    suffix = target.suffix if target.suffix.lower() in {".mp4", ".gif"} else ""
+    return target.with_name(target.name.removesuffix(suffix) + SIDECAR_SUFFIX)
+
+
+def save_videos(
+    videos: Sequence[GeneratedVideo],
+    out: Path | str,
+    fmt: VideoFormat | str = VideoFormat.MP4,
+    fps: float = 8,
+) -> list[SavedVideo]:
+    """Writes each video (mp4, gif or PNG folder) and its JSON sidecar.
+
+    Args:
+        videos: From :func:`generate_videos`.
+        out: A folder, or with one video a ``.mp4``/``.gif`` file.
+        fmt: mp4 (H.264), gif, or png (a folder of frames).
+        fps: Frame rate of mp4 and gif.
+
+    Returns:
+        The written paths, in the order of ``videos``.
+    """
+    from motionsep.store import atomic_write_bytes
+    from motionsep.video import write_video
+
+    fmt = VideoFormat(fmt)
+    saved = []
+    targets = output_targets([(v.prompt, v.seed) for v in videos], out, fmt)
+    for video, target in zip(videos, targets, strict=True):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_video(video.frames, target, fps=fps, format=fmt.value)
+        sidecar = sidecar_path(target)
+        record = {
+            "video": target.name,  # the sidecar sits beside it
+            **video.record,
+            "sample": {**video.record["sample"], "fps": fps, "format": fmt.value},
+        }
+        atomic_write_bytes(sidecar, (json.dumps(record, indent=2) + "\n").encode())
+        saved.append(SavedVideo(path=target, sidecar=sidecar, video=video))
+    return saved
