@@ -584,7 +584,7 @@ def test_import_refuses_a_folder_that_is_not_a_t2v_model(
     shutil.copytree(tiny_model_dir, broken)
     shutil.rmtree(broken / "unet")
     result = runner.invoke(app, ["download", "mine", "--from", str(broken)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # bad input: the folder is not a model we can use
     assert "unet/ folder is missing" in result.stderr
     assert _store_entries(store_home) == []
     flat = tmp_path / "flat"

@@ -243,3 +243,30 @@ def test_a_second_training_of_the_same_name_is_locked_out(
         pytest.raises(StoreLockedError, match="training of motion 'm' is already running"),
     ):
         train_motion([clips_dir / "dolly.mp4"], "m", settings, store)
+
+
+def test_a_diverging_loss_stops_with_the_step_and_keeps_the_checkpoint(
+    clips_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from motionsep.train import TrainingDivergedError
+
+    settings = load_settings(
+        preset="tiny",
+        set_options=[
+            f"model.name={tiny_model_dir}",
+            "train.steps=6",
+            "train.checkpoint_every=1",
+            "optim.lr=1e30",
+            "optim.spatial_lr=1e30",
+            "optim.max_grad_norm=null",
+        ],
+    )
+    store = Store(tmp_path)
+    with pytest.raises(TrainingDivergedError) as info:
+        train_motion([clips_dir / "dolly.mp4"], "nan", settings, store)
+    message = str(info.value)
+    assert "at step" in message and "lower --lr" in message
+    assert not (store.motions_dir / "nan").exists()
+    checkpoint = latest_checkpoint(partial_dir(store, "nan"))
+    assert checkpoint is not None, "the last good checkpoint is kept"
+    assert f"step {checkpoint[0]}" in message

@@ -77,6 +77,9 @@ TINY_VAE_CONFIG: dict[str, Any] = {
     "norm_num_groups": 8,
     "sample_size": 32,
     "scaling_factor": 0.18215,
+    # The VAE downsamples only by 2, so mid-block attention would be over
+    # (H/2 * W/2)^2 pairs: quadratic blow-up at real clip sizes.
+    "mid_block_add_attention": False,
 }
 
 TINY_TEXT_CONFIG: dict[str, Any] = {
