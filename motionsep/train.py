@@ -629,6 +629,10 @@ def _train_locked(
                     handle.write(json.dumps(record) + "\n")
             done = step + 1
             events.advance("train", 1, loss=losses["loss_temporal"])
+            every = settings.train.preview_every
+            if main and every and (done % every == 0 or done == total_steps):
+                preview = _render_preview(trainer, run_dir / "previews" / f"step-{done}.mp4")
+                events.log(f"preview: {preview}")
             if done % settings.train.checkpoint_every == 0 or done == total_steps:
                 if main:
                     _save_checkpoint(trainer, run_dir, done, adapters)
@@ -756,6 +760,11 @@ def _write_package(
         final_loss=final_loss,
     )
     extra: dict[str, Path | bytes] = {METRICS_FILE: run_dir / METRICS_FILE}
+    previews = sorted(
+        (run_dir / "previews").glob("step-*.mp4"), key=lambda p: int(p.stem.split("-")[1])
+    )
+    if previews:
+        extra["preview.mp4"] = previews[-1]
     plot = _loss_plot(metrics)
     if plot is not None:
         extra["loss.png"] = plot
@@ -796,6 +805,59 @@ def _loss_plot(metrics: list[dict[str, Any]]) -> bytes | None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def _render_preview(trainer: _Trainer, target: Path) -> Path:
+    """Samples one video with the motion as it is now (spatial LoRAs off, highway per recipe).
+
+    Uses the first validation prompt of the settings (else the first clip's
+    prompt), the sample settings' steps and guidance, and the training size.
+    """
+    from motionsep import video
+    from motionsep.model import tap
+    from motionsep.model.components import encode_prompts
+    from motionsep.model.highway import recipe_highway
+    from motionsep.model.recipes import get_recipe
+    from motionsep.sample import SamplingPlan, decode_latents, denoise, initial_latents
+
+    settings, components = trainer.settings, trainer.components
+    unet = components.unet
+    spec = get_recipe(settings.lora.recipe)
+    sample, data = settings.sample, settings.data
+    prompt = sample.prompts[0] if sample.prompts else trainer.dataset.clips[0].prompt
+    plan = SamplingPlan(
+        steps=sample.steps,
+        guidance=sample.guidance,
+        width=data.width,
+        height=data.height,
+        frames=data.frames,
+        negative_prompt=sample.negative_prompt,
+        recipe=spec.name.value,
+        lora_scale=1.0,
+        highway=spec.has_highway,
+        highway_beta=spec.beta if spec.has_highway else None,
+        pli=None,
+        motion_steps=sample.steps,
+        noise_prior=0.0,
+    )
+    shape = trainer.latents[0].shape
+    latents = initial_latents(tuple(shape), settings.train.seed)
+    cond = encode_prompts(components, [prompt])
+    uncond = encode_prompts(components, [sample.negative_prompt])
+    was_training = unet.training
+    unet.eval()
+    try:
+        with ExitStack() as stack:
+            for spatial in trainer.spatial_adapters:
+                stack.enter_context(tap.adapter_enabled(unet, False, spatial))
+            highway = (
+                stack.enter_context(recipe_highway(unet, spec.name)) if spec.has_highway else None
+            )
+            clean = denoise(components, latents, cond, uncond, plan, highway=highway)
+        frames = decode_latents(components.vae, clean, data.vae_batch_size)
+    finally:
+        unet.train(was_training)
+    return video.write_video(frames[0], target, fps=sample.fps, format="mp4")
 
 
 class _InterruptFlag:

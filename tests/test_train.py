@@ -19,6 +19,7 @@ from motionsep.config import load_settings
 from motionsep.model.motion import load_motion
 from motionsep.store import Store
 from motionsep.train import latest_checkpoint, partial_dir, train_motion
+from motionsep.video import probe
 
 
 def _env(home: Path) -> dict[str, str]:
@@ -65,7 +66,9 @@ def _wait_for_step(home: Path, name: str, step: int, process: subprocess.Popen, 
 def test_training_lowers_the_temporal_loss(
     clips_dir: Path, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    settings = load_settings(preset="tiny", set_options=[f"model.name={tiny_model_dir}"])
+    settings = load_settings(
+        preset="tiny", set_options=[f"model.name={tiny_model_dir}", "train.preview_every=15"]
+    )
     store = Store(tmp_path)
     result = train_motion([clips_dir / "dolly.mp4"], "dolly", settings, store)
     temporal = [row["loss_temporal"] for row in result.metrics]
@@ -79,6 +82,8 @@ def test_training_lowers_the_temporal_loss(
     assert package.metadata.settings["train"]["steps"] == 30
     assert package.metadata.clips[0].name == "dolly"
     assert package.has_file("loss.png") and package.has_file("metrics.jsonl")
+    preview = probe(package.file_path("preview.mp4"))  # the last preview, at step 30
+    assert (preview.frame_count, preview.width, preview.height) == (4, 32, 32)
     assert all(".to_k." in key for key in package.adapter_state)
     assert not partial_dir(store, "dolly").exists(), "the run folder is gone once done"
 
