@@ -227,33 +227,34 @@ class _Trainer:
         noisy = scheduler.add_noise(latents, noise, timesteps)
         spatial_name = self.spatial_adapters[clip % len(self.spatial_adapters)]
         losses: dict[str, float] = {}
-        total = torch.zeros((), device=device)
 
+        # Each path's backward runs inside that path's adapter state: with
+        # gradient checkpointing, recomputation must see the same adapters.
         with self._only_spatial(spatial_name), self.accelerator.autocast():
             if not skip_spatial:
                 one = slice(frame, frame + 1)
                 with tap.adapter_enabled(unet, False, tap.MOTION_ADAPTER):
                     pred = unet(noisy[:, :, one], timesteps, encoder_hidden_states=prompt).sample
-                loss_spatial = F.mse_loss(pred.float(), noise[:, :, one].float())
-                total = total + loss_spatial
-                losses["loss_spatial"] = float(loss_spatial.detach())
+                    loss_spatial = F.mse_loss(pred.float(), noise[:, :, one].float())
+                    losses["loss_spatial"] = float(loss_spatial.detach())
+                    if math.isfinite(losses["loss_spatial"]):
+                        self.accelerator.backward(loss_spatial)
             with _frozen(tap.adapter_parameters(unet, spatial_name)):
                 pred = unet(noisy, timesteps, encoder_hidden_states=prompt).sample.float()
-            target = noise.float()
-            loss_plain = F.mse_loss(pred, target)
-            alpha, beta = train.debias_alpha, train.debias_beta
-            loss_debias = F.mse_loss(
-                alpha * pred - beta * pred[:, :, anchor : anchor + 1],
-                alpha * target - beta * target[:, :, anchor : anchor + 1],
-            )
-            loss_temporal = loss_plain + loss_debias
-            total = total + loss_temporal
-        losses["loss_temporal"] = float(loss_temporal.detach())
-        losses["loss"] = float(total.detach())
-        if not math.isfinite(losses["loss"]):
-            return losses
-
-        self.accelerator.backward(total)
+                target = noise.float()
+                loss_plain = F.mse_loss(pred, target)
+                alpha, beta = train.debias_alpha, train.debias_beta
+                loss_debias = F.mse_loss(
+                    alpha * pred - beta * pred[:, :, anchor : anchor + 1],
+                    alpha * target - beta * target[:, :, anchor : anchor + 1],
+                )
+                loss_temporal = loss_plain + loss_debias
+                losses["loss_temporal"] = float(loss_temporal.detach())
+                losses["loss"] = losses["loss_temporal"] + losses.get("loss_spatial", 0.0)
+                if not math.isfinite(losses["loss"]):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    return losses
+                self.accelerator.backward(loss_temporal)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if self.accelerator.num_processes > 1:
             self._average_gradients(params)

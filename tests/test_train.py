@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from motionsep.config import load_settings
@@ -275,3 +276,26 @@ def test_a_diverging_loss_stops_with_the_step_and_keeps_the_checkpoint(
     checkpoint = latest_checkpoint(partial_dir(store, "nan"))
     assert checkpoint is not None, "the last good checkpoint is kept"
     assert f"step {checkpoint[0]}" in message
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(
+    clips_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    adapters = []
+    for flag in ("false", "true"):
+        settings = load_settings(
+            preset="tiny",
+            set_options=[
+                f"model.name={tiny_model_dir}",
+                "train.steps=3",
+                "lora.dropout=0.1",
+                f"train.gradient_checkpointing={flag}",
+            ],
+        )
+        store = Store(tmp_path / flag)
+        result = train_motion([clips_dir / "dolly.mp4"], "ckpt", settings, store)
+        adapters.append(load_file(result.package / "adapter.safetensors"))
+    plain, checkpointed = adapters
+    assert plain.keys() == checkpointed.keys()
+    for key in plain:
+        assert torch.allclose(plain[key], checkpointed[key], atol=1e-6), key
