@@ -155,7 +155,7 @@ def collect_clips(inputs: Iterable[Path], default_prompt: str | None = None) -> 
         ClipInputError: listing every missing path, clip without prompt, bad
             manifest row and duplicate clip name.
     """
-    from motionsep.video import VIDEO_SUFFIXES
+    from motionsep.video import find_videos
 
     specs: list[ClipSpec] = []
     problems: list[str] = []
@@ -164,11 +164,11 @@ def collect_clips(inputs: Iterable[Path], default_prompt: str | None = None) -> 
         if not path.exists():
             problems.append(f"{path}: no such file or folder")
         elif path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
-            if not found:
-                problems.append(
-                    f"{path}: folder holds no videos ({', '.join(sorted(VIDEO_SUFFIXES))})"
-                )
+            try:
+                found = find_videos([path])
+            except MotionsepError as exc:  # a folder without videos
+                problems.append(exc.message)
+                continue
             specs.extend(ClipSpec(p, p.stem, None, "") for p in found)
         elif path.suffix.lower() in MANIFEST_SUFFIXES:
             found_specs, manifest_problems = _read_manifest(path)
