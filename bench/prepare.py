@@ -73,7 +73,9 @@ def main() -> None:
     rows.append(("prepare, cold (tiny VAE)", min(cold), total_frames))
     rows.append(("prepare, cache hit", min(warm), total_frames))
 
-    print(f"{len(clips)} clips x {args.frames} frames, {args.size}x{args.size}, best of {args.repeat}")
+    print(
+        f"{len(clips)} clips x {args.frames} frames, {args.size}x{args.size}, best of {args.repeat}"
+    )
     print(f"{'what':<28} {'seconds':>9} {'frames/s':>10}")
     for label, seconds, frames in rows:
         print(f"{label:<28} {seconds:>9.3f} {frames / seconds:>10.1f}")
