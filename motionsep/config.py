@@ -243,6 +243,24 @@ class EvalSettings(_Section):
         16, ge=2, description="Point-track grid size per side (motion fidelity)."
     )
     batch_size: int = Field(16, ge=1, description="Frames per CLIP call.")
+    track_size: int = Field(
+        256,
+        ge=32,
+        description="Frames are resized to this square size before point tracking, so "
+        "displacements of videos of any size are comparable.",
+    )
+    stationary_px: float = Field(
+        0.1,
+        gt=0,
+        description="A track step shorter than this (pixels at track_size) counts as "
+        "stationary in motion fidelity.",
+    )
+    ablation_pli: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="PLI fraction of the TAP + AH + PLI row of `evaluate --ablation`.",
+    )
 
 
 def default_home() -> Path:

@@ -1,28 +1,270 @@
-"""``motionsep evaluate``: text alignment, motion fidelity, appearance leakage."""
+"""``motionsep evaluate``: text alignment, temporal consistency, motion fidelity, leakage."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from motionsep_cli._options import JsonOption, not_done
+from motionsep_cli._console import RichProgress, emit, err_console
+from motionsep_cli._options import ConfigOption, JsonOption, PresetOption, SetOption
 
-HELP = """Score generated videos: CLIP text alignment, temporal consistency,
+if TYPE_CHECKING:
+    from motionsep.evaluate import EvaluationReport
+
+HELP = """Score generated videos: CLIP text alignment (CLIP-T), temporal consistency,
 motion fidelity against reference clips, and appearance leakage.
 
-Example:
+VIDEOS are mp4/gif files, folders of PNG frames (generate --format png), or
+folders of those. Each video's prompt comes from the JSON sidecar generate
+wrote beside it unless --prompt is given. Videos are grouped by motion,
+recipe, highway, PLI and seed set (from the sidecars); the table (stderr)
+shows every video and each group's mean ± std. stdout gets one line per group,
+or the whole report as JSON with --json. Needs a CLIP model in the store:
+`motionsep download clip` (or --clip-model PATH).
+
+With --ablation, generates the paper's ablation for --motion over the prompts
+of --prompts-file and --seeds seeds (base model, MotionDirector when a motion
+NAME-motiondirector or another motiondirector motion of the same clips is
+installed, TAP, TAP + AH, TAP + AH + PLI) into --out, then evaluates it into
+one table. Videos generated before with identical settings are reused.
+
+Examples:
 
   motionsep evaluate outputs/ --reference clips/ --json
+
+  motionsep evaluate outputs/ --reference clips/dolly.mp4 --csv scores.csv --plot scores.png
+
+  motionsep evaluate --ablation --motion dolly --prompts-file prompts.txt --seeds 4 \
+      --reference clips/dolly.mp4
 """
+
+_ABLATION = "Ablation"
+# Fidelity lies in [-1, 1]; the CLIP scores are x100.
+_DIGITS = {"motion_fidelity": 3}
+_OUTPUT = "Output"
 
 
 def evaluate(
-    videos: Annotated[list[Path], typer.Argument(help="Videos or folders of videos.")],
+    videos: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Videos, PNG-frame folders, or folders of them.", show_default=False),
+    ] = None,
     reference: Annotated[
-        list[Path] | None, typer.Option("--reference", help="Reference clips or folders.")
+        list[Path] | None,
+        typer.Option(
+            "--reference",
+            "-r",
+            help="Reference clips or folders (repeatable): motion fidelity and leakage.",
+        ),
+    ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option("--prompt", help="Prompt of every video (default: each video's sidecar)."),
+    ] = None,
+    clip_model: Annotated[
+        str | None,
+        typer.Option("--clip-model", help="CLIP model: store name (clip), hub id, or folder."),
     ] = None,
     as_json: JsonOption = False,
+    csv_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--csv", help="Write every video and group row to this CSV.", rich_help_panel=_OUTPUT
+        ),
+    ] = None,
+    plot_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot", help="Write a bar chart of the groups (PNG).", rich_help_panel=_OUTPUT
+        ),
+    ] = None,
+    ablation: Annotated[
+        bool,
+        typer.Option(
+            "--ablation",
+            help="Generate and evaluate the paper's ablation.",
+            rich_help_panel=_ABLATION,
+        ),
+    ] = False,
+    motion: Annotated[
+        str | None,
+        typer.Option(
+            "--motion",
+            help="The motion of the ablation (name or folder).",
+            rich_help_panel=_ABLATION,
+        ),
+    ] = None,
+    prompts_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts-file",
+            help="Prompts of the ablation, one per line.",
+            rich_help_panel=_ABLATION,
+        ),
+    ] = None,
+    seeds: Annotated[
+        int,
+        typer.Option("--seeds", help="Seeds per prompt and row.", min=1, rich_help_panel=_ABLATION),
+    ] = 1,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder of the ablation's videos (default outputs/ablation-MOTION).",
+            rich_help_panel=_ABLATION,
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size", help="Videos denoised together.", min=1, rich_help_panel=_ABLATION
+        ),
+    ] = 4,
+    preset: PresetOption = None,
+    config: ConfigOption = None,
+    set_options: SetOption = None,
 ) -> None:
-    not_done("evaluate", 7, "evaluate")
+    from motionsep.config import load_settings
+    from motionsep.errors import UsageError
+
+    overrides: dict[str, Any] = {"eval": {"clip_model": clip_model}}
+    if ablation:
+        if videos:
+            raise UsageError(
+                "--ablation generates its own videos; do not pass VIDEOS with it",
+                "drop the video arguments, or drop --ablation to score them",
+            )
+        if motion is None or prompts_file is None:
+            raise UsageError(
+                "--ablation needs --motion NAME and --prompts-file FILE",
+                "e.g. motionsep evaluate --ablation --motion dolly --prompts-file prompts.txt",
+            )
+        report = _ablation(
+            motion,
+            prompts_file,
+            seeds,
+            out,
+            reference,
+            batch_size,
+            overrides,
+            preset,
+            config,
+            set_options,
+            as_json,
+        )
+    else:
+        if not videos:
+            raise UsageError(
+                "no videos given", "pass videos or folders, e.g. motionsep evaluate outputs/"
+            )
+        from motionsep.evaluate import evaluate_videos
+
+        settings = load_settings(
+            preset=preset, config_file=config, overrides=overrides, set_options=set_options
+        )
+        with RichProgress() as progress:
+            report = evaluate_videos(
+                videos, settings, references=reference, prompt=prompt, progress=progress
+            )
+        if as_json:
+            emit(report.to_dict(), True)
+    _show(report, title="ablation" if ablation else "evaluation")
+    if csv_file is not None:
+        err_console.print(f"wrote {report.write_csv(csv_file)}")
+    if plot_file is not None:
+        err_console.print(f"wrote {report.plot(plot_file)}")
+    if not as_json:
+        emit(None, False, lines=_summary_lines(report))
+
+
+def _ablation(
+    motion: str,
+    prompts_file: Path,
+    seeds: int,
+    out: Path | None,
+    reference: list[Path] | None,
+    batch_size: int,
+    overrides: dict[str, Any],
+    preset: str | None,
+    config: Path | None,
+    set_options: list[str] | None,
+    as_json: bool,
+) -> EvaluationReport:
+    from motionsep.config import load_settings
+    from motionsep.evaluate import run_ablation
+    from motionsep.model.motion import load_motion, resolve_motion
+    from motionsep.sample import generation_settings, read_prompts_file
+    from motionsep.store import Store
+
+    store = Store(
+        load_settings(
+            preset=preset, config_file=config, overrides=overrides, set_options=set_options
+        ).store.home
+    )
+    package = load_motion(resolve_motion(store, motion))
+    settings = generation_settings(
+        package, preset=preset, config_file=config, set_options=set_options, overrides=overrides
+    )
+    prompts = read_prompts_file(prompts_file)
+    target = out if out is not None else Path("outputs") / f"ablation-{package.name}"
+    err_console.print(
+        f"ablation of motion {package.name} ({package.metadata.recipe.value}): "
+        f"{len(prompts)} prompt(s) x {seeds} seed(s) into {target}"
+    )
+    with RichProgress() as progress:
+        result = run_ablation(
+            package,
+            prompts,
+            settings,
+            out=target,
+            seeds=seeds,
+            references=reference,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    err_console.print(f"generated {result.generated} video(s), reused {result.reused}")
+    if as_json:
+        emit(result.to_dict(), True)
+    return result.report
+
+
+def _show(report: EvaluationReport, title: str) -> None:
+    from rich.table import Table
+
+    from motionsep.evaluate import METRIC_TITLES, METRICS, format_value
+
+    table = Table(title=title, show_lines=False)
+    table.add_column("video / group")
+    table.add_column("n", justify="right")
+    for name in METRICS:
+        table.add_column(METRIC_TITLES[name], justify="right")
+    for video in report.videos:
+        table.add_row(
+            f"{video.path.name}  [dim]{video.group.label}[/]",
+            "",
+            *(format_value(video.metric(n), digits=_DIGITS.get(n, 2)) for n in METRICS),
+        )
+    table.add_section()
+    for group in report.groups:
+        table.add_row(
+            f"[bold]{group.key.label}[/]",
+            str(group.count),
+            *(format_value(group.mean[n], group.std[n], digits=_DIGITS.get(n, 2)) for n in METRICS),
+        )
+    err_console.print(table)
+
+
+def _summary_lines(report: EvaluationReport) -> list[str]:
+    from motionsep.evaluate import METRICS, format_value
+
+    lines = []
+    for group in report.groups:
+        values = "  ".join(
+            f"{name}={format_value(group.mean[name], group.std[name], _DIGITS.get(name, 2))}"
+            for name in METRICS
+        )
+        lines.append(f"{group.key.label}\tn={group.count}\t{values}")
+    return lines

@@ -43,7 +43,6 @@ def test_version() -> None:
 @pytest.mark.parametrize(
     ("args", "issue"),
     [
-        (["evaluate", "outputs/"], 7),
         (["inspect-attention", "--motion", "dolly", "a wolf"], 8),
     ],
 )

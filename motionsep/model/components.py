@@ -342,3 +342,66 @@ def encode_prompts(components: Components, prompts: list[str]) -> torch.Tensor:
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (optionally only those that require grad)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+TINY_CLIP_IMAGE_SIZE = 32
+
+# A CLIP with the architecture of openai/clip-vit-base-patch32 in miniature:
+# the same text and vision towers and projections, tiny widths, 32x32 images
+# in 8x8 patches.
+TINY_CLIP_VISION_CONFIG: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": TINY_CLIP_IMAGE_SIZE,
+    "patch_size": 8,
+}
+
+
+def build_tiny_clip(folder: Path, seed: int = TINY_SEED) -> Path:
+    """Builds a tiny random CLIP (model, tokenizer, image processor) and saves it to ``folder``.
+
+    The folder has the layout of a CLIP downloaded with ``motionsep download
+    clip`` (``config.json``, ``model.safetensors``, tokenizer files and
+    ``preprocessor_config.json``), so evaluation loads it through the same
+    code path as the real model. Building twice with the same seed gives
+    bit-identical weights.
+
+    Args:
+        folder: Where to write it (created if missing).
+        seed: Seed of the random weights.
+
+    Returns:
+        ``folder``.
+    """
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    vocab, merges = _tiny_vocab()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    text_config = {
+        **TINY_TEXT_CONFIG,
+        "vocab_size": len(vocab),
+        "bos_token_id": vocab["<|startoftext|>"],
+        "eos_token_id": vocab["<|endoftext|>"],
+        "pad_token_id": vocab["<|endoftext|>"],
+    }
+    config = CLIPConfig(
+        text_config=text_config,
+        vision_config=TINY_CLIP_VISION_CONFIG,
+        projection_dim=TINY_TEXT_CONFIG["projection_dim"],
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": TINY_CLIP_IMAGE_SIZE},
+        crop_size={"height": TINY_CLIP_IMAGE_SIZE, "width": TINY_CLIP_IMAGE_SIZE},
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+    return folder
