@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from motionsep.errors import MotionsepError
@@ -28,9 +29,10 @@ def debug_enabled() -> bool:
 def report(exc: BaseException) -> int:
     """Prints a clear message for ``exc`` on stderr and returns the exit code."""
     if isinstance(exc, MotionsepError):
-        err_console.print(f"[bold red]error:[/] {exc.message}", markup=True, soft_wrap=True)
+        # Messages are plain text: "[up0, down0, ...]" must not be read as rich markup.
+        err_console.print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=True)
         if exc.hint:
-            err_console.print(f"[yellow]hint:[/] {exc.hint}", markup=True, soft_wrap=True)
+            err_console.print(f"[yellow]hint:[/] {escape(exc.hint)}", soft_wrap=True)
         return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         err_console.print("interrupted")

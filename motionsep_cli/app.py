@@ -13,6 +13,7 @@ from motionsep_cli import (
     evaluate,
     generate,
     inspect_attention,
+    motions,
     prepare,
     train,
 )
@@ -42,6 +43,7 @@ for module, name in (
 ):
     function = getattr(module, module.__name__.rsplit(".", 1)[-1])
     app.command(name=name, help=module.HELP)(function)
+app.add_typer(motions.app, name="motions", help=motions.HELP)
 
 
 def _version(value: bool) -> None:
