@@ -43,7 +43,6 @@ def test_version() -> None:
 @pytest.mark.parametrize(
     ("args", "issue"),
     [
-        (["inspect-attention", "--motion", "dolly", "a wolf"], 8),
     ],
 )
 def test_unfinished_subcommands_say_so_and_exit_2(
