@@ -362,7 +362,7 @@ def test_cli_writes_pngs_of_the_expected_size_and_a_summary(
     assert "matches none" in bad.stderr
 
 
-def test_paths_go_to_stdout(
+def test_save_inspection_writes_the_five_files(
     packages: dict[str, motion.MotionPackage], components: Components, tmp_path: Path
 ) -> None:
     inspection = _inspect(packages["zero"], components, layers="transformer_in.*", steps="0")
