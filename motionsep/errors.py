@@ -65,10 +65,6 @@ class StoreLockedError(MotionsepError):
     """Another process holds the lock on a store entry."""
 
 
-class NotImplementedYetError(UsageError):
-    """A subcommand whose issue is still open. Never pretends to work."""
-
-
 class HubRepoNotFoundError(UsageError):
     """A hub repository or revision does not exist (or is private and no token was sent)."""
 

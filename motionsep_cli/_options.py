@@ -58,13 +58,3 @@ def settings_from_cli(
     return load_settings(
         preset=preset, config_file=config, overrides=overrides, set_options=set_options
     )
-
-
-def not_done(command: str, issue: int, what: str) -> None:
-    """Refuses to run a subcommand whose issue is still open (exit 2)."""
-    from motionsep.errors import NotImplementedYetError
-
-    raise NotImplementedYetError(
-        f"`motionsep {command}` is not implemented yet (issue #{issue}: {what})",
-        "nothing was done; follow CHANGELOG.md for when it lands",
-    )

@@ -40,22 +40,6 @@ def test_version() -> None:
     assert result.stdout.strip() == f"motionsep {__version__}"
 
 
-@pytest.mark.parametrize(
-    ("args", "issue"),
-    [
-    ],
-)
-def test_unfinished_subcommands_say_so_and_exit_2(
-    args: list[str], issue: int, store_home: Path
-) -> None:
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2
-    assert "not implemented yet" in result.stderr
-    assert f"#{issue}" in result.stderr
-    assert result.stdout == ""
-    assert not store_home.exists() or not any(store_home.rglob("*"))
-
-
 def test_bad_settings_list_every_field_and_exit_2() -> None:
     result = runner.invoke(app, ["config", "--set", "train.steps=0", "--set", "sample.guidance=-1"])
     assert result.exit_code == 2
