@@ -62,55 +62,15 @@ PNG_FRAME_GLOB = "*.png"
 # finding and reading videos
 
 
-def is_png_video(path: Path) -> bool:
-    """Whether ``path`` is a folder of PNG frames (``generate --format png``)."""
-    return path.is_dir() and any(path.glob(PNG_FRAME_GLOB))
-
-
 def find_eval_videos(paths: Iterable[str | Path]) -> list[Path]:
     """Expands files and folders into videos: video files and PNG-frame folders.
-
-    A folder holding PNG files is one video; any other folder contributes
-    its video files (:data:`motionsep.video.VIDEO_SUFFIXES`) and the PNG-frame
-    folders directly inside it, in sorted order.
 
     Raises:
         VideoError: for a missing path or a folder without videos.
     """
-    from motionsep.video import VIDEO_SUFFIXES
+    from motionsep.video import find_videos
 
-    found: list[Path] = []
-    seen: set[Path] = set()
-    for raw in paths:
-        path = Path(raw).expanduser()
-        if not path.exists():
-            raise VideoError(
-                f"no such file or folder: {path}",
-                "check the path and the working directory",
-                path=str(path),
-            )
-        if is_png_video(path) or path.is_file():
-            candidates = [path]
-        else:
-            candidates = sorted(
-                p
-                for p in path.iterdir()
-                if not p.name.startswith(".")
-                and ((p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES) or is_png_video(p))
-            )
-            if not candidates:
-                raise VideoError(
-                    f"{path} holds no videos ({', '.join(sorted(VIDEO_SUFFIXES))} files "
-                    "or folders of PNG frames)",
-                    "check the folder",
-                    path=str(path),
-                )
-        for candidate in candidates:
-            key = candidate.resolve()
-            if key not in seen:
-                seen.add(key)
-                found.append(candidate)
-    return found
+    return find_videos(paths, frame_folders=True)
 
 
 def check_video(path: Path) -> None:
@@ -119,10 +79,10 @@ def check_video(path: Path) -> None:
     Raises:
         VideoError: naming the file.
     """
-    from motionsep.video import probe
+    from motionsep.video import is_frame_folder, probe
 
     if path.is_dir():
-        if not is_png_video(path):
+        if not is_frame_folder(path):
             raise VideoError(
                 f"{path} is a folder without PNG frames, not a video",
                 "pass video files, folders of videos, or folders of PNG frames",

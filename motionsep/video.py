@@ -951,8 +951,17 @@ def _write_png(array: np.ndarray, folder: Path) -> None:
 # finding clips
 
 
-def find_videos(paths: str | Path | Iterable[str | Path], recursive: bool = False) -> list[Path]:
-    """Expands files and folders into a list of video files.
+def is_frame_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder of PNG frames (what ``format="png"`` writes)."""
+    return path.is_dir() and any(path.glob("*.png"))
+
+
+def find_videos(
+    paths: str | Path | Iterable[str | Path],
+    recursive: bool = False,
+    frame_folders: bool = False,
+) -> list[Path]:
+    """Expands files and folders into a list of videos.
 
     Files are kept whatever their extension (probing tells later whether they
     are videos); folders contribute their files ending in
@@ -962,9 +971,11 @@ def find_videos(paths: str | Path | Iterable[str | Path], recursive: bool = Fals
     Args:
         paths: Files and folders.
         recursive: Also search the folders' subfolders.
+        frame_folders: A folder of PNG frames counts as one video, given
+            directly or found inside a folder (``evaluate`` reads those).
 
     Returns:
-        The video files.
+        The videos.
 
     Raises:
         VideoError: for a path that does not exist or a folder without videos.
@@ -981,26 +992,29 @@ def find_videos(paths: str | Path | Iterable[str | Path], recursive: bool = Fals
                 "check the path and the working directory",
                 path=str(path),
             )
-        if path.is_dir():
+        if path.is_file() or (frame_folders and is_frame_folder(path)):
+            candidates = [path]
+        else:
             pattern = "**/*" if recursive else "*"
-            inside = sorted(
+            candidates = sorted(
                 p
                 for p in path.glob(pattern)
-                if p.is_file()
-                and p.suffix.lower() in VIDEO_SUFFIXES
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                if not any(part.startswith(".") for part in p.relative_to(path).parts)
+                and (
+                    (p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+                    or (frame_folders and is_frame_folder(p))
+                )
             )
-            if not inside:
+            if not candidates:
+                kinds = ", ".join(sorted(VIDEO_SUFFIXES))
                 raise VideoError(
-                    f"{path} holds no videos ({', '.join(sorted(VIDEO_SUFFIXES))})",
+                    f"{path} holds no videos ({kinds}"
+                    + (" files or folders of PNG frames)" if frame_folders else ")"),
                     "check the folder, or pass recursive=True for subfolders"
                     if not recursive
                     else "check the folder",
                     path=str(path),
                 )
-            candidates = inside
-        else:
-            candidates = [path]
         for candidate in candidates:
             key = candidate.resolve()
             if key not in seen:
