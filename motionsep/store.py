@@ -222,6 +222,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+_UNREADABLE_LOCK_GRACE_S = 30.0
+
+
+def _age_seconds(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -254,8 +264,18 @@ def lock(path: Path, what: str) -> Iterator[None]:
                 holder = json.loads(path.read_text() or "{}")
             except (OSError, json.JSONDecodeError):
                 holder = {}
+            if "pid" not in holder:
+                # Unreadable: a holder between creating and writing it, or one
+                # that crashed right there. Only the latter grows old.
+                if _age_seconds(path) > _UNREADABLE_LOCK_GRACE_S:
+                    path.unlink(missing_ok=True)
+                    continue
+                raise StoreLockedError(
+                    f"{what} is locked by {path}, which is being written or is damaged",
+                    f"try again in a minute; if no other run is going, delete {path}",
+                ) from None
             same_host = holder.get("host") == me["host"]
-            if same_host and not _pid_alive(int(holder.get("pid", -1))):
+            if same_host and not _pid_alive(int(holder["pid"])):
                 path.unlink(missing_ok=True)  # left behind by a crashed run
                 continue
             raise StoreLockedError(

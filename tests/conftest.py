@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("MOTIONSEP_DEBUG", None)
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,19 @@ def _isolated_env(
         if name.startswith("MOTIONSEP_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny-model ops are too small for intra-op threads: on a shared 2-core box
+    oversubscribed threads make a forward pass up to 10x slower, and one thread
+    keeps CPU results reproducible."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

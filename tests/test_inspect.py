@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import multiprocessing
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,15 +53,6 @@ PROMPT = "a wolf on a snowy mountain"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny-model ops are too small for intra-op threads, and one thread is deterministic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _trained_settings(model_dir: Path) -> dict[str, Any]:

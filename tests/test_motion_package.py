@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,15 +21,6 @@ from motionsep.model.components import TINY_UNET_CONFIG, load_unet, unet_config_
 from motionsep.store import Store
 
 RANK = 4
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny-model ops are too small for intra-op threads (see test_tap.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def unet_inputs() -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,14 @@ def test_a_folder_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
 def test_unsafe_names_are_refused(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="invalid model name"):
         Store(tmp_path).model_path("../escape")
+
+
+def test_an_empty_lock_file_blocks_briefly_then_is_taken_over(tmp_path: Path) -> None:
+    path = tmp_path / "dolly.lock"
+    path.write_text("")  # a run that crashed between creating and writing its lock
+    with pytest.raises(StoreLockedError, match="being written or is damaged"), lock(path, "x"):
+        pass
+    old = time.time() - 120
+    os.utime(path, (old, old))
+    with lock(path, "training"):
+        assert json.loads(path.read_text())["pid"] == os.getpid()

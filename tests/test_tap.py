@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -23,16 +22,6 @@ DESIGN_TABLE: dict[Recipe, tuple[tuple[str, ...], bool]] = {
     Recipe.REFERENCE: (("to_k", "to_out.0"), False),
     Recipe.MOTIONDIRECTOR: (("to_q", "to_k", "to_v", "to_out.0"), True),
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny-model ops are too small for intra-op threads; on a shared 2-core box
-    oversubscribed threads make each forward pass ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def expected_motion_modules(unet: nn.Module, recipe: Recipe) -> set[str]:
