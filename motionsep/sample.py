@@ -126,6 +126,49 @@ def generation_settings(
     )
 
 
+def load_motion_and_settings(
+    motion: str | None,
+    *,
+    preset: str | None = None,
+    config_file: Path | str | None = None,
+    set_options: list[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[MotionPackage | None, Settings]:
+    """Finds a motion in the store and builds the settings of using it.
+
+    The store that holds the motion may itself be set by the preset, config
+    file, environment or ``--set``, so those layers are read once without the
+    motion to find it, then :func:`generation_settings` builds the real tree.
+
+    Args:
+        motion: A motion name or package path; None (or ``"none"``) for the
+            base model alone.
+        preset, config_file, set_options, overrides: As :func:`generation_settings`.
+
+    Raises:
+        MotionNotFoundError: listing the installed motions.
+        PackageError: for a damaged package.
+        SettingsError: listing every invalid field.
+    """
+    from motionsep.model.motion import load_motion, resolve_motion
+    from motionsep.store import Store
+
+    package = None
+    if motion is not None and motion.lower() != "none":
+        located = load_settings(
+            preset=preset, config_file=config_file, overrides=overrides, set_options=set_options
+        )
+        package = load_motion(resolve_motion(Store(located.store.home), motion))
+    settings = generation_settings(
+        package,
+        preset=preset,
+        config_file=config_file,
+        set_options=set_options,
+        overrides=overrides,
+    )
+    return package, settings
+
+
 def _pop_path(tree: dict[str, Any], path: tuple[str, ...]) -> None:
     node: Any = tree
     for key in path[:-1]:

@@ -193,21 +193,15 @@ def _ablation(
     set_options: list[str] | None,
     as_json: bool,
 ) -> EvaluationReport:
-    from motionsep.config import load_settings
+    from motionsep.errors import UsageError
     from motionsep.evaluate import run_ablation
-    from motionsep.model.motion import load_motion, resolve_motion
-    from motionsep.sample import generation_settings, read_prompts_file
-    from motionsep.store import Store
+    from motionsep.sample import load_motion_and_settings, read_prompts_file
 
-    store = Store(
-        load_settings(
-            preset=preset, config_file=config, overrides=overrides, set_options=set_options
-        ).store.home
+    package, settings = load_motion_and_settings(
+        motion, preset=preset, config_file=config, set_options=set_options, overrides=overrides
     )
-    package = load_motion(resolve_motion(store, motion))
-    settings = generation_settings(
-        package, preset=preset, config_file=config, set_options=set_options, overrides=overrides
-    )
+    if package is None:
+        raise UsageError("--ablation needs a learned motion", "pass --motion NAME")
     prompts = read_prompts_file(prompts_file)
     target = out if out is not None else Path("outputs") / f"ablation-{package.name}"
     err_console.print(

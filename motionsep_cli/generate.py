@@ -178,18 +178,15 @@ def generate(
     config: ConfigOption = None,
     set_options: SetOption = None,
 ) -> None:
-    from motionsep.config import load_settings
     from motionsep.errors import UsageError
-    from motionsep.model.motion import load_motion, resolve_motion
     from motionsep.sample import (
         generate_videos,
-        generation_settings,
+        load_motion_and_settings,
         output_targets,
         read_prompts_file,
         resolve_model,
         save_videos,
     )
-    from motionsep.store import Store
 
     width, height = _parse_size(size)
     if video_format is None and out is not None and out.suffix.lower() in {".mp4", ".gif"}:
@@ -214,17 +211,8 @@ def generate(
             "fps": fps,
         },
     }
-    # The store holding the motion may itself be set by a preset, config or --set.
-    store = Store(
-        load_settings(
-            preset=preset, config_file=config, overrides=overrides, set_options=set_options
-        ).store.home
-    )
-    package = None
-    if motion.lower() != "none":
-        package = load_motion(resolve_motion(store, motion))
-    settings = generation_settings(
-        package, preset=preset, config_file=config, set_options=set_options, overrides=overrides
+    package, settings = load_motion_and_settings(
+        motion, preset=preset, config_file=config, set_options=set_options, overrides=overrides
     )
     sample = settings.sample
 

@@ -82,24 +82,20 @@ def inspect_attention(
     config: ConfigOption = None,
     set_options: SetOption = None,
 ) -> None:
-    from motionsep.config import load_settings
+    from motionsep.errors import UsageError
     from motionsep.inspect import inspect_attention as run_inspection
     from motionsep.inspect import save_inspection
-    from motionsep.model.motion import load_motion, resolve_motion
-    from motionsep.sample import generation_settings, resolve_model, slugify
-    from motionsep.store import Store
+    from motionsep.sample import load_motion_and_settings, resolve_model, slugify
 
     overrides: dict[str, Any] = {"model": {"name": model}, "sample": {"seed": seed}}
-    # The store holding the motion may itself be set by a preset, config or --set.
-    store = Store(
-        load_settings(
-            preset=preset, config_file=config, overrides=overrides, set_options=set_options
-        ).store.home
+    package, settings = load_motion_and_settings(
+        motion, preset=preset, config_file=config, set_options=set_options, overrides=overrides
     )
-    package = load_motion(resolve_motion(store, motion))
-    settings = generation_settings(
-        package, preset=preset, config_file=config, set_options=set_options, overrides=overrides
-    )
+    if package is None:
+        raise UsageError(
+            "inspect-attention compares a motion with the base model: it needs a motion",
+            "pass --motion NAME (see `motionsep motions list`)",
+        )
     sample = settings.sample
     target = (
         out
