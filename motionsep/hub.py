@@ -32,6 +32,7 @@ from motionsep.errors import (
     HubRepoNotFoundError,
     HubUnreachableError,
     ModelFormatError,
+    ModelNotFoundError,
     MotionsepError,
     UsageError,
 )
@@ -84,6 +85,12 @@ KNOWN_MODELS: dict[str, KnownModel] = {
     ),
     "clip": KnownModel(
         "clip", "openai/clip-vit-base-patch32", "CLIP ViT-B/32 for evaluate", KIND_CLIP
+    ),
+    "toy": KnownModel(
+        "toy",
+        None,
+        "pretrained toy-world model shipped with motionsep (no download; see `motionsep toy`)",
+        KIND_BUILTIN,
     ),
     "tiny": KnownModel(
         "tiny",
@@ -662,6 +669,8 @@ def download(
         ModelFormatError: the repository is not a model motionsep can use.
         StoreLockedError: another download of this model is running.
     """
+    if name == "toy":
+        return _builtin_toy(store, progress)
     if name == "tiny":
         if revision or variant:
             raise UsageError("the built-in tiny model has no revisions or variants")
@@ -699,6 +708,30 @@ def download(
             if not isinstance(translated, (HubUnreachableError, DiskFullError)):
                 shutil.rmtree(staging, ignore_errors=True)
             raise translated from exc
+
+
+def _builtin_toy(store: Store, progress: Progress | None) -> ModelRecord:
+    """``download toy``: nothing to fetch; the record of the shipped (or store) toy model."""
+    from motionsep.store import builtin_model_path, folder_size
+
+    existing = store.model_record("toy")
+    if existing is not None:
+        return existing
+    path = builtin_model_path("toy")
+    if path is None:
+        raise ModelNotFoundError(
+            "this install of motionsep does not ship the toy model",
+            "pretrain it with `motionsep toy pretrain` (it installs as `toy` in the store)",
+        )
+    or_null(progress).log(f"toy ships with motionsep ({path}); nothing to download")
+    return ModelRecord(
+        name="toy",
+        path=path,
+        source="built-in",
+        revision=None,
+        size_bytes=folder_size(path),
+        created="",
+    )
 
 
 def _download_locked(
@@ -896,17 +929,23 @@ def list_models(store: Store) -> list[dict[str, object]]:
     """Known and installed models, for ``download --list``."""
     installed = {record.name: record for record in store.installed_models()}
     rows: list[dict[str, object]] = []
+    from motionsep.store import builtin_model_path, folder_size
+
     for known in KNOWN_MODELS.values():
         record = installed.pop(known.name, None)
+        builtin = builtin_model_path(known.name) if record is None else None
+        path = record.path if record else builtin
         rows.append(
             {
                 "name": known.name,
                 "repo_id": known.repo_id,
                 "description": known.description,
-                "installed": record is not None,
-                "size_bytes": record.size_bytes if record else None,
+                "installed": path is not None,
+                "size_bytes": record.size_bytes
+                if record
+                else (folder_size(builtin) if builtin else None),
                 "revision": record.revision if record else None,
-                "path": str(record.path) if record else None,
+                "path": str(path) if path else None,
             }
         )
     for record in installed.values():

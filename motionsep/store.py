@@ -54,6 +54,19 @@ class ModelRecord:
         }
 
 
+def builtin_model_path(name: str) -> Path | None:
+    """The folder of a model shipped inside the package (``toy``), or None.
+
+    A model of the same name installed in the store takes precedence.
+    """
+    if name != "toy":
+        return None
+    from motionsep.toy.model import builtin_path
+
+    path = builtin_path()
+    return path if (path / "model_index.json").is_file() else None
+
+
 def folder_size(path: Path) -> int:
     """Total bytes of the files under ``path``."""
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -153,6 +166,9 @@ class Store:
         record = self.model_record(name_or_path)
         if record is not None:
             return record.path
+        builtin = builtin_model_path(name_or_path)
+        if builtin is not None:
+            return builtin
         installed = [r.name for r in self.installed_models()]
         hint = f"install it with `motionsep download {name_or_path}`"
         if installed:

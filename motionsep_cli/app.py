@@ -9,12 +9,14 @@ import typer
 from motionsep import __version__
 from motionsep_cli import (
     config,
+    demo,
     download,
     evaluate,
     generate,
     inspect_attention,
     motions,
     prepare,
+    toy,
     train,
 )
 from motionsep_cli._errors import MotionsepGroup
@@ -25,7 +27,7 @@ app = typer.Typer(
     help="Learn a motion from a few clips; generate it with any appearance.\n\n"
     "Implements temporal attention purification and the appearance highway "
     "(arXiv 2501.16714). Results go to stdout, progress to stderr.\n\n"
-    "Quick start (CPU, no download):  motionsep download tiny",
+    "Quick start (CPU, no download):  motionsep demo",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -33,6 +35,7 @@ app = typer.Typer(
 )
 
 for module, name in (
+    (demo, "demo"),
     (download, "download"),
     (prepare, "prepare"),
     (train, "train"),
@@ -44,6 +47,7 @@ for module, name in (
     function = getattr(module, module.__name__.rsplit(".", 1)[-1])
     app.command(name=name, help=module.HELP)(function)
 app.add_typer(motions.app, name="motions", help=motions.HELP)
+app.add_typer(toy.app, name="toy", help=toy.HELP)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,642 @@
+"""Pretrain the toy base model on the toy world (``motionsep toy pretrain``).
+
+Two stages, both on clips generated on the fly from the seed:
+
+1. the VAE learns to reconstruct single frames;
+2. the 3D U-Net and the CLIP text encoder learn to denoise the frozen VAE's
+   latents of whole clips, captions dropped 10% of the time so that
+   classifier-free guidance works. An exponential moving average of their
+   weights is what gets exported.
+
+Every random draw of step ``n`` comes from generators seeded by ``(seed, n)``,
+so a run resumed from a checkpoint sees the same data and noise as one that
+never stopped. Checkpoints are safetensors plus JSON; the run folder records
+the settings and the command line, and the exported model folder carries
+them in ``toy.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from motionsep.errors import MotionsepError, UsageError
+from motionsep.progress import Progress, or_null
+from motionsep.store import atomic_folder, atomic_write_bytes
+from motionsep.toy import world
+from motionsep.train import TrainingInterruptedError, _InterruptFlag
+
+if TYPE_CHECKING:
+    import torch
+
+RECORD_FILE = "toy.json"
+STATE_FILE = "state.json"
+TENSORS_FILE = "state.safetensors"
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class PretrainConfig:
+    """Settings of a pretraining run (all recorded in the run and the model)."""
+
+    seed: int = 0
+    vae_steps: int = 800
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    steps: int = 3000
+    batch: int = 16
+    lr: float = 5e-4
+    warmup: int = 100
+    text_dropout: float = 0.1
+    object_weight: float = 3.0
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.995
+    checkpoint_every: int = 200
+    probe_every: int = 0
+    probe_count: int = 56
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("vae_steps", "steps"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
+        for name in ("vae_batch", "batch", "checkpoint_every", "probe_count"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("vae_lr", "lr"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be > 0 (got {getattr(self, name)})")
+        if not 0 <= self.text_dropout < 1:
+            problems.append(f"text_dropout must be in [0, 1) (got {self.text_dropout})")
+        if self.object_weight < 0:
+            problems.append(f"object_weight must be >= 0 (got {self.object_weight})")
+        if not self.min_snr_gamma > 0:
+            problems.append(f"min_snr_gamma must be > 0 (got {self.min_snr_gamma})")
+        if not 0 <= self.ema_decay < 1:
+            problems.append(f"ema_decay must be in [0, 1) (got {self.ema_decay})")
+        if problems:
+            raise UsageError("bad pretraining settings: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PretrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    @property
+    def total_steps(self) -> int:
+        return self.vae_steps + self.steps
+
+
+@dataclass
+class PretrainResult:
+    folder: Path
+    steps: int
+    seconds: float
+    probe: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "folder": str(self.folder),
+            "steps": self.steps,
+            "seconds": round(self.seconds, 1),
+            "probe": self.probe,
+        }
+
+
+# ---------------------------------------------------------------------------
+# data
+
+
+def clip_batch(seed: int, step: int, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Frames (B, F, H, W, 3) uint8, object masks (B, F, H, W) and captions of step ``step``."""
+    clips = list(world.batch(seed, step, size))
+    frames = np.stack([c.frames for c in clips])
+    masks = np.stack([c.masks for c in clips])
+    return frames, masks, [c.spec.prompt for c in clips]
+
+
+def to_pixels(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> float (..., 3, H, W) in [-1, 1]."""
+    import torch
+
+    tensor = torch.from_numpy(frames).float() / 127.5 - 1.0
+    return tensor.movedim(-1, -3)
+
+
+# ---------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class _Run:
+    config: PretrainConfig
+    parts: dict[str, Any]
+    ema: dict[str, torch.nn.Module]
+    vae_opt: torch.optim.Optimizer
+    opt: torch.optim.Optimizer
+    device: torch.device
+    prefetch: _Prefetcher | None = None
+
+    def clips(self, step: int, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """The clips of global step ``step`` (from the worker pool when there is one)."""
+        if self.prefetch is not None:
+            return self.prefetch.get(step, size)
+        return clip_batch(self.config.seed, step, size)
+
+    def batch_size(self, step: int) -> int:
+        return self.config.vae_batch // 2 if step < self.config.vae_steps else self.config.batch
+
+    def generator(self, step: int, stream: int) -> torch.Generator:
+        import torch
+
+        return torch.Generator().manual_seed(
+            int(np.random.default_rng([self.config.seed, step, stream]).integers(2**62))
+        )
+
+    def vae_step(self, step: int) -> dict[str, float]:
+        """One VAE step: two random frames of each clip, reconstruction + a small KL."""
+        import torch
+
+        vae = self.parts["vae"]
+        frames, _, _ = self.clips(step, self.config.vae_batch // 2)
+        rng = np.random.default_rng([self.config.seed, step, 1])
+        picks = rng.integers(0, frames.shape[1], size=(frames.shape[0], 2))
+        images = np.concatenate([frames[i, picks[i]] for i in range(frames.shape[0])])
+        x = to_pixels(images).to(self.device)
+        for group in self.vae_opt.param_groups:
+            group["lr"] = self.config.vae_lr * _warmup_cosine(step, self.config.vae_steps, 50)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(
+            posterior.mean.shape, generator=self.generator(step, 2)
+        ).to(self.device)
+        recon = vae.decode(z).sample
+        mse = torch.nn.functional.mse_loss(recon, x)
+        kl = posterior.kl().mean() / z[0].numel()
+        loss = mse + 1e-4 * kl
+        self.vae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        self.vae_opt.step()
+        psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-10))
+        return {"vae_loss": loss.item(), "psnr": psnr}
+
+    def unet_step(self, step: int) -> dict[str, float]:
+        """One denoising step on whole clips (step counts from the start of this stage)."""
+        import torch
+
+        cfg = self.config
+        unet, text_encoder = self.parts["unet"], self.parts["text_encoder"]
+        frames, masks, prompts = self.clips(cfg.vae_steps + step, cfg.batch)
+        rng = np.random.default_rng([cfg.seed, cfg.vae_steps + step, 3])
+        prompts = [p if rng.random() >= cfg.text_dropout else "" for p in prompts]
+        latents = self.encode(frames)
+        noise = torch.randn(latents.shape, generator=self.generator(cfg.vae_steps + step, 4))
+        timesteps = torch.randint(
+            0, 1000, (latents.shape[0],), generator=self.generator(cfg.vae_steps + step, 5)
+        )
+        noise, timesteps = noise.to(self.device), timesteps.to(self.device)
+        scheduler = self.parts["scheduler"]
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        ids = self.parts["tokenizer"](
+            prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+        for group in self.opt.param_groups:
+            group["lr"] = cfg.lr * _warmup_cosine(step, cfg.steps, cfg.warmup)
+        text = text_encoder(ids)[0]
+        prediction = unet(noisy, timesteps, encoder_hidden_states=text).sample
+        loss = self.weighted_loss(prediction, noise, masks, timesteps)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for group in self.opt.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        self.opt.step()
+        self.update_ema(step)
+        return {"loss": loss.item()}
+
+    def weighted_loss(
+        self,
+        prediction: torch.Tensor,
+        noise: torch.Tensor,
+        masks: np.ndarray,
+        timesteps: torch.Tensor,
+    ) -> torch.Tensor:
+        """Noise MSE, weighted towards the object and by min-SNR.
+
+        The object covers a tenth of the frame but carries everything the
+        prompt asks for (colour, shape, motion), so latent cells it touches
+        weigh ``1 + object_weight``. Each sample is also weighted by
+        min(SNR, gamma) / SNR (Hang et al. 2023), which stops the many
+        nearly-clean timesteps from dominating.
+        """
+        import torch
+
+        cfg = self.config
+        coverage = torch.from_numpy(masks).float().to(self.device)  # (B, F, H, W)
+        batch, count = coverage.shape[:2]
+        factor = coverage.shape[-1] // prediction.shape[-1]
+        cells = torch.nn.functional.max_pool2d(
+            coverage.reshape(batch * count, 1, *coverage.shape[2:]), factor
+        )
+        cells = cells.reshape(batch, 1, count, *cells.shape[-2:])
+        weight = 1.0 + cfg.object_weight * (cells > 0.05).float()
+        per_sample = (weight * (prediction - noise) ** 2).sum(dim=(1, 2, 3, 4)) / (
+            weight.sum(dim=(1, 2, 3, 4)) * prediction.shape[1]
+        )
+        alphas = self.parts["scheduler"].alphas_cumprod.to(self.device)[timesteps]
+        snr = alphas / (1.0 - alphas)
+        snr_weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+        return (per_sample * snr_weight).mean()
+
+    def encode(self, frames: np.ndarray) -> torch.Tensor:
+        """Scaled VAE latents (B, C, F, h, w) of clips (posterior means: no sampling)."""
+        import torch
+
+        vae = self.parts["vae"]
+        batch, count = frames.shape[:2]
+        with torch.no_grad():
+            x = to_pixels(frames.reshape(batch * count, *frames.shape[2:])).to(self.device)
+            z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        return z.reshape(batch, count, *z.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()
+
+    def update_ema(self, step: int) -> None:
+        import torch
+
+        # a short warm-up of the average so early weights don't linger
+        decay = min(self.config.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for name in ("unet", "text_encoder"):
+                ema: list[torch.Tensor] = list(self.ema[name].parameters())
+                live: list[torch.Tensor] = list(self.parts[name].parameters())
+                torch._foreach_lerp_(ema, live, 1.0 - decay)
+
+    def set_scaling_factor(self) -> float:
+        """Sets the VAE's latent scale so the U-Net sees latents of unit spread."""
+        import torch
+
+        vae = self.parts["vae"]
+        vae.register_to_config(scaling_factor=1.0)
+        frames, _, _ = clip_batch(self.config.seed + 1, 2**31, 64)
+        z = self.encode(frames)
+        factor = float(1.0 / torch.std(z).item())
+        vae.register_to_config(scaling_factor=factor)
+        return factor
+
+
+class _Prefetcher:
+    """Renders the clips of the next steps in worker processes (same clips as inline)."""
+
+    def __init__(self, run: _Run, workers: int, start: int) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.run = run
+        # spawn, not fork: the parent may hold CUDA and thread state
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        self.window = 4 * workers
+        self.pending: dict[int, Any] = {}
+        self.next = start
+
+    def get(self, step: int, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        total = self.run.config.total_steps
+        self.next = max(self.next, step)
+        while self.next < min(step + self.window, total):
+            self.pending[self.next] = self.pool.submit(
+                clip_batch, self.run.config.seed, self.next, self.run.batch_size(self.next)
+            )
+            self.next += 1
+        future = self.pending.pop(step, None)
+        if future is None:
+            return clip_batch(self.run.config.seed, step, size)
+        return future.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+
+def _warmup_cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _build_run(config: PretrainConfig, device: torch.device) -> _Run:
+    import torch
+
+    from motionsep.toy.model import build_components
+
+    parts = build_components(config.seed)
+    for name in ("unet", "vae", "text_encoder"):
+        parts[name].to(device).train()
+    ema = {
+        name: copy.deepcopy(parts[name]).eval().requires_grad_(False)
+        for name in ("unet", "text_encoder")
+    }
+    vae_opt = torch.optim.AdamW(parts["vae"].parameters(), lr=config.vae_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        [*parts["unet"].parameters(), *parts["text_encoder"].parameters()],
+        lr=config.lr,
+        weight_decay=0.01,
+    )
+    return _Run(config, parts, ema, vae_opt, opt, device)
+
+
+# ---------------------------------------------------------------------------
+# checkpoints
+
+
+def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in (run_dir / "checkpoints").glob("step-*"):
+        if (path / STATE_FILE).is_file() and path.name[5:].isdigit():
+            found.append((int(path.name[5:]), path))
+    return sorted(found)
+
+
+def _save_checkpoint(run: _Run, run_dir: Path, step: int, history: list[dict[str, Any]]) -> None:
+    from safetensors.torch import save_file
+
+    from motionsep.train import _flatten_optimizer
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name in ("unet", "vae", "text_encoder"):
+        for key, value in run.parts[name].state_dict().items():
+            tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
+    for name, module in run.ema.items():
+        for key, value in module.state_dict().items():
+            tensors[f"ema.{name}.{key}"] = value.detach().cpu().contiguous()
+    meta: dict[str, Any] = {}
+    for label, optimizer in (("vae_opt", run.vae_opt), ("opt", run.opt)):
+        flat, info = _flatten_optimizer(optimizer.state_dict())
+        tensors.update({f"{label}.{k}": v for k, v in flat.items()})
+        meta[label] = info
+    final = run_dir / "checkpoints" / f"step-{step}"
+    with atomic_folder(final, overwrite=True) as tmp:
+        save_file(tensors, str(tmp / TENSORS_FILE))
+        state = {
+            "step": step,
+            "config": asdict(run.config),
+            "scaling_factor": run.parts["vae"].config.scaling_factor,
+            "optimizers": meta,
+            "history": history,
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(state) + "\n")
+    for _, old in _checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(run: _Run, path: Path) -> tuple[int, list[dict[str, Any]]]:
+    from safetensors.torch import load_file
+
+    from motionsep.train import _unflatten_optimizer
+
+    state = json.loads((path / STATE_FILE).read_text())
+    tensors = load_file(str(path / TENSORS_FILE))
+    run.parts["vae"].register_to_config(scaling_factor=state["scaling_factor"])
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    for name in ("unet", "vae", "text_encoder"):
+        run.parts[name].load_state_dict(part(f"{name}."))
+    for name, module in run.ema.items():
+        module.load_state_dict(part(f"ema.{name}."))
+    for label, optimizer in (("vae_opt", run.vae_opt), ("opt", run.opt)):
+        info = state["optimizers"][label]
+        flat = part(f"{label}.")
+        optimizer.load_state_dict(_unflatten_optimizer(flat, info))
+    return int(state["step"]), list(state["history"])
+
+
+# ---------------------------------------------------------------------------
+# export
+
+
+def export_parts(run: _Run) -> dict[str, Any]:
+    """The model to ship: trained VAE, averaged U-Net and text encoder, on the CPU."""
+    parts = dict(run.parts)
+    parts["unet"] = copy.deepcopy(run.ema["unet"]).cpu().eval()
+    parts["text_encoder"] = copy.deepcopy(run.ema["text_encoder"]).cpu().eval()
+    parts["vae"] = copy.deepcopy(run.parts["vae"]).cpu().eval()
+    return parts
+
+
+def components_of(parts: dict[str, Any], device: Any = None) -> Any:
+    """Wraps exported parts as :class:`Components` (for probing in memory)."""
+    from motionsep.model.components import Components
+
+    unet, vae, text = parts["unet"], parts["vae"], parts["text_encoder"]
+    if device is not None:
+        unet, vae, text = (copy.deepcopy(m).to(device) for m in (unet, vae, text))
+    return Components(
+        unet=unet,
+        vae=vae,
+        text_encoder=text,
+        tokenizer=parts["tokenizer"],
+        scheduler=parts["scheduler"],
+        path=Path(),
+    )
+
+
+def _probe_record(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in summary.items() if k not in ("frames", "specs")}
+
+
+# ---------------------------------------------------------------------------
+# entry point
+
+
+def pretrain(
+    out: Path,
+    run_dir: Path,
+    config: PretrainConfig,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    device: str = "cpu",
+    workers: int = 0,
+    command: list[str] | None = None,
+    finalize: Callable[[Path], None] | None = None,
+    remove_run: bool = False,
+    progress: Progress | None = None,
+) -> PretrainResult:
+    """Pretrains the toy model and writes it to ``out`` as a diffusers folder.
+
+    Args:
+        out: Model folder to create (atomically, when training ends).
+        run_dir: Where checkpoints and the metrics log live while training.
+        config: The run's settings. With ``resume`` they must match the run's.
+        resume: Continue from the newest checkpoint in ``run_dir``.
+        force: Replace an existing ``out`` (only at the end) and start over a run
+            folder that holds an old run.
+        device: torch device to train on.
+        workers: Processes that render clips ahead of the training step (0:
+            render inline). The clips are the same either way.
+        command: The command line to record (defaults to ``sys.argv``).
+        finalize: Called with the complete model folder just before it is
+            renamed into place (the store writes its record there).
+        remove_run: Delete ``run_dir`` once the model is in place.
+        progress: Receives "pretrain vae" and "pretrain unet" tasks.
+
+    Raises:
+        UsageError: ``out`` exists without ``force``; ``resume`` without a
+            checkpoint, or with other settings than the run's.
+    """
+    import torch
+
+    events = or_null(progress)
+    if out.exists() and not force:
+        raise UsageError(
+            f"{out} already exists", "pass --force to replace it, or choose another --out"
+        )
+    existing = _checkpoints(run_dir)
+    if resume and not existing:
+        raise UsageError(
+            f"no checkpoint to resume in {run_dir}",
+            "start a new run without --resume",
+        )
+    if existing and not resume and not force:
+        raise UsageError(
+            f"{run_dir} holds an unfinished run (newest checkpoint: step {existing[-1][0]})",
+            "continue it with --resume, or start over with --force",
+        )
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    dev = torch.device(device)
+    run = _build_run(config, dev)
+    step, history = 0, list[dict[str, Any]]()
+    if resume:
+        _, path = existing[-1]
+        saved = json.loads((path / STATE_FILE).read_text())["config"]
+        if saved != asdict(config):
+            changed = sorted(k for k in saved if saved[k] != asdict(config).get(k))
+            raise UsageError(
+                f"the run in {run_dir} used other settings ({', '.join(changed)})",
+                "resume with the same settings, or start over with --force",
+            )
+        step, history = _load_checkpoint(run, path)
+        if step >= config.vae_steps:
+            run.parts["vae"].eval().requires_grad_(False)
+    record: dict[str, Any] = {
+        "command": command if command is not None else sys.argv,
+        "config": asdict(config),
+        "device": device,
+        "torch": torch.__version__,
+    }
+    atomic_write_bytes(run_dir / "run.json", (json.dumps(record, indent=2) + "\n").encode())
+    started = time.monotonic()
+    log_path = run_dir / "metrics.jsonl"
+    if workers > 0:
+        run.prefetch = _Prefetcher(run, workers, step)
+    interrupted = _InterruptFlag()
+    with _progress_tasks(events, config, step), _closing(run.prefetch), interrupted.installed():
+        while step < config.total_steps:
+            values = _one_step(run, step, events)
+            step += 1
+            values["step"] = step
+            history.append(values)
+            with log_path.open("a") as handle:
+                handle.write(json.dumps(values) + "\n")
+            if not all(math.isfinite(v) for v in values.values()):
+                raise MotionsepError(
+                    f"the loss became NaN or infinite at step {step}",
+                    "lower the learning rate (--lr / --vae-lr) and start over with --force",
+                )
+            unet_step = step - config.vae_steps
+            if unet_step > 0 and config.probe_every and unet_step % config.probe_every == 0:
+                summary = _probe(run, config, dev)
+                events.log(f"step {step}: " + json.dumps(summary))
+                with (run_dir / "probes.jsonl").open("a") as handle:
+                    handle.write(json.dumps({"step": step, **summary}) + "\n")
+            if (
+                step % config.checkpoint_every == 0
+                or step == config.total_steps
+                or interrupted.requested
+            ):
+                _save_checkpoint(run, run_dir, step, history[-5:])
+            if interrupted.requested:
+                raise TrainingInterruptedError(
+                    f"pretraining stopped at step {step}; checkpoint written to {run_dir}",
+                    "continue with the same command plus --resume",
+                )
+    parts = export_parts(run)
+    final_probe = _probe(run, config, dev) if config.steps else None
+    with atomic_folder(out, overwrite=force) as tmp:
+        from motionsep.model.components import save_components
+
+        save_components(parts, tmp)
+        record["seconds"] = round(time.monotonic() - started, 1)
+        record["probe"] = final_probe
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        if finalize is not None:
+            finalize(tmp)
+    if remove_run:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return PretrainResult(out, step, time.monotonic() - started, final_probe)
+
+
+def _one_step(run: _Run, step: int, events: Progress) -> dict[str, float]:
+    """Runs global step ``step`` (VAE stage, then U-Net stage) and returns its losses.
+
+    The global torch generator is reseeded from (seed, step) first: the
+    U-Net's temporal convolutions use dropout, and a resumed run must draw
+    the same dropout masks as one that never stopped.
+    """
+    import torch
+
+    config = run.config
+    torch.manual_seed(int(np.random.default_rng([config.seed, step, 6]).integers(2**62)))
+    if step < config.vae_steps:
+        values = run.vae_step(step)
+        events.advance("pretrain vae", **{k: round(v, 4) for k, v in values.items()})
+        if step + 1 == config.vae_steps:
+            run.parts["vae"].eval().requires_grad_(False)
+            factor = run.set_scaling_factor()
+            events.log(f"VAE trained ({values['psnr']:.1f} dB PSNR); latent scale {factor:.4f}")
+        return values
+    values = run.unet_step(step - config.vae_steps)
+    events.advance("pretrain unet", **{k: round(v, 4) for k, v in values.items()})
+    return values
+
+
+def _probe(run: _Run, config: PretrainConfig, device: torch.device) -> dict[str, Any]:
+    from motionsep.toy.probe import probe
+
+    parts = export_parts(run)
+    components = components_of(parts, device)
+    return _probe_record(probe(components, count=config.probe_count))
+
+
+@contextlib.contextmanager
+def _closing(prefetch: _Prefetcher | None) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if prefetch is not None:
+            prefetch.close()
+
+
+@contextlib.contextmanager
+def _progress_tasks(events: Progress, config: PretrainConfig, step: int) -> Iterator[None]:
+    events.start("pretrain vae", total=config.vae_steps, unit="step")
+    events.advance("pretrain vae", min(step, config.vae_steps))
+    events.start("pretrain unet", total=config.steps, unit="step")
+    events.advance("pretrain unet", max(0, step - config.vae_steps))
+    try:
+        yield
+    finally:
+        events.finish("pretrain vae")
+        events.finish("pretrain unet")

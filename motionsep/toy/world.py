@@ -1,0 +1,313 @@
+"""The toy world: procedural clips of one coloured shape moving on a background.
+
+Every clip is fully described by a :class:`ClipSpec` (object colour and shape,
+background shade and texture, motion, and a seed for the small random
+offsets), renders deterministically, and comes with its prompt and its ground
+truth (object mask, centre and size per frame). The palette is fixed and
+chosen so that segmentation is exact: objects are saturated colours, and
+backgrounds are achromatic shades.
+
+Motions are split in two: the pretraining motions the toy base model learns,
+and held-out motions it never sees, which are what motion customization has
+to learn from a few reference clips.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+SIZE = 32
+"""Frame width and height in pixels."""
+
+FRAMES = 8
+"""Frames per clip."""
+
+FPS = 4
+
+# Saturated object colours; backgrounds are grey levels, so an object pixel
+# is simply a pixel with colour in it.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (225, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 90, 235),
+    "yellow": (235, 215, 40),
+    "purple": (160, 60, 215),
+    "orange": (245, 140, 30),
+}
+
+SHAPES: tuple[str, ...] = ("square", "circle", "triangle")
+
+# Grey level of each background shade; textures alternate it with a second
+# level `TEXTURE_CONTRAST` away (towards mid-grey).
+BACKGROUNDS: dict[str, int] = {"gray": 128, "dark": 40, "white": 215}
+TEXTURES: tuple[str, ...] = ("plain", "striped", "checked")
+TEXTURE_CONTRAST = 45
+TEXTURE_PERIOD = 12.0
+
+PRETRAIN_MOTIONS: tuple[str, ...] = (
+    "static",
+    "left",
+    "right",
+    "up",
+    "down",
+    "zoom-in",
+    "zoom-out",
+)
+HELD_OUT_MOTIONS: tuple[str, ...] = ("diagonal", "orbit", "bounce", "dolly")
+MOTIONS: tuple[str, ...] = PRETRAIN_MOTIONS + HELD_OUT_MOTIONS
+
+MOTION_PHRASES: dict[str, str] = {
+    "static": "standing still",
+    "left": "moving left",
+    "right": "moving right",
+    "up": "moving up",
+    "down": "moving down",
+    "zoom-in": "growing bigger",
+    "zoom-out": "shrinking smaller",
+    "diagonal": "moving diagonally",
+    "orbit": "orbiting around",
+    "bounce": "bouncing sideways",
+    "dolly": "dolly zooming",
+}
+
+# Geometry of the motions, in pixels. A translation sweeps 18 px over the
+# clip (about 2.6 px, or 0.64 latent cells, per frame at 8 frames).
+SWEEP = 18.0
+BASE_SIZE = 10.0
+ZOOM_SIZES = (6.0, 16.0)
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Everything that determines one toy clip."""
+
+    color: str
+    shape: str
+    background: str
+    texture: str
+    motion: str
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for value, allowed, what in (
+            (self.color, COLORS, "color"),
+            (self.shape, SHAPES, "shape"),
+            (self.background, BACKGROUNDS, "background"),
+            (self.texture, TEXTURES, "texture"),
+            (self.motion, MOTIONS, "motion"),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown toy {what} {value!r}; choose from {', '.join(allowed)}")
+
+    @property
+    def prompt(self) -> str:
+        """The clip's caption, e.g. ``a red circle moving right on a striped gray background``."""
+        return prompt_for(self.color, self.shape, self.background, self.texture, self.motion)
+
+    @property
+    def appearance(self) -> tuple[str, str, str, str]:
+        """(color, shape, background, texture)."""
+        return (self.color, self.shape, self.background, self.texture)
+
+    def with_appearance(self, color: str, shape: str, background: str, texture: str) -> ClipSpec:
+        """The same motion and seed with another look."""
+        return ClipSpec(color, shape, background, texture, self.motion, self.seed)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def prompt_for(color: str, shape: str, background: str, texture: str, motion: str) -> str:
+    """The caption of a toy clip (the same wording the toy model was trained on)."""
+    article = "an" if color[0] in "aeiou" else "a"
+    return (
+        f"{article} {color} {shape} {MOTION_PHRASES[motion]} on a {texture} {background} background"
+    )
+
+
+def vocabulary() -> list[str]:
+    """Every word a toy prompt can contain."""
+    words: set[str] = {"a", "an", "on", "background"}
+    words.update(COLORS, SHAPES, BACKGROUNDS, TEXTURES)
+    for phrase in MOTION_PHRASES.values():
+        words.update(phrase.split())
+    return sorted(words)
+
+
+@dataclass
+class Clip:
+    """A rendered clip and its ground truth.
+
+    Attributes:
+        spec: What was rendered.
+        frames: uint8 array (F, H, W, 3).
+        masks: float32 array (F, H, W), the object's coverage of each pixel.
+        centers: float32 array (F, 2), object centre (x, y) in pixels.
+        sizes: float32 array (F,), object size (side of its bounding square) in pixels.
+    """
+
+    spec: ClipSpec
+    frames: np.ndarray
+    masks: np.ndarray
+    centers: np.ndarray
+    sizes: np.ndarray
+
+
+def trajectory(motion: str, frames: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """Object centres (F, 2), sizes (F,) and background scale (F,) of a motion.
+
+    Small random offsets (start position, size) come from ``rng`` so that the
+    model learns the motion, not one fixed path.
+    """
+    t = np.linspace(0.0, 1.0, frames)
+    mid = SIZE / 2.0
+    size0 = BASE_SIZE + rng.uniform(-1.5, 1.5)
+    sizes = np.full(frames, size0)
+    bg_scale = np.ones(frames)
+    # offsets across and along the motion
+    across = rng.uniform(-6.0, 6.0)
+    along = rng.uniform(-1.5, 1.5)
+    sweep = (t - 0.5) * SWEEP + along
+    xs = np.full(frames, mid)
+    ys = np.full(frames, mid)
+    if motion == "static":
+        xs += rng.uniform(-6.0, 6.0)
+        ys += rng.uniform(-6.0, 6.0)
+    elif motion in ("left", "right"):
+        xs = mid + (sweep if motion == "right" else -sweep)
+        ys = ys + across
+    elif motion in ("up", "down"):
+        ys = mid + (sweep if motion == "down" else -sweep)
+        xs = xs + across
+    elif motion in ("zoom-in", "zoom-out"):
+        small, big = ZOOM_SIZES
+        grow = small + (big - small) * t
+        sizes = grow if motion == "zoom-in" else grow[::-1].copy()
+        xs += rng.uniform(-2.0, 2.0)
+        ys += rng.uniform(-2.0, 2.0)
+    elif motion == "diagonal":
+        xs = mid + sweep * 0.8
+        ys = mid + sweep * 0.8
+    elif motion == "orbit":
+        # three quarters of a turn, starting on the left of the centre
+        angle = math.pi + t * 1.5 * math.pi
+        xs = mid + 7.0 * np.cos(angle)
+        ys = mid + 7.0 * np.sin(angle)
+        sizes = np.full(frames, 8.0 + rng.uniform(-1.0, 1.0))
+    elif motion == "bounce":
+        there_and_back = 1.0 - np.abs(2.0 * t - 1.0)
+        xs = mid + (there_and_back - 0.5) * SWEEP + along
+        ys = ys + across
+    elif motion == "dolly":
+        sizes = 7.0 + 7.0 * t
+        bg_scale = 1.6 - 0.9 * t
+        xs += rng.uniform(-2.0, 2.0)
+        ys += rng.uniform(-2.0, 2.0)
+    else:  # pragma: no cover - ClipSpec validates motions
+        raise ValueError(motion)
+    centers = np.stack([xs, ys], axis=1)
+    return centers.astype(np.float32), sizes.astype(np.float32), bg_scale.astype(np.float32)
+
+
+_SUPERSAMPLE = 4
+
+
+@functools.lru_cache(maxsize=4)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-pixel sample positions (in pixel units) of a size x size frame."""
+    n = size * _SUPERSAMPLE
+    coords = (np.arange(n, dtype=np.float32) + 0.5) / _SUPERSAMPLE
+    return np.meshgrid(coords, coords)
+
+
+def shape_mask(shape: str, cx: float, cy: float, size: float, resolution: int = SIZE) -> np.ndarray:
+    """Coverage (H, W) in [0, 1] of a shape with the given centre and size, anti-aliased."""
+    gx, gy = _grid(resolution)
+    dx, dy = gx - cx, gy - cy
+    half = size / 2.0
+    if shape == "square":
+        inside = (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    elif shape == "circle":
+        inside = dx * dx + dy * dy <= half * half
+    elif shape == "triangle":
+        # apex up; the base is as wide as the triangle is tall
+        height_frac = (dy + half) / (2.0 * half)
+        inside = (np.abs(dy) <= half) & (np.abs(dx) <= half * height_frac)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return _downsample(inside.astype(np.float32), resolution)
+
+
+def _downsample(fine: np.ndarray, resolution: int) -> np.ndarray:
+    return fine.reshape(resolution, _SUPERSAMPLE, resolution, _SUPERSAMPLE).mean(axis=(1, 3))
+
+
+@functools.lru_cache(maxsize=256)
+def background_image(
+    background: str, texture: str, scale: float = 1.0, resolution: int = SIZE
+) -> np.ndarray:
+    """The background as a float32 grey image (H, W) in 0..255 (cached: do not modify)."""
+    level = float(BACKGROUNDS[background])
+    other = level + TEXTURE_CONTRAST if level < 128 else level - TEXTURE_CONTRAST
+    if texture == "plain":
+        return np.full((resolution, resolution), level, dtype=np.float32)
+    gx, gy = _grid(resolution)
+    period = TEXTURE_PERIOD * scale
+    # textures scale about the frame centre (the dolly motion changes the scale)
+    u = np.floor((gx - resolution / 2.0) / (period / 2.0))
+    if texture == "striped":
+        pattern = u % 2
+    else:
+        v = np.floor((gy - resolution / 2.0) / (period / 2.0))
+        pattern = (u + v) % 2
+    fine = np.where(pattern > 0, other, level).astype(np.float32)
+    return _downsample(fine, resolution)
+
+
+def render(spec: ClipSpec, frames: int = FRAMES, resolution: int = SIZE) -> Clip:
+    """Renders a clip deterministically from its spec."""
+    rng = np.random.default_rng([spec.seed, MOTIONS.index(spec.motion)])
+    centers, sizes, bg_scale = trajectory(spec.motion, frames, rng)
+    color = np.asarray(COLORS[spec.color], dtype=np.float32)
+    out = np.empty((frames, resolution, resolution, 3), dtype=np.uint8)
+    masks = np.empty((frames, resolution, resolution), dtype=np.float32)
+    for index in range(frames):
+        cx, cy = centers[index]
+        mask = shape_mask(spec.shape, float(cx), float(cy), float(sizes[index]), resolution)
+        grey = background_image(spec.background, spec.texture, float(bg_scale[index]), resolution)
+        image = grey[..., None] * (1.0 - mask[..., None]) + color * mask[..., None]
+        out[index] = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+        masks[index] = mask
+    return Clip(spec=spec, frames=out, masks=masks, centers=centers, sizes=sizes)
+
+
+def appearances() -> list[tuple[str, str, str, str]]:
+    """Every (color, shape, background, texture) of the world, in a fixed order."""
+    return list(itertools.product(COLORS, SHAPES, BACKGROUNDS, TEXTURES))
+
+
+def random_spec(rng: np.random.Generator, motions: tuple[str, ...] = PRETRAIN_MOTIONS) -> ClipSpec:
+    """A clip spec with every attribute drawn uniformly."""
+    return ClipSpec(
+        color=str(rng.choice(list(COLORS))),
+        shape=str(rng.choice(SHAPES)),
+        background=str(rng.choice(list(BACKGROUNDS))),
+        texture=str(rng.choice(TEXTURES)),
+        motion=str(rng.choice(motions)),
+        seed=int(rng.integers(0, 2**31 - 1)),
+    )
+
+
+def batch(
+    seed: int, step: int, size: int, motions: tuple[str, ...] = PRETRAIN_MOTIONS
+) -> Iterator[Clip]:
+    """``size`` random clips for training step ``step``: the same clips on every rerun."""
+    rng = np.random.default_rng([seed, step])
+    for _ in range(size):
+        yield render(random_spec(rng, motions))

@@ -1,0 +1,324 @@
+"""The toy world: clip generator, exact metrics, pretraining, demo and experiment."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from motionsep.toy import metrics, world
+from motionsep_cli.app import app
+
+
+@pytest.fixture(scope="module")
+def toy_random_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A toy-shaped model with random weights (the shipped one is not needed for plumbing)."""
+    import torch
+
+    from motionsep.model.components import save_components
+    from motionsep.toy.model import build_components
+
+    torch.set_num_threads(1)
+    parts = build_components(seed=3)
+    parts["vae"].register_to_config(scaling_factor=1.0)
+    folder = tmp_path_factory.mktemp("toy_random") / "model"
+    save_components(parts, folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------
+# world
+
+
+def test_render_is_deterministic_and_seed_moves_the_path() -> None:
+    spec = world.ClipSpec("blue", "circle", "dark", "checked", "right", seed=5)
+    first, again = world.render(spec), world.render(spec)
+    assert np.array_equal(first.frames, again.frames)
+    other = world.render(world.ClipSpec("blue", "circle", "dark", "checked", "right", seed=6))
+    assert not np.array_equal(first.frames, other.frames)
+    assert first.frames.shape == (world.FRAMES, world.SIZE, world.SIZE, 3)
+    assert first.frames.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    ("motion", "axis", "sign"),
+    [("right", 0, 1), ("left", 0, -1), ("down", 1, 1), ("up", 1, -1), ("diagonal", 0, 1)],
+)
+def test_translations_move_the_object_the_way_the_prompt_says(
+    motion: str, axis: int, sign: int
+) -> None:
+    clip = world.render(world.ClipSpec("red", "square", "gray", "plain", motion, seed=1))
+    moved = clip.centers[-1, axis] - clip.centers[0, axis]
+    assert sign * moved > 10  # pixels, over the clip
+    # the mask really is where the centre says
+    _, xs = np.nonzero(clip.masks[0] > 0.5)
+    assert abs(xs.mean() + 0.5 - clip.centers[0, 0]) < 1.0
+
+
+def test_zoom_and_dolly_change_size_and_prompts_name_everything() -> None:
+    grow = world.render(world.ClipSpec("green", "triangle", "white", "striped", "zoom-in"))
+    assert grow.sizes[-1] > 2 * grow.sizes[0]
+    shrink = world.render(world.ClipSpec("green", "triangle", "white", "striped", "zoom-out"))
+    assert shrink.sizes[-1] < shrink.sizes[0] / 2
+    spec = world.ClipSpec("orange", "circle", "gray", "striped", "right")
+    assert spec.prompt == "an orange circle moving right on a striped gray background"
+    assert set(spec.prompt.split()) <= set(world.vocabulary())
+    with pytest.raises(ValueError, match="unknown toy color 'pink'"):
+        world.ClipSpec("pink", "circle", "gray", "plain", "right")
+
+
+def test_tokenizer_gives_every_toy_word_one_token() -> None:
+    from motionsep.toy.model import MAX_TOKENS, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    for word in world.vocabulary():
+        assert len(tokenizer(word).input_ids) == 3, word  # start, word, end
+    longest = max(
+        (
+            world.ClipSpec(*look, motion=m).prompt
+            for look in world.appearances()[:3]
+            for m in world.MOTIONS
+        ),
+        key=len,
+    )
+    assert len(tokenizer(longest).input_ids) <= MAX_TOKENS
+
+
+# ---------------------------------------------------------------------------
+# metrics
+
+
+def test_segmentation_reads_every_rendered_clip_exactly() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(150):
+        spec = world.random_spec(rng, world.MOTIONS)
+        clip = world.render(spec)
+        reading = metrics.read_video(clip.frames)
+        assert (reading.color, reading.shape) == (spec.color, spec.shape), spec
+        assert (reading.background, reading.texture) == (spec.background, spec.texture), spec
+        if spec.motion in world.PRETRAIN_MOTIONS:
+            assert reading.motion == spec.motion, spec
+        assert metrics.trajectory_error(reading, clip) < 3.0
+
+
+def test_metrics_survive_an_mp4_round_trip(tmp_path: Path) -> None:
+    from motionsep.toy.experiment import write_clips
+    from motionsep.video import read_frames
+
+    specs = [
+        world.ClipSpec(*look, motion=m, seed=2)
+        for look, m in zip(world.appearances()[::17], world.PRETRAIN_MOTIONS, strict=False)
+    ]
+    paths = write_clips(specs, tmp_path)
+    for spec, path in zip(specs, paths, strict=True):
+        score = metrics.score(metrics.read_video(read_frames(path)), spec)
+        assert score.color_ok and score.shape_ok and score.background_ok and score.motion_ok, spec
+        assert (tmp_path / f"{path.stem}.txt").read_text().strip() == spec.prompt
+        truth = json.loads((tmp_path / f"{path.stem}.json").read_text())
+        assert truth["spec"]["motion"] == spec.motion
+
+
+def test_motion_fidelity_and_leakage_tell_right_from_wrong() -> None:
+    reference = world.render(world.ClipSpec("red", "square", "white", "striped", "diagonal", 0))
+    same_motion = world.render(world.ClipSpec("blue", "circle", "dark", "plain", "diagonal", 4))
+    still = world.render(world.ClipSpec("blue", "circle", "dark", "plain", "static", 4))
+    orbit = world.render(world.ClipSpec("blue", "circle", "dark", "plain", "orbit", 4))
+    prompt = same_motion.spec
+    good = metrics.score(metrics.read_video(same_motion.frames), prompt, reference, reference.spec)
+    bad = metrics.score(metrics.read_video(orbit.frames), prompt, reference, reference.spec)
+    none = metrics.score(metrics.read_video(still.frames), prompt, reference, reference.spec)
+    assert good.motion_fidelity > 0.8
+    assert bad.motion_fidelity < good.motion_fidelity
+    assert abs(none.motion_fidelity) < 0.2  # standing still is the zero point
+    assert good.leaked == {"color": False, "shape": False, "background": False}
+    # the reference clip itself, scored against the new prompt: everything leaked
+    leak = metrics.score(metrics.read_video(reference.frames), prompt, reference, reference.spec)
+    assert leak.leaked == {"color": True, "shape": True, "background": True}
+    assert not leak.color_ok
+    # an empty frame: no object, no motion, no crash
+    blank = np.full((8, 32, 32, 3), 128, dtype=np.uint8)
+    empty = metrics.read_video(blank)
+    assert empty.color is None and empty.motion is None and empty.visible == 0.0
+
+
+def test_mean_interval_uses_student_t() -> None:
+    from motionsep.toy.experiment import mean_interval
+
+    mean, half = mean_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0
+    assert half == pytest.approx(4.303 * 1.0 / np.sqrt(3), rel=1e-3)
+    assert mean_interval([5.0]) == (5.0, None)
+
+
+# ---------------------------------------------------------------------------
+# pretraining
+
+
+class _StopAt:
+    """A progress sink that presses Ctrl-C (SIGINT) during the given step."""
+
+    def __init__(self, steps: int | None) -> None:
+        self.left = steps
+
+    def start(self, task: str, total: float | None, unit: str = "") -> None:
+        return None
+
+    def advance(self, task: str, amount: float = 1.0, **fields: object) -> None:
+        if self.left is not None and fields:
+            self.left -= 1
+            if self.left == 0:
+                signal.raise_signal(signal.SIGINT)
+
+    def finish(self, task: str) -> None:
+        return None
+
+    def log(self, message: str) -> None:
+        return None
+
+
+def _unet_weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_pretraining_resumes_bit_identically_and_records_itself(tmp_path: Path) -> None:
+    from motionsep.toy.pretrain import PretrainConfig, pretrain
+    from motionsep.train import TrainingInterruptedError
+
+    config = PretrainConfig(
+        vae_steps=2, steps=3, batch=2, vae_batch=4, checkpoint_every=10, probe_count=1
+    )
+    straight = pretrain(tmp_path / "a", tmp_path / "a-run", config, command=["test"])
+    with pytest.raises(TrainingInterruptedError) as stopped:
+        pretrain(tmp_path / "b", tmp_path / "b-run", config, progress=_StopAt(3))
+    assert "--resume" in (stopped.value.hint or "")
+    assert not (tmp_path / "b").exists()  # nothing half-made under the model's name
+    resumed = pretrain(tmp_path / "b", tmp_path / "b-run", config, resume=True)
+    assert "step 3" in stopped.value.message
+    assert straight.steps == resumed.steps == 5
+    a, b = _unet_weights(tmp_path / "a"), _unet_weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    assert all(bool((a[k] == b[k]).all()) for k in a)
+    record = json.loads((tmp_path / "a" / "toy.json").read_text())
+    assert record["command"] == ["test"]
+    assert record["config"]["steps"] == 3
+    assert set(record["probe"]) >= {"color", "direction", "motion"}
+    vae_config = json.loads((tmp_path / "a" / "vae" / "config.json").read_text())
+    assert vae_config["scaling_factor"] != 1.0  # set from the trained encoder
+
+
+def test_pretraining_refuses_bad_settings_and_foreign_resumes(tmp_path: Path) -> None:
+    from motionsep.errors import UsageError
+    from motionsep.toy.pretrain import PretrainConfig, pretrain
+
+    with pytest.raises(UsageError, match="lr must be > 0"):
+        PretrainConfig(lr=0.0)
+    with pytest.raises(UsageError, match="no checkpoint to resume"):
+        pretrain(tmp_path / "m", tmp_path / "run", PretrainConfig(), resume=True)
+    (tmp_path / "m").mkdir()
+    with pytest.raises(UsageError, match="already exists"):
+        pretrain(tmp_path / "m", tmp_path / "run", PretrainConfig())
+
+
+# ---------------------------------------------------------------------------
+# the built-in model, the CLI, the demo and the experiment
+
+
+def test_toy_clips_command_writes_trainable_clips(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["toy", "clips", str(tmp_path / "refs"), "--motion", "orbit", "--count", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "refs").glob("*.mp4")) == [
+        "orbit-00.mp4",
+        "orbit-01.mp4",
+    ]
+    prompt = (tmp_path / "refs" / "orbit-00.txt").read_text().strip()
+    assert prompt == "a red square orbiting around on a striped white background"
+    bad = CliRunner().invoke(app, ["toy", "clips", str(tmp_path / "x"), "--motion", "spin"])
+    assert bad.exit_code == 2
+    assert "unknown toy motion 'spin'" in bad.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_builtin_toy_model_resolves_without_download(
+    store_home: Path, monkeypatch: pytest.MonkeyPatch, toy_random_model: Path
+) -> None:
+    from motionsep.errors import ModelNotFoundError
+    from motionsep.store import Store
+    from motionsep.toy import model as toy_model
+
+    store = Store(store_home)
+    monkeypatch.setattr(toy_model, "builtin_path", lambda: store_home / "nowhere")
+    with pytest.raises(ModelNotFoundError, match="not in the store"):
+        store.resolve_model("toy")
+    result = CliRunner().invoke(app, ["download", "toy"])
+    assert result.exit_code != 0
+    assert "toy pretrain" in result.output
+    monkeypatch.setattr(toy_model, "builtin_path", lambda: toy_random_model)
+    assert store.resolve_model("toy") == toy_random_model
+    listed = CliRunner().invoke(app, ["download", "--list", "--json"])
+    rows = {row["name"]: row for row in json.loads(listed.stdout)}
+    assert rows["toy"]["installed"] is True
+
+
+def test_demo_trains_generates_scores_and_reports(
+    store_home: Path, tmp_path: Path, toy_random_model: Path
+) -> None:
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(
+        app,
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--prompts",
+            "2",
+            "--json",
+            "--set",
+            f"model.name={toy_random_model}",
+            "--set",
+            "train.steps=2",
+            "--set",
+            "sample.steps=3",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [row["condition"] for row in report["rows"]] == ["base model", "paper + highway"]
+    for row in report["rows"]:
+        assert set(row) >= {"motion_fidelity", "color", "shape", "background", "leakage"}
+    assert (out / "frames.png").is_file() and (out / "results.md").is_file()
+    assert len(list((out / "videos" / "motion").glob("*.mp4"))) == 2
+    assert (store_home / "motions" / "toy-diagonal").is_dir()  # usable by generate
+
+
+def test_experiment_reports_every_condition_with_intervals(
+    store_home: Path, tmp_path: Path, toy_random_model: Path
+) -> None:
+    from motionsep.toy.experiment import run_experiment
+
+    out = tmp_path / "exp"
+    results = run_experiment(
+        out,
+        ["bounce"],
+        seeds=2,
+        recipes=["motiondirector", "paper"],
+        references=2,
+        prompts=1,
+        set_options=[f"model.name={toy_random_model}", "train.steps=1", "sample.steps=2"],
+    )
+    conditions = [row["condition"] for row in results["rows"]]
+    assert conditions == ["base model", "motiondirector", "paper", "paper + highway"]
+    fidelity = results["rows"][0]["motion_fidelity"]
+    assert len(fidelity["per_seed"]) == 2 and fidelity["ci95"] is not None
+    table = (out / "results.md").read_text()
+    assert "± " in table and "paper + highway" in table
+    assert (out / "frames.png").is_file()
+    with pytest.raises(Exception, match="unknown toy motion"):
+        run_experiment(out, ["spin"], set_options=[f"model.name={toy_random_model}"])
