@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -125,7 +124,13 @@ def pretrain(
         "checkpoint_every": checkpoint_every,
     }
     config = PretrainConfig.from_dict({k: v for k, v in values.items() if v is not None})
-    command = ["motionsep", *sys.argv[1:]]
+    # the equivalent command line, rebuilt from the parsed options
+    command = ["motionsep", "toy", "pretrain"]
+    command += ["--out", str(out)] if out is not None else ["--name", name]
+    for key, value in values.items():
+        if value is not None:
+            command += [f"--{key.replace('_', '-')}", str(value)]
+    command += ["--device", device, "--workers", str(workers)]
     store = Store(load_settings().store.home)
     if out is not None:
         target, run_dir, finalize = out, out.with_name(out.name + ".partial"), None

@@ -322,3 +322,33 @@ def test_experiment_reports_every_condition_with_intervals(
     assert (out / "frames.png").is_file()
     with pytest.raises(Exception, match="unknown toy motion"):
         run_experiment(out, ["spin"], set_options=[f"model.name={toy_random_model}"])
+
+
+def test_toy_pretrain_command_installs_a_usable_model(store_home: Path) -> None:
+    runner = CliRunner()
+    args = [
+        "toy",
+        "pretrain",
+        "--name",
+        "toy-mine",
+        "--steps",
+        "1",
+        "--vae-steps",
+        "1",
+        "--batch",
+        "2",
+        "--probe-count",
+        "1",
+        "--json",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    folder = Path(json.loads(result.stdout)["folder"])
+    assert folder == store_home / "models" / "toy-mine"
+    assert not (store_home / "models" / ".partial-toy-mine").exists()  # run folder cleaned up
+    record = json.loads((folder / "toy.json").read_text())
+    assert record["command"][:3] == ["motionsep", "toy", "pretrain"]
+    listed = runner.invoke(app, ["download", "--list", "--json"])
+    assert any(row["name"] == "toy-mine" and row["installed"] for row in json.loads(listed.stdout))
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "already exists" in again.output

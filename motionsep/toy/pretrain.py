@@ -577,7 +577,14 @@ def pretrain(
     with atomic_folder(out, overwrite=force) as tmp:
         from motionsep.model.components import save_components
 
-        save_components(parts, tmp)
+        # U-Net and VAE weights are stored in fp16 (half the size; diffusers
+        # loads them back into fp32 models); the tiny text encoder stays fp32
+        # because transformers would load it as fp16.
+        stored = dict(parts)
+        stored["unet"] = copy.deepcopy(parts["unet"]).half()
+        stored["vae"] = copy.deepcopy(parts["vae"]).half()
+        save_components(stored, tmp)
+        record["weights"] = "U-Net and VAE stored in fp16, text encoder in fp32"
         record["seconds"] = round(time.monotonic() - started, 1)
         record["probe"] = final_probe
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
