@@ -166,6 +166,45 @@ def pretrain(
     emit(result.to_dict(), as_json, lines=[str(result.folder)])
 
 
+@app.command("probe")
+def probe(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Toy model: store name or folder.")
+    ] = "toy",
+    count: Annotated[
+        int, typer.Option("--count", min=1, help="Videos (the seven pretraining motions in turn).")
+    ] = 112,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the looks and the noise.")] = 1000,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="DDIM steps.")] = 25,
+    guidance: Annotated[float, typer.Option("--guidance", help="Guidance scale.")] = 6.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Sample held-in prompts from a toy model and score them exactly.
+
+    Reports how often the object has the prompt's colour, shape and
+    background, and moves the way the prompt says (all seven pretraining
+    motions; "direction" counts only left, right, up and down).
+
+    Example: motionsep toy probe --model toy-mine --count 112
+    """
+    from motionsep.config import load_settings
+    from motionsep.model.components import load_components
+    from motionsep.store import Store
+    from motionsep.toy.probe import probe as run_probe
+
+    store = Store(load_settings().store.home)
+    components = load_components(store.resolve_model(model))
+    with err_console.status(f"sampling {count} videos"):
+        summary = run_probe(components, count=count, seed=seed, steps=steps, guidance=guidance)
+    result = {k: v for k, v in summary.items() if k not in ("frames", "specs")}
+    lines = [
+        f"{key}: {result[key]:.3f}"
+        for key in ("color", "shape", "background", "motion", "direction")
+        if result.get(key) is not None
+    ]
+    emit(result, as_json, lines=lines)
+
+
 @app.command("experiment")
 def experiment(
     out: Annotated[Path, typer.Option("--out", help="Report folder.")] = Path("toy-experiment"),

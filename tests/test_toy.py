@@ -352,3 +352,18 @@ def test_toy_pretrain_command_installs_a_usable_model(store_home: Path) -> None:
     assert any(row["name"] == "toy-mine" and row["installed"] for row in json.loads(listed.stdout))
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_an_unfinished_run_exports_its_newest_checkpoint(tmp_path: Path) -> None:
+    from motionsep.model.components import load_components
+    from motionsep.toy.pretrain import PretrainConfig, export_checkpoint, pretrain
+    from motionsep.train import TrainingInterruptedError
+
+    config = PretrainConfig(vae_steps=1, steps=2, batch=2, vae_batch=4, probe_count=1)
+    with pytest.raises(TrainingInterruptedError):
+        pretrain(tmp_path / "m", tmp_path / "run", config, progress=_StopAt(2))
+    export_checkpoint(tmp_path / "run", tmp_path / "snapshot")
+    record = json.loads((tmp_path / "snapshot" / "toy.json").read_text())
+    assert record["exported_from"]["step"] == 2
+    components = load_components(tmp_path / "snapshot")  # a complete model folder
+    assert components.unet.dtype == components.vae.dtype  # fp16 on disk, loaded as fp32

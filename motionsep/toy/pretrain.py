@@ -423,6 +423,59 @@ def _load_checkpoint(run: _Run, path: Path) -> tuple[int, list[dict[str, Any]]]:
 # export
 
 
+def export_checkpoint(run_dir: Path, out: Path, force: bool = False) -> Path:
+    """Writes the newest checkpoint of an unfinished run as a model folder.
+
+    The averaged U-Net and text encoder and the VAE are saved as the end of
+    a run would save them, and ``toy.json`` records the run's command and
+    settings plus the step, so an intermediate model can be tried (or
+    shipped) while the run goes on.
+
+    Raises:
+        UsageError: no checkpoint in ``run_dir``; ``out`` exists without ``force``.
+    """
+    import torch
+
+    found = _checkpoints(run_dir)
+    if not found:
+        raise UsageError(f"no checkpoint in {run_dir}")
+    step, path = found[-1]
+    saved = json.loads((path / STATE_FILE).read_text())
+    config = PretrainConfig.from_dict(saved["config"])
+    run = _build_run(config, torch.device("cpu"))
+    _load_checkpoint(run, path)
+    record_file = run_dir / "run.json"
+    record: dict[str, Any] = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    record.update(
+        {"config": asdict(config), "exported_from": {"checkpoint": str(path), "step": step}}
+    )
+    _write_model(out, export_parts(run), record, force, None)
+    return out
+
+
+def _write_model(
+    out: Path,
+    parts: dict[str, Any],
+    record: dict[str, Any],
+    force: bool,
+    finalize: Callable[[Path], None] | None,
+) -> None:
+    from motionsep.model.components import save_components
+
+    with atomic_folder(out, overwrite=force) as tmp:
+        # U-Net and VAE weights are stored in fp16 (half the size; diffusers
+        # loads them back into fp32 models); the tiny text encoder stays fp32
+        # because transformers would load it as fp16.
+        stored = dict(parts)
+        stored["unet"] = copy.deepcopy(parts["unet"]).half()
+        stored["vae"] = copy.deepcopy(parts["vae"]).half()
+        save_components(stored, tmp)
+        record["weights"] = "U-Net and VAE stored in fp16, text encoder in fp32"
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        if finalize is not None:
+            finalize(tmp)
+
+
 def export_parts(run: _Run) -> dict[str, Any]:
     """The model to ship: trained VAE, averaged U-Net and text encoder, on the CPU."""
     parts = dict(run.parts)
@@ -574,22 +627,9 @@ def pretrain(
                 )
     parts = export_parts(run)
     final_probe = _probe(run, config, dev) if config.steps else None
-    with atomic_folder(out, overwrite=force) as tmp:
-        from motionsep.model.components import save_components
-
-        # U-Net and VAE weights are stored in fp16 (half the size; diffusers
-        # loads them back into fp32 models); the tiny text encoder stays fp32
-        # because transformers would load it as fp16.
-        stored = dict(parts)
-        stored["unet"] = copy.deepcopy(parts["unet"]).half()
-        stored["vae"] = copy.deepcopy(parts["vae"]).half()
-        save_components(stored, tmp)
-        record["weights"] = "U-Net and VAE stored in fp16, text encoder in fp32"
-        record["seconds"] = round(time.monotonic() - started, 1)
-        record["probe"] = final_probe
-        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        if finalize is not None:
-            finalize(tmp)
+    record["seconds"] = round(time.monotonic() - started, 1)
+    record["probe"] = final_probe
+    _write_model(out, parts, record, force, finalize)
     if remove_run:
         shutil.rmtree(run_dir, ignore_errors=True)
     return PretrainResult(out, step, time.monotonic() - started, final_probe)

@@ -96,6 +96,7 @@ def probe(
     frames = sample_specs(components, [s.prompt for s in specs], seed, **sampling)
     scores = [metrics.score(metrics.read_video(v), s) for v, s in zip(frames, specs, strict=True)]
     summary: dict[str, Any] = dict(metrics.summarize(scores))
+    summary["direction_videos"] = sum(s.motion in ("left", "right", "up", "down") for s in specs)
     moving = [
         sc
         for sc, sp in zip(scores, specs, strict=True)
