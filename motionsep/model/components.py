@@ -150,31 +150,43 @@ def _tiny_vocab() -> tuple[dict[str, int], list[str]]:
     return {token: index for index, token in enumerate(tokens)}, []
 
 
-def build_tiny_components(seed: int = TINY_SEED) -> dict[str, Any]:
-    """Builds the tiny ZeroScope-shaped model with seeded random weights.
+def build_tiny_components(
+    seed: int = TINY_SEED,
+    *,
+    unet_config: dict[str, Any] | None = None,
+    vae_config: dict[str, Any] | None = None,
+    text_config: dict[str, Any] | None = None,
+    tokenizer: CLIPTokenizer | None = None,
+) -> dict[str, Any]:
+    """Builds a small ZeroScope-shaped model with seeded random weights.
 
-    Building twice with the same seed gives bit-identical weights.
+    Building twice with the same seed gives bit-identical weights. The
+    defaults give the ``tiny`` model; the toy model passes its own sizes and
+    word-level tokenizer.
     """
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    vocab, merges = _tiny_vocab()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    if tokenizer is None:
+        vocab, merges = _tiny_vocab()
+        tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    vocab = tokenizer.get_vocab()
 
     torch.manual_seed(seed)
-    unet = UNet3DConditionModel(**TINY_UNET_CONFIG)
+    unet = UNet3DConditionModel(**(unet_config or TINY_UNET_CONFIG))
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    vae = AutoencoderKL(**(vae_config or TINY_VAE_CONFIG))
     torch.manual_seed(seed + 2)
-    text_config = CLIPTextConfig(
-        vocab_size=len(vocab),
-        bos_token_id=vocab["<|startoftext|>"],
-        eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
-        **TINY_TEXT_CONFIG,
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+            **(text_config or TINY_TEXT_CONFIG),
+        )
     )
-    text_encoder = CLIPTextModel(text_config)
     scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
     for module in (unet, vae, text_encoder):
         module.eval()

@@ -102,10 +102,13 @@ def write_clips(specs: Sequence[world.ClipSpec], folder: Path) -> list[Path]:
     return paths
 
 
-def _settings(store_home: Path, overrides: dict[str, Any], set_options: list[str] | None) -> Any:
+def _settings(
+    store_home: Path | None, overrides: dict[str, Any], set_options: list[str] | None
+) -> Any:
+    """The toy preset under ``overrides``; ``store_home`` None keeps the user's store."""
     from motionsep.config import load_settings
 
-    tree = {"store": {"home": store_home}, **overrides}
+    tree = dict(overrides) if store_home is None else {"store": {"home": store_home}, **overrides}
     return load_settings(preset=TOY_PRESET, overrides=tree, set_options=set_options)
 
 
@@ -280,7 +283,7 @@ def run_demo(
     events = or_null(progress)
     started = time.monotonic()
     name = name or f"toy-{motion}"
-    settings = _settings_user(set_options)
+    settings = _settings(None, {}, set_options)
     store = Store(settings.store.home)
     out.mkdir(parents=True, exist_ok=True)
     ref_specs = reference_specs(motion, 3, seed=0)
@@ -323,12 +326,6 @@ def run_demo(
     (out / "results.md").write_text(results_markdown(results))
     write_frames_grid(runs, out / "frames.png", per_condition=prompts)
     return results
-
-
-def _settings_user(set_options: list[str] | None) -> Any:
-    from motionsep.config import load_settings
-
-    return load_settings(preset=TOY_PRESET, set_options=set_options)
 
 
 # ---------------------------------------------------------------------------

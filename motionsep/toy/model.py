@@ -13,7 +13,7 @@ import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from motionsep.model.components import SCHEDULER_CONFIG, TINY_TEXT_CONFIG, TINY_UNET_CONFIG
+from motionsep.model.components import TINY_TEXT_CONFIG, TINY_UNET_CONFIG
 from motionsep.toy import world
 
 if TYPE_CHECKING:
@@ -112,29 +112,12 @@ def build_tokenizer() -> CLIPTokenizer:
 
 def build_components(seed: int) -> dict[str, Any]:
     """The toy model's components with seeded random weights (before pretraining)."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from motionsep.model.components import build_tiny_components
 
-    tokenizer = build_tokenizer()
-    vocab = tokenizer.get_vocab()
-    torch.manual_seed(seed)
-    unet = UNet3DConditionModel(**TOY_UNET_CONFIG)
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**TOY_VAE_CONFIG)
-    torch.manual_seed(seed + 2)
-    text_config = CLIPTextConfig(
-        vocab_size=len(vocab),
-        bos_token_id=vocab["<|startoftext|>"],
-        eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
-        **TOY_TEXT_CONFIG,
+    return build_tiny_components(
+        seed,
+        unet_config=TOY_UNET_CONFIG,
+        vae_config=TOY_VAE_CONFIG,
+        text_config=TOY_TEXT_CONFIG,
+        tokenizer=build_tokenizer(),
     )
-    text_encoder = CLIPTextModel(text_config)
-    return {
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "scheduler": DDIMScheduler(**SCHEDULER_CONFIG),
-    }

@@ -208,8 +208,13 @@ class _Run:
         noise, timesteps = noise.to(self.device), timesteps.to(self.device)
         scheduler = self.parts["scheduler"]
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        ids = self.parts["tokenizer"](
-            prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt"
+        tokenizer = self.parts["tokenizer"]
+        ids = tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids.to(self.device)
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr * _warmup_cosine(step, cfg.steps, cfg.warmup)

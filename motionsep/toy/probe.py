@@ -31,23 +31,13 @@ def sample_specs(
     """
     import torch
 
+    from motionsep.config import load_settings
     from motionsep.model.components import encode_prompts
-    from motionsep.sample import SamplingPlan, decode_latents, denoise
+    from motionsep.sample import decode_latents, denoise, resolve_plan
 
-    plan = SamplingPlan(
-        steps=steps,
-        guidance=guidance,
-        width=world.SIZE,
-        height=world.SIZE,
-        frames=world.FRAMES,
-        negative_prompt="",
-        recipe=None,
-        lora_scale=None,
-        highway=False,
-        highway_beta=None,
-        pli=None,
-        motion_steps=0,
-        noise_prior=0.0,
+    plan = resolve_plan(
+        load_settings(preset="toy", overrides={"sample": {"steps": steps, "guidance": guidance}}),
+        None,
     )
     factor = components.vae_scale_factor
     shape = (
