@@ -88,6 +88,27 @@ def test_tokenizer_gives_every_toy_word_one_token() -> None:
     assert len(tokenizer(longest).input_ids) <= MAX_TOKENS
 
 
+def test_toy_text_encoder_tells_direction_words_apart_as_well_as_colours() -> None:
+    """A text encoder that hardly separates "left" from "right" cannot teach direction."""
+    import torch
+
+    from motionsep.toy.model import build_components
+
+    parts = build_components(seed=0)
+    tokenizer, encoder = parts["tokenizer"], parts["text_encoder"]
+
+    def encode(prompt: str) -> torch.Tensor:
+        ids = tokenizer([prompt], padding="max_length", return_tensors="pt").input_ids
+        with torch.no_grad():
+            return encoder(ids)[0]
+
+    base = encode("a red square moving left on a plain gray background")
+    colour = (encode("a blue square moving left on a plain gray background") - base).norm()
+    for other in ("right", "up", "down"):
+        moved = (encode(f"a red square moving {other} on a plain gray background") - base).norm()
+        assert moved > 0.5 * colour, other
+
+
 # ---------------------------------------------------------------------------
 # metrics
 
@@ -210,6 +231,14 @@ def test_pretraining_resumes_bit_identically_and_records_itself(tmp_path: Path) 
     assert set(record["probe"]) >= {"color", "direction", "motion"}
     vae_config = json.loads((tmp_path / "a" / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] != 1.0  # set from the trained encoder
+    # the text encoder stays as built (frozen), so its words stay apart
+    from safetensors.torch import load_file
+
+    from motionsep.toy.model import build_components
+
+    built = build_components(config.seed)["text_encoder"].state_dict()
+    saved = load_file(str(tmp_path / "a" / "text_encoder" / "model.safetensors"))
+    assert all(bool((saved[k].float() == built[k].float()).all()) for k in saved)
 
 
 def test_pretraining_refuses_bad_settings_and_foreign_resumes(tmp_path: Path) -> None:
@@ -218,6 +247,8 @@ def test_pretraining_refuses_bad_settings_and_foreign_resumes(tmp_path: Path) ->
 
     with pytest.raises(UsageError, match="lr must be > 0"):
         PretrainConfig(lr=0.0)
+    with pytest.raises(UsageError, match="x0_weight_floor"):
+        PretrainConfig(x0_weight_floor=-1.0)
     with pytest.raises(UsageError, match="no checkpoint to resume"):
         pretrain(tmp_path / "m", tmp_path / "run", PretrainConfig(), resume=True)
     (tmp_path / "m").mkdir()

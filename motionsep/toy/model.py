@@ -112,12 +112,22 @@ def build_tokenizer() -> CLIPTokenizer:
 
 def build_components(seed: int) -> dict[str, Any]:
     """The toy model's components with seeded random weights (before pretraining)."""
+    import torch
+
     from motionsep.model.components import build_tiny_components
 
-    return build_tiny_components(
+    parts = build_tiny_components(
         seed,
         unet_config=TOY_UNET_CONFIG,
         vae_config=TOY_VAE_CONFIG,
         text_config=TOY_TEXT_CONFIG,
         tokenizer=build_tokenizer(),
     )
+    # Word vectors of unit scale instead of CLIP's 0.02: then every toy word,
+    # "left" as much as "red", moves the encoder's output from the start.
+    # Pretraining keeps this encoder frozen (see PretrainConfig).
+    embedding = parts["text_encoder"].get_input_embeddings()
+    generator = torch.Generator().manual_seed(seed + 17)
+    with torch.no_grad():
+        embedding.weight.copy_(torch.randn(embedding.weight.shape, generator=generator))
+    return parts
