@@ -202,6 +202,9 @@ def probe(
         for key in ("color", "shape", "background", "motion", "direction")
         if result.get(key) is not None
     ]
+    for asked, drawn in result["confusion"].items():
+        counts = ", ".join(f"{k} {n}" for k, n in sorted(drawn.items(), key=lambda kv: -kv[1]))
+        lines.append(f"asked {asked}: drew {counts}")
     emit(result, as_json, lines=lines)
 
 

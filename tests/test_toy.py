@@ -398,3 +398,18 @@ def test_an_unfinished_run_exports_its_newest_checkpoint(tmp_path: Path) -> None
     assert record["exported_from"]["step"] == 2
     components = load_components(tmp_path / "snapshot")  # a complete model folder
     assert components.unet.dtype == components.vae.dtype  # fp16 on disk, loaded as fp32
+
+
+def test_toy_probe_reports_rates_and_what_each_motion_came_out_as(
+    store_home: Path, toy_random_model: Path
+) -> None:
+    args = ["toy", "probe", "--model", str(toy_random_model), "--count", "7", "--steps", "2"]
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["videos"] == 7 and 0 <= report["color"] <= 1
+    # one video per pretraining motion, each read as exactly one motion (or none)
+    assert set(report["confusion"]) == set(world.PRETRAIN_MOTIONS)
+    assert all(sum(row.values()) == 1 for row in report["confusion"].values())
+    plain = CliRunner().invoke(app, args)
+    assert "asked zoom-in: drew" in plain.stdout

@@ -80,11 +80,13 @@ def probe(
 
     Returns:
         The summary rates (color, shape, background, motion) plus
-        ``direction``: motion accuracy over the four translations alone.
+        ``direction``: motion accuracy over the four translations alone, and
+        ``confusion``: per asked-for motion, how often each motion was drawn.
     """
     specs = held_in_specs(count, seed)
     frames = sample_specs(components, [s.prompt for s in specs], seed, **sampling)
-    scores = [metrics.score(metrics.read_video(v), s) for v, s in zip(frames, specs, strict=True)]
+    readings = [metrics.read_video(v) for v in frames]
+    scores = [metrics.score(r, s) for r, s in zip(readings, specs, strict=True)]
     summary: dict[str, Any] = dict(metrics.summarize(scores))
     summary["direction_videos"] = sum(s.motion in ("left", "right", "up", "down") for s in specs)
     moving = [
@@ -93,6 +95,13 @@ def probe(
         if sp.motion in ("left", "right", "up", "down")
     ]
     summary["direction"] = float(np.mean([bool(s.motion_ok) for s in moving])) if moving else None
+    # what each asked-for motion came out as ("none": no object found)
+    confusion: dict[str, dict[str, int]] = {}
+    for reading, spec in zip(readings, specs, strict=True):
+        row = confusion.setdefault(spec.motion, {})
+        drawn = reading.motion or "none"
+        row[drawn] = row.get(drawn, 0) + 1
+    summary["confusion"] = confusion
     summary["frames"] = frames
     summary["specs"] = specs
     return summary
