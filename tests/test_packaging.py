@@ -1,4 +1,4 @@
-"""The wheel: presets ship inside it, and the console script is declared."""
+"""The wheel: presets and the toy model ship inside it, and the console script is declared."""
 
 from __future__ import annotations
 
@@ -7,11 +7,15 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from motionsep.config import available_presets
+from motionsep.toy.model import builtin_path
 from tests.conftest import PROJECT_ROOT
 
 
-def test_wheel_ships_presets_and_the_console_script(tmp_path: Path) -> None:
+def _wheel_names(folder: Path) -> set[str]:
+    """Builds the wheel into ``folder``; returns the paths inside it."""
     subprocess.run(
         [
             sys.executable,
@@ -22,21 +26,42 @@ def test_wheel_ships_presets_and_the_console_script(tmp_path: Path) -> None:
             "--no-build-isolation",
             "-q",
             "-w",
-            str(tmp_path),
+            str(folder),
             str(PROJECT_ROOT),
         ],
         check=True,
         capture_output=True,
-        cwd=tmp_path,
+        cwd=folder,
         timeout=300,
     )
-    wheel = next(tmp_path.glob("motionsep-*.whl"))
+    wheel = next(folder.glob("motionsep-*.whl"))
     with zipfile.ZipFile(wheel) as archive:
-        names = set(archive.namelist())
-        entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+        return set(archive.namelist())
+
+
+def test_wheel_ships_presets_and_the_console_script(tmp_path: Path) -> None:
+    names = _wheel_names(tmp_path)
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    with zipfile.ZipFile(next(tmp_path.glob("motionsep-*.whl"))) as archive:
         scripts = archive.read(entry_points).decode()
     for preset in available_presets():
         assert f"motionsep/presets/{preset}.yaml" in names
     assert "motionsep_cli/app.py" in names
     assert "motionsep = motionsep_cli.app:main" in scripts
     assert not any(name.startswith("tests/") for name in names)
+
+
+@pytest.mark.skipif(
+    not (builtin_path() / "model_index.json").is_file(),
+    reason="the pretrained toy model is not shipped yet (issue 10)",
+)
+def test_wheel_ships_the_toy_model(tmp_path: Path) -> None:
+    names = _wheel_names(tmp_path)
+    weights = builtin_path()
+    shipped = {
+        "motionsep/toy/weights/" + path.relative_to(weights).as_posix()
+        for path in weights.rglob("*")
+        if path.is_file()
+    }
+    assert "motionsep/toy/weights/unet/diffusion_pytorch_model.safetensors" in shipped
+    assert shipped <= names, sorted(shipped - names)
