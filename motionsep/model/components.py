@@ -330,6 +330,18 @@ def load_components(folder: Path, dtype: Any = None, device: Any = "cpu") -> Com
     )
 
 
+def tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
+    """Token ids (len(prompts), model_max_length), padded and truncated as CLIP expects."""
+    ids: torch.Tensor = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return ids
+
+
 def encode_prompts(components: Components, prompts: list[str]) -> torch.Tensor:
     """CLIP text embeddings (last hidden state) of ``prompts``, padded to the max length.
 
@@ -338,14 +350,7 @@ def encode_prompts(components: Components, prompts: list[str]) -> torch.Tensor:
     """
     import torch
 
-    tokenizer = components.tokenizer
-    ids = tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
+    ids = tokenize(components.tokenizer, prompts)
     encoder = components.text_encoder
     with torch.no_grad():
         return encoder(ids.to(encoder.device))[0]

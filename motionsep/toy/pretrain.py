@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from motionsep.errors import MotionsepError, UsageError
+from motionsep.model.components import tokenize
 from motionsep.progress import Progress, or_null
 from motionsep.store import atomic_folder, atomic_write_bytes
 from motionsep.toy import world
@@ -214,14 +215,7 @@ class _Run:
         noise, timesteps = noise.to(self.device), timesteps.to(self.device)
         scheduler = self.parts["scheduler"]
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        tokenizer = self.parts["tokenizer"]
-        ids = tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
+        ids = tokenize(self.parts["tokenizer"], prompts).to(self.device)
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr * _warmup_cosine(step, cfg.steps, cfg.warmup)
         text = text_encoder(ids)[0]
