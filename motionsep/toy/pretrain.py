@@ -246,10 +246,11 @@ class _Run:
         The floor matters for motion. Measured as an error in the clean
         video, noise MSE weighs a sample by its SNR, so at the noisiest
         timesteps (SNR 0.005 to 0.1), where the sampler decides where the
-        object goes in each frame, the model hears almost nothing about it;
-        a model trained without the floor moved objects smoothly but in
-        random directions. The floor gives those timesteps the clean-video
-        weight ``x0_weight_floor`` (as v-prediction would, up to the scale).
+        object goes in each frame, the model hears almost nothing about it.
+        The floor gives those timesteps the clean-video weight
+        ``x0_weight_floor`` (as v-prediction would, up to the scale). Its
+        effect on direction alone is not measured yet: the runs that moved
+        objects in random directions also had a collapsed text encoder.
         """
         import torch
 
@@ -287,7 +288,8 @@ class _Run:
         # a short warm-up of the average so early weights don't linger
         decay = min(self.config.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for name in ("unet", "text_encoder"):
+            trained = ("unet", "text_encoder") if self.config.train_text_encoder else ("unet",)
+            for name in trained:
                 ema: list[torch.Tensor] = list(self.ema[name].parameters())
                 live: list[torch.Tensor] = list(self.parts[name].parameters())
                 torch._foreach_lerp_(ema, live, 1.0 - decay)
@@ -353,7 +355,7 @@ def _build_run(config: PretrainConfig, device: torch.device) -> _Run:
         parts[name].to(device).train()
     if not config.train_text_encoder:
         # Trained jointly, the encoder let the direction words collapse onto
-        # each other (left vs right moved its output 40x less than red vs
+        # each other (left vs right moved its output 30x less than red vs
         # blue), so the U-Net could not learn direction; frozen random
         # features keep every word apart.
         parts["text_encoder"].eval().requires_grad_(False)
