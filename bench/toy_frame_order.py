@@ -10,7 +10,9 @@ prediction. Any movement across frames then comes from absolute frame
 position alone. It prints, per model and timestep: how much the prediction
 differs between frames (relative to its size) and the object's slope along
 the asked direction in pixels per frame (the toy world's translations move
-18 px over 7 frame steps: 2.57 px/frame; 0 means no sense of frame order)::
+18 px over 7 frame steps: 2.57 px/frame; 0 means no sense of frame order),
+and the slope of the background's brightness (the world's frame clock rises
+by 2 * CLOCK grey levels over the clip: 3.43 levels/frame)::
 
     python bench/toy_frame_order.py /work/toyrun/model motionsep/toy/weights
 """
@@ -40,7 +42,7 @@ def frame_order(folder: Path, timesteps: list[int], samples: int, seed: int) -> 
     rows = []
     for t in timesteps:
         alpha = alphas[t]
-        spreads, slopes = [], []
+        spreads, slopes, clocks = [], [], []
         for motion, (ux, uy) in DIRECTIONS.items():
             spec = world.ClipSpec("red", "square", "gray", "plain", motion, 0)
             cond = encode_prompts(components, [spec.prompt] * samples)
@@ -54,6 +56,12 @@ def frame_order(folder: Path, timesteps: list[int], samples: int, seed: int) -> 
             spreads.append(float((x0 - x0.mean(2, keepdim=True)).norm() / x0.norm()))
             for video in decode_latents(components.vae, x0, frames_per_call=64):
                 reading = metrics.read_video(video)
+                grey = video.astype(np.float32).mean(axis=-1)
+                shade = [
+                    float(np.median(g[~metrics.object_mask(f)]))
+                    for g, f in zip(grey, video, strict=True)
+                ]
+                clocks.append(float(np.polyfit(np.arange(len(shade)), shade, 1)[0]))
                 ok = np.isfinite(reading.centers).all(axis=1)
                 if ok.sum() > 3:
                     frames = np.nonzero(ok)[0]
@@ -66,6 +74,7 @@ def frame_order(folder: Path, timesteps: list[int], samples: int, seed: int) -> 
                 "spread": float(np.mean(spreads)),
                 "slope": float(np.mean(slopes)) if slopes else float("nan"),
                 "read": len(slopes),
+                "clock": float(np.mean(clocks)),
             }
         )
     return rows
@@ -83,13 +92,16 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    print("| model | t | frame spread | slope along the asked direction (px/frame) | read |")
-    print("|---|---|---|---|---|")
+    print(
+        "| model | t | frame spread | slope along the asked direction (px/frame) | read "
+        "| clock slope (grey/frame) |"
+    )
+    print("|---|---|---|---|---|---|")
     for folder in args.models:
         for row in frame_order(folder, args.timesteps, args.samples, args.seed):
             print(
                 f"| {row['model']} | {row['t']} | {row['spread']:.3f} | {row['slope']:+.2f} "
-                f"| {row['read']}/{4 * args.samples} |",
+                f"| {row['read']}/{4 * args.samples} | {row['clock']:+.2f} |",
                 flush=True,
             )
 

@@ -44,6 +44,20 @@ def test_render_is_deterministic_and_seed_moves_the_path() -> None:
     assert first.frames.dtype == np.uint8
 
 
+def test_background_brightens_over_every_clip_as_a_frame_clock() -> None:
+    # The U-Net has no frame-position embedding; the world's clock is what lets
+    # a model learn which frame is which (without it, translations came out static).
+    rng = np.random.default_rng(3)
+    step = 2 * world.CLOCK / (world.FRAMES - 1)
+    for _ in range(20):
+        clip = world.render(world.random_spec(rng, world.PRETRAIN_MOTIONS))
+        grey = clip.frames.astype(np.float32).mean(axis=-1)
+        # pixels the object never touches: the same texture in every frame
+        background = (clip.masks < 0.01).all(axis=0)
+        shade = grey[:, background].mean(axis=1)
+        assert np.diff(shade) == pytest.approx(np.full(world.FRAMES - 1, step), abs=0.6), clip.spec
+
+
 @pytest.mark.parametrize(
     ("motion", "axis", "sign"),
     [("right", 0, 1), ("left", 0, -1), ("down", 1, 1), ("up", 1, -1), ("diagonal", 0, 1)],
