@@ -12,7 +12,10 @@ differs between frames (relative to its size) and the object's slope along
 the asked direction in pixels per frame (the toy world's translations move
 18 px over 7 frame steps: 2.57 px/frame; 0 means no sense of frame order),
 and the slope of the background's brightness (the world's frame clock rises
-by 2 * CLOCK grey levels over the clip: 3.43 levels/frame)::
+by 2 * CLOCK grey levels over the clip: 3.43 levels/frame). The last column
+asks whether the U-Net reads the direction words at all: how much its output
+changes when "right" becomes "left", relative to "red" becoming "blue" (on
+ordinary noise, different in every frame)::
 
     python bench/toy_frame_order.py /work/toyrun/model motionsep/toy/weights
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -69,6 +73,7 @@ def frame_order(folder: Path, timesteps: list[int], samples: int, seed: int) -> 
                     slopes.append(float(np.polyfit(frames, along, 1)[0]))
         rows.append(
             {
+                "sensitivity": text_sensitivity(components, t, samples, seed),
                 "model": str(folder),
                 "t": t,
                 "spread": float(np.mean(spreads)),
@@ -78,6 +83,30 @@ def frame_order(folder: Path, timesteps: list[int], samples: int, seed: int) -> 
             }
         )
     return rows
+
+
+def text_sensitivity(components: Any, t: int, samples: int, seed: int) -> float:
+    """|U-Net(left) - U-Net(right)| / |U-Net(blue) - U-Net(red)| on the same noise."""
+    import torch
+
+    from motionsep.model.components import encode_prompts
+    from motionsep.toy import world
+
+    latent = world.SIZE // components.vae_scale_factor
+    channels = components.unet.config.in_channels
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, channels, world.FRAMES, latent, latent, generator=generator)
+
+    def output(color: str, motion: str) -> Any:
+        prompt = world.ClipSpec(color, "circle", "gray", "plain", motion, 0).prompt
+        cond = encode_prompts(components, [prompt] * samples)
+        with torch.no_grad():
+            return components.unet(x, torch.full((samples,), t), encoder_hidden_states=cond).sample
+
+    base = output("red", "right")
+    direction = (output("red", "left") - base).norm()
+    color = (output("blue", "right") - base).norm()
+    return float(direction / color)
 
 
 def main() -> None:
@@ -94,14 +123,15 @@ def main() -> None:
     torch.set_num_threads(1)
     print(
         "| model | t | frame spread | slope along the asked direction (px/frame) | read "
-        "| clock slope (grey/frame) |"
+        "| clock slope (grey/frame) | direction / colour sensitivity |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for folder in args.models:
         for row in frame_order(folder, args.timesteps, args.samples, args.seed):
             print(
                 f"| {row['model']} | {row['t']} | {row['spread']:.3f} | {row['slope']:+.2f} "
-                f"| {row['read']}/{4 * args.samples} | {row['clock']:+.2f} |",
+                f"| {row['read']}/{4 * args.samples} | {row['clock']:+.2f} "
+                f"| {row['sensitivity']:.2f} |",
                 flush=True,
             )
 
