@@ -254,3 +254,30 @@ def test_state_dict_round_trip(tiny_unet: nn.Module, tiny_model_dir) -> None:
     tap.inject_motion_lora(other, Recipe.PAPER, RANK)
     with pytest.raises(RecipeMismatchError, match="unexpected tensors"):
         tap.load_adapter_state_dict(other, state)
+
+
+def test_layer_list_follows_injection_removal_and_replacement(tiny_unet: nn.Module) -> None:
+    # lora_layers is cached per U-Net (training switches adapters several times a
+    # step); a stale list would switch or save the wrong layers.
+    def walked(adapter: str) -> list[str]:
+        return [
+            name
+            for name, module in tiny_unet.named_modules()
+            if hasattr(module, "lora_A") and adapter in module.lora_A
+        ]
+
+    motion = tap.inject_motion_lora(tiny_unet, Recipe.PAPER, RANK)
+    assert tap.adapted_modules(tiny_unet) == walked(tap.MOTION_ADAPTER) == list(motion.adapted)
+    spatial = tap.inject_spatial_lora(tiny_unet, RANK)
+    assert tap.adapted_modules(tiny_unet, tap.SPATIAL_ADAPTER) == walked(tap.SPATIAL_ADAPTER)
+    assert len(tap.adapted_modules(tiny_unet, tap.SPATIAL_ADAPTER)) == len(spatial.adapted) > 0
+    tap.drop_adapter(tiny_unet, tap.SPATIAL_ADAPTER)
+    assert tap.adapted_modules(tiny_unet, tap.SPATIAL_ADAPTER) == []
+    assert tap.adapter_names(tiny_unet) == [tap.MOTION_ADAPTER]
+    # a layer put back by other code is noticed
+    first = motion.adapted[0]
+    parent_name, _, child = first.rpartition(".")
+    parent = tiny_unet.get_submodule(parent_name)
+    setattr(parent, child, tiny_unet.get_submodule(first).get_base_layer())
+    assert first not in tap.adapted_modules(tiny_unet)
+    assert tap.adapted_modules(tiny_unet) == walked(tap.MOTION_ADAPTER)
