@@ -133,8 +133,8 @@ def inject_lora(
     with warnings.catch_warnings():
         # A second adapter on the same model is what we want (motion + spatial).
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        _LAYER_CACHE.pop(unet, None)
         try:
-            _LAYER_CACHE.pop(unet, None)
             inject_adapter_in_model(config, unet, adapter_name=adapter_name)
         except ValueError as exc:
             raise RecipeMismatchError(
@@ -298,11 +298,11 @@ def _preview(names: list[str], limit: int = 5) -> str:
 
 
 # The LoRA layers of each U-Net, found once: walking a U-Net's modules takes
-# about 25 ms (ZeroScope: more), and training switches adapters on and off
-# several times a step (a third of a toy training step went into the walk).
-# Adapters enter and leave only through inject_lora / remove_adapter, which
-# drop the entry; a cached layer that is no longer at its place (replaced by
-# other code) also makes the walk run again.
+# 6-8 ms on the toy U-Net (more on ZeroScope's), and training switches
+# adapters on and off several times a step. Adapters enter and leave only
+# through inject_lora / drop_adapter, which drop the entry; a cached layer
+# that is no longer in its parent (replaced by other code) also makes the
+# walk run again.
 _LAYER_CACHE: weakref.WeakKeyDictionary[nn.Module, list[tuple[str, LoraLayer, nn.Module]]] = (
     weakref.WeakKeyDictionary()
 )

@@ -90,9 +90,10 @@ through the zero padding of its temporal convolutions, and the object alone
 (a few percent of the pixels, in four of seven motions) teaches that too
 slowly: a model trained without the clock put every frame's object in the
 same place at the start of sampling and drew translations as static. The
-clock is in every pixel of every clip, so frame position is learned early,
-and the brightness of a partly denoised frame then tells every layer which
-frame it is. It is far below the gaps between background shades (40, 128,
+clock is in every pixel of every clip: with it the U-Net draws the clock
+from pure noise after 200 training steps (``bench/toy_frame_order.py``).
+That alone does not make the object follow the prompt's direction (issue
+10). The clock is far below the gaps between background shades (40, 128,
 215) and constant within a frame, so segmentation reads clips as before.
 """
 
