@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 
 from motionsep.config import available_presets
+from motionsep.store import builtin_model_path
 from motionsep.toy.model import builtin_path
 from tests.conftest import PROJECT_ROOT
 
 
-def _wheel_names(folder: Path) -> set[str]:
-    """Builds the wheel into ``folder``; returns the paths inside it."""
+def _build_wheel(folder: Path) -> Path:
+    """Builds the wheel into ``folder``; returns its path."""
     subprocess.run(
         [
             sys.executable,
@@ -34,15 +35,13 @@ def _wheel_names(folder: Path) -> set[str]:
         cwd=folder,
         timeout=300,
     )
-    wheel = next(folder.glob("motionsep-*.whl"))
-    with zipfile.ZipFile(wheel) as archive:
-        return set(archive.namelist())
+    return next(folder.glob("motionsep-*.whl"))
 
 
 def test_wheel_ships_presets_and_the_console_script(tmp_path: Path) -> None:
-    names = _wheel_names(tmp_path)
-    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    with zipfile.ZipFile(next(tmp_path.glob("motionsep-*.whl"))) as archive:
+    with zipfile.ZipFile(_build_wheel(tmp_path)) as archive:
+        names = set(archive.namelist())
+        entry_points = next(n for n in names if n.endswith("entry_points.txt"))
         scripts = archive.read(entry_points).decode()
     for preset in available_presets():
         assert f"motionsep/presets/{preset}.yaml" in names
@@ -52,11 +51,12 @@ def test_wheel_ships_presets_and_the_console_script(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(
-    not (builtin_path() / "model_index.json").is_file(),
+    builtin_model_path("toy") is None,
     reason="the pretrained toy model is not shipped yet (issue 10)",
 )
 def test_wheel_ships_the_toy_model(tmp_path: Path) -> None:
-    names = _wheel_names(tmp_path)
+    with zipfile.ZipFile(_build_wheel(tmp_path)) as archive:
+        names = set(archive.namelist())
     weights = builtin_path()
     shipped = {
         "motionsep/toy/weights/" + path.relative_to(weights).as_posix()

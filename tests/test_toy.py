@@ -434,9 +434,9 @@ def test_toy_probe_reports_rates_and_what_each_motion_came_out_as(
 
 
 def _shipped() -> bool:
-    from motionsep.toy.model import builtin_path
+    from motionsep.store import builtin_model_path
 
-    return (builtin_path() / "model_index.json").is_file()
+    return builtin_model_path("toy") is not None
 
 
 needs_shipped = pytest.mark.skipif(
