@@ -52,8 +52,8 @@ def test_background_brightens_over_every_clip_as_a_frame_clock() -> None:
     for _ in range(20):
         clip = world.render(world.random_spec(rng, world.PRETRAIN_MOTIONS))
         grey = clip.frames.astype(np.float32).mean(axis=-1)
-        # pixels the object never touches: the same texture in every frame
-        background = (clip.masks < 0.01).all(axis=0)
+        # pixels the object and its trail never touch: the same texture in every frame
+        background = ((clip.masks < 0.01) & (clip.trails < 0.01)).all(axis=0)
         shade = grey[:, background].mean(axis=1)
         assert np.diff(shade) == pytest.approx(np.full(world.FRAMES - 1, step), abs=0.6), clip.spec
 
@@ -71,6 +71,23 @@ def test_translations_move_the_object_the_way_the_prompt_says(
     # the mask really is where the centre says
     _, xs = np.nonzero(clip.masks[0] > 0.5)
     assert abs(xs.mean() + 0.5 - clip.centers[0, 0]) < 1.0
+
+
+@pytest.mark.parametrize(
+    ("motion", "axis", "sign"), [("right", 0, 1), ("left", 0, -1), ("down", 1, 1), ("up", 1, -1)]
+)
+def test_motion_trail_shows_the_direction_in_every_frame(motion: str, axis: int, sign: int) -> None:
+    # The trail is what lets a per-frame layer see which way the object goes.
+    clip = world.render(world.ClipSpec("purple", "square", "gray", "plain", motion, seed=2))
+    for index in range(world.FRAMES):
+        ys, xs = np.nonzero(clip.trails[index] > 0.02)
+        assert xs.size >= 10, index
+        behind = (xs.mean() + 0.5, ys.mean() + 0.5)[axis]
+        assert sign * (clip.centers[index, axis] - behind) > 3, index
+    for motion in ("static", "zoom-in"):
+        # nothing trails an object that stays put or grows over where it was
+        still = world.render(world.ClipSpec("purple", "square", "gray", "plain", motion, seed=2))
+        assert still.trails.max() < 0.05, motion
 
 
 def test_zoom_and_dolly_change_size_and_prompts_name_everything() -> None:

@@ -18,8 +18,12 @@ import numpy as np
 
 from motionsep.toy import world
 
-CHROMA_THRESHOLD = 70.0
-"""max(RGB) - min(RGB) above which a pixel counts as object."""
+CHROMA_THRESHOLD = 100.0
+"""max(RGB) - min(RGB) above which a pixel counts as object.
+
+The palette's least saturated colour has 155; the motion trail, at most
+``world.TRAIL_OPACITY`` of the object's colour, stays below 91.
+"""
 
 MIN_OBJECT_PIXELS = 6
 """An object smaller than this (in pixels) counts as not drawn."""

@@ -126,10 +126,14 @@ class PretrainResult:
 
 
 def clip_batch(seed: int, step: int, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Frames (B, F, H, W, 3) uint8, object masks (B, F, H, W) and captions of step ``step``."""
+    """Frames (B, F, H, W, 3) uint8, object-and-trail masks (B, F, H, W) and captions.
+
+    The masks weight the loss: the object and its motion trail are where the
+    prompt's colour, shape and direction show.
+    """
     clips = list(world.batch(seed, step, size))
     frames = np.stack([c.frames for c in clips])
-    masks = np.stack([c.masks for c in clips])
+    masks = np.stack([np.maximum(c.masks, c.trails) for c in clips])
     return frames, masks, [c.spec.prompt for c in clips]
 
 
