@@ -248,7 +248,7 @@ visible in every single frame (behind a rightward mover, to the left of it),
 so the per-frame spatial layers, the only ones that read the text, are
 trained to draw something that depends on the direction word; without it the
 U-Net learned the colour word but not the direction word (issue 10). The
-opacity keeps the trail's colour saturation (at most 0.28 x 215) below the
+opacity keeps the trail's colour saturation (at most 0.42 x 215) below the
 segmentation's object threshold, so metrics read the object alone.
 """
 
