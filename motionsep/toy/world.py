@@ -329,7 +329,8 @@ def render(spec: ClipSpec, frames: int = FRAMES, resolution: int = SIZE) -> Clip
         for (past, past_sizes, _), opacity in zip(behind, fade, strict=True):
             px, py = (float(v) for v in past[index])
             past_mask = shape_mask(spec.shape, px, py, float(past_sizes[index]), resolution)
-            trail = np.maximum(trail, opacity * past_mask)
+            # only where the object was and no longer is: a still object has no trail
+            trail = np.maximum(trail, opacity * np.clip(past_mask - mask, 0.0, 1.0))
         cover = mask + (1.0 - mask) * trail
         grey = background_image(spec.background, spec.texture, float(bg_scale[index]), resolution)
         grey = grey + clock[index]
