@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import motionsep
 from motionsep import __version__
 from motionsep_cli.app import app
 
@@ -90,4 +91,7 @@ def test_download_list_json_is_parseable(store_home: Path) -> None:
     assert result.exit_code == 0
     rows = json.loads(result.stdout)
     assert {row["name"] for row in rows} >= {"zeroscope", "modelscope", "clip", "tiny"}
-    assert not any(row["installed"] for row in rows)
+    # an empty store: only the toy model, which ships inside the package, is there
+    assert not any(row["installed"] for row in rows if row["name"] != "toy")
+    toy = next(row for row in rows if row["name"] == "toy")
+    assert toy["installed"] and Path(toy["path"]).is_relative_to(Path(motionsep.__file__).parent)

@@ -280,6 +280,8 @@ def test_pretraining_refuses_bad_settings_and_foreign_resumes(tmp_path: Path) ->
         PretrainConfig(lr=0.0)
     with pytest.raises(UsageError, match="x0_weight_floor"):
         PretrainConfig(x0_weight_floor=-1.0)
+    with pytest.raises(UsageError, match=r"noisy_share must be in \[0, 1\] \(got 1.5\)"):
+        PretrainConfig(noisy_share=1.5)
     with pytest.raises(UsageError, match="no checkpoint to resume"):
         pretrain(tmp_path / "m", tmp_path / "run", PretrainConfig(), resume=True)
     (tmp_path / "m").mkdir()

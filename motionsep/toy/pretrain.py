@@ -55,7 +55,7 @@ class PretrainConfig:
     vae_steps: int = 800
     vae_batch: int = 32
     vae_lr: float = 1e-3
-    steps: int = 2000
+    steps: int = 4000
     batch: int = 16
     lr: float = 5e-4
     warmup: int = 100
@@ -63,6 +63,8 @@ class PretrainConfig:
     object_weight: float = 3.0
     min_snr_gamma: float = 5.0
     x0_weight_floor: float = 0.5
+    noisy_share: float = 0.5
+    noisy_from: int = 600
     train_text_encoder: bool = False
     ema_decay: float = 0.995
     checkpoint_every: int = 200
@@ -90,6 +92,10 @@ class PretrainConfig:
             problems.append(
                 f"x0_weight_floor must be in [0, min_snr_gamma] (got {self.x0_weight_floor})"
             )
+        if not 0 <= self.noisy_share <= 1:
+            problems.append(f"noisy_share must be in [0, 1] (got {self.noisy_share})")
+        if not 0 <= self.noisy_from < 1000:
+            problems.append(f"noisy_from must be in [0, 1000) (got {self.noisy_from})")
         if not 0 <= self.ema_decay < 1:
             problems.append(f"ema_decay must be in [0, 1) (got {self.ema_decay})")
         if problems:
@@ -213,9 +219,7 @@ class _Run:
         prompts = [p if rng.random() >= cfg.text_dropout else "" for p in prompts]
         latents = self.encode(frames)
         noise = torch.randn(latents.shape, generator=self.generator(cfg.vae_steps + step, 4))
-        timesteps = torch.randint(
-            0, 1000, (latents.shape[0],), generator=self.generator(cfg.vae_steps + step, 5)
-        )
+        timesteps = self.timesteps(cfg.vae_steps + step, latents.shape[0])
         noise, timesteps = noise.to(self.device), timesteps.to(self.device)
         scheduler = self.parts["scheduler"]
         noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -232,6 +236,32 @@ class _Run:
         self.opt.step()
         self.update_ema(step)
         return {"loss": loss.item()}
+
+    def timesteps(self, step: int, size: int) -> torch.Tensor:
+        """Training timesteps: uniform, but a share ``noisy_share`` drawn from ``noisy_from`` up.
+
+        The noisy end is where a sampler decides where the object is in each
+        frame, so it is the only place the direction word can be learned: at
+        lower noise the position is legible in the noisy input itself. With
+        uniform timesteps a fresh toy U-Net trained on left/right clips of one
+        look learned no text-dependent motion in 400 steps; with every
+        timestep at 600 or above it drew the asked direction 62% of the time
+        (chance 50%) with slopes of the right sign after 400 steps. With
+        half of each batch from 600 up, the shipped model's run (all looks,
+        seven motions) drew the asked direction in 47% of held-in
+        translations after 2000 steps, 88% after 3000 and all of them after
+        4000.
+        """
+        import torch
+
+        cfg = self.config
+        uniform = torch.randint(0, 1000, (size,), generator=self.generator(step, 5))
+        if cfg.noisy_share == 0:
+            return uniform
+        draw = self.generator(step, 7)
+        noisy = torch.randint(cfg.noisy_from, 1000, (size,), generator=draw)
+        pick = torch.rand(size, generator=draw) < cfg.noisy_share
+        return torch.where(pick, noisy, uniform)
 
     def weighted_loss(
         self,
@@ -351,22 +381,27 @@ def _warmup_cosine(step: int, total: int, warmup: int) -> float:
 
 def _build_run(config: PretrainConfig, device: torch.device) -> _Run:
     import torch
+    from diffusers.models.attention_processor import AttnProcessor
 
     from motionsep.toy.model import build_components
 
     parts = build_components(config.seed)
     for name in ("unet", "vae", "text_encoder"):
         parts[name].to(device).train()
+    ema = {
+        name: copy.deepcopy(parts[name]).eval().requires_grad_(False)
+        for name in ("unet", "text_encoder")
+    }
+    if device.type == "cpu":
+        # Plain attention beats the fused CPU kernel on these sequences of 8
+        # frames and 64 cells: 1.16 s instead of 1.37 s a U-Net step (batch 16).
+        parts["unet"].set_attn_processor(AttnProcessor())
     if not config.train_text_encoder:
         # Trained jointly, the encoder let the direction words collapse onto
         # each other (left vs right moved its output 30x less than red vs
         # blue), so the U-Net could not learn direction; frozen random
         # features keep every word apart.
         parts["text_encoder"].eval().requires_grad_(False)
-    ema = {
-        name: copy.deepcopy(parts[name]).eval().requires_grad_(False)
-        for name in ("unet", "text_encoder")
-    }
     vae_opt = torch.optim.AdamW(parts["vae"].parameters(), lr=config.vae_lr, weight_decay=0.0)
     opt = torch.optim.AdamW(
         [
