@@ -505,3 +505,18 @@ def test_shipped_toy_model_meets_its_quality_bar() -> None:
     summary = probe(load_components(builtin_path()), count=56, seed=2024)
     assert summary["color"] >= 0.8
     assert summary["direction"] >= 0.7
+
+
+@needs_shipped
+@pytest.mark.slow
+def test_demo_on_the_shipped_model_moves_closer_to_the_motion_than_the_base(
+    store_home: Path, tmp_path: Path
+) -> None:
+    """Issue 10's demo bar: the learned motion beats the base model, with the prompt's look."""
+    from motionsep.toy.experiment import run_demo
+
+    results = run_demo(tmp_path / "demo")
+    rows = {row["condition"]: row for row in results["rows"]}
+    base, learned = rows["base model"], rows["paper + highway"]
+    assert learned["motion_fidelity"]["mean"] > base["motion_fidelity"]["mean"]
+    assert learned["color"]["mean"] >= 2 / 3
