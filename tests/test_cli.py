@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import motionsep
 from motionsep import __version__
 from motionsep_cli.app import app
 
@@ -89,9 +88,11 @@ def test_tracebacks_only_with_motionsep_debug() -> None:
 def test_download_list_json_is_parseable(store_home: Path) -> None:
     result = runner.invoke(app, ["download", "--list", "--json"])
     assert result.exit_code == 0
+    from motionsep.store import builtin_model_path
+
     rows = json.loads(result.stdout)
     assert {row["name"] for row in rows} >= {"zeroscope", "modelscope", "clip", "tiny"}
     # an empty store: only the toy model, which ships inside the package, is there
     assert not any(row["installed"] for row in rows if row["name"] != "toy")
     toy = next(row for row in rows if row["name"] == "toy")
-    assert toy["installed"] and Path(toy["path"]).is_relative_to(Path(motionsep.__file__).parent)
+    assert toy["installed"] and Path(toy["path"]) == builtin_model_path("toy")
