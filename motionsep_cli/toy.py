@@ -227,6 +227,9 @@ def experiment(
     prompts: Annotated[
         int, typer.Option("--prompts", min=1, help="Held-out-look prompts per motion.")
     ] = 4,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Redo the runs already finished in OUT.")
+    ] = False,
     set_options: SetOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -235,7 +238,9 @@ def experiment(
     For each motion: three reference clips with one look, a motion trained
     per recipe and seed, videos of other looks with the highway on and off,
     and the base model. Writes results.md (mean ± 95% interval over seeds),
-    results.json and frames.png to OUT.
+    results.json and frames.png to OUT. Each finished run is kept in
+    OUT/runs: run the same command again after a stop and it continues
+    (a change of settings redoes what it touches).
 
     Example: motionsep toy experiment --motions diagonal --motions orbit --seeds 3
     """
@@ -251,6 +256,7 @@ def experiment(
             prompts=prompts,
             set_options=set_options,
             progress=progress,
+            fresh=fresh,
         )
     err_console.print((out / "results.md").read_text(), markup=False, soft_wrap=True)
     emit(results, as_json, lines=[str(out / "results.md")])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -386,6 +387,31 @@ def test_experiment_reports_every_condition_with_intervals(
     assert (out / "frames.png").is_file()
     with pytest.raises(Exception, match="unknown toy motion"):
         run_experiment(out, ["spin"], set_options=[f"model.name={toy_random_model}"])
+
+
+def test_a_rerun_experiment_reuses_finished_units_only_under_the_same_settings(
+    store_home: Path, tmp_path: Path, toy_random_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import motionsep.train
+    from motionsep.toy.experiment import run_experiment
+
+    out = tmp_path / "exp"
+    options = [f"model.name={toy_random_model}", "train.steps=1", "sample.steps=2"]
+    kwargs: dict[str, Any] = {"seeds": 1, "recipes": ["paper"], "references": 2, "prompts": 1}
+    first = run_experiment(out, ["orbit"], set_options=options, **kwargs)
+    (out / "frames.png").unlink()
+
+    def no_training(*args: object, **kw: object) -> None:
+        raise RuntimeError("trained again")
+
+    monkeypatch.setattr(motionsep.train, "train_motion", no_training)
+    again = run_experiment(out, ["orbit"], set_options=options, **kwargs)
+    assert again["rows"] == first["rows"]  # the same scores, without training
+    assert (out / "frames.png").is_file()  # the report is rebuilt from the saved frames
+    with pytest.raises(RuntimeError, match="trained again"):
+        run_experiment(out, ["orbit"], set_options=[*options, "sample.steps=3"], **kwargs)
+    with pytest.raises(RuntimeError, match="trained again"):
+        run_experiment(out, ["orbit"], set_options=options, fresh=True, **kwargs)
 
 
 def test_toy_pretrain_command_installs_a_usable_model(store_home: Path) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from motionsep import __version__
 from motionsep.errors import UsageError
 from motionsep.progress import Progress, or_null
 from motionsep.toy import metrics, world
@@ -150,6 +151,7 @@ def run_experiment(
     prompts: int = 4,
     set_options: list[str] | None = None,
     progress: Progress | None = None,
+    fresh: bool = False,
 ) -> dict[str, Any]:
     """Runs the experiment; writes ``results.json``, ``results.md`` and ``frames.png`` to ``out``.
 
@@ -164,15 +166,15 @@ def run_experiment(
         set_options: ``--set`` overrides on top of the toy preset (e.g. train.steps=100).
         progress: Receives "experiment" (one unit per trained motion) and the
             library's own tasks.
+        fresh: Redo every unit; otherwise units already finished in
+            ``out/runs`` under the same settings are reused, so a stopped
+            experiment continues where it was.
 
     Returns:
         The results (rows with mean and 95% interval over seeds).
     """
     from motionsep.model.components import load_components
-    from motionsep.model.motion import load_motion
-    from motionsep.model.recipes import get_recipe
     from motionsep.store import Store
-    from motionsep.train import train_motion
 
     unknown = [m for m in motions if m not in world.MOTIONS]
     if unknown:
@@ -194,6 +196,16 @@ def run_experiment(
     components = load_components(Store(store_home).resolve_model(base_settings.model.name))
     runs: list[ToyRun] = []
     started = time.monotonic()
+    saved = _SavedRuns(
+        out / "runs",
+        {
+            "version": __version__,
+            "set": list(set_options or []),
+            "references": references,
+            "prompts": prompts,
+        },
+        fresh=fresh,
+    )
     events.start("experiment", total=len(motions) * seeds * len(recipes), unit="motion")
     for motion in motions:
         specs = prompt_specs(motion, prompts)
@@ -202,33 +214,39 @@ def run_experiment(
             ref_clips = [world.render(s) for s in ref_specs]
             clip_dir = out / "clips" / f"{motion}-seed{seed}"
             paths = write_clips(ref_specs, clip_dir)
-            base = ToyRun(motion, seed, None, False)
-            _score_run(
-                base, _generate(base_settings, None, specs, components, seed), specs, ref_clips
-            )
-            runs.append(base)
+            base_unit = f"{motion}-seed{seed}-base"
+            base_runs = saved.load(base_unit)
+            if base_runs is None:
+                base = ToyRun(motion, seed, None, False)
+                _score_run(
+                    base, _generate(base_settings, None, specs, components, seed), specs, ref_clips
+                )
+                base_runs = [base]
+                saved.save(base_unit, base_runs)
+            runs.extend(base_runs)
             for recipe in recipes:
-                name = f"{motion}-{recipe}-seed{seed}"
-                settings = _settings(
-                    store_home, {"lora": {"recipe": recipe}, "train": {"seed": seed}}, set_options
-                )
-                t0 = time.monotonic()
-                result = train_motion(
-                    paths, name, settings, Store(store_home), force=True, progress=progress
-                )
-                seconds = time.monotonic() - t0
-                package = load_motion(result.package)
-                # a recipe without a highway (motiondirector) is run once
-                highways = (False, True) if get_recipe(recipe).has_highway else (False,)
-                for highway in highways:
-                    run = ToyRun(motion, seed, recipe, highway, train_seconds=seconds)
-                    gen = settings.model_copy(deep=True)
-                    gen.sample.highway = highway
-                    _score_run(
-                        run, _generate(gen, package, specs, components, seed), specs, ref_clips
+                unit = f"{motion}-seed{seed}-{recipe}"
+                unit_runs = saved.load(unit)
+                if unit_runs is None:
+                    unit_runs = _train_and_score(
+                        motion,
+                        seed,
+                        recipe,
+                        paths,
+                        specs,
+                        ref_clips,
+                        components,
+                        store_home,
+                        set_options,
+                        progress,
                     )
-                    runs.append(run)
+                    saved.save(unit, unit_runs)
+                runs.extend(unit_runs)
                 events.advance("experiment")
+    if saved.reused:
+        events.log(
+            f"reused {saved.reused} finished run(s) from {out / 'runs'} (--fresh redoes them)"
+        )
     events.finish("experiment")
     results = summarize_runs(runs)
     results["settings"] = {
@@ -245,6 +263,112 @@ def run_experiment(
     (out / "results.md").write_text(results_markdown(results))
     write_frames_grid(runs, out / "frames.png")
     return results
+
+
+def _train_and_score(
+    motion: str,
+    seed: int,
+    recipe: str,
+    paths: list[Path],
+    specs: Sequence[world.ClipSpec],
+    ref_clips: list[world.Clip],
+    components: Any,
+    store_home: Path,
+    set_options: list[str] | None,
+    progress: Progress | None,
+) -> list[ToyRun]:
+    """Trains ``motion`` under ``recipe`` and scores it with the highway off (and on)."""
+    from motionsep.model.motion import load_motion
+    from motionsep.model.recipes import get_recipe
+    from motionsep.store import Store
+    from motionsep.train import train_motion
+
+    name = f"{motion}-{recipe}-seed{seed}"
+    settings = _settings(
+        store_home, {"lora": {"recipe": recipe}, "train": {"seed": seed}}, set_options
+    )
+    t0 = time.monotonic()
+    result = train_motion(paths, name, settings, Store(store_home), force=True, progress=progress)
+    seconds = time.monotonic() - t0
+    package = load_motion(result.package)
+    # a recipe without a highway (motiondirector) is run once
+    highways = (False, True) if get_recipe(recipe).has_highway else (False,)
+    runs = []
+    for highway in highways:
+        run = ToyRun(motion, seed, recipe, highway, train_seconds=seconds)
+        gen = settings.model_copy(deep=True)
+        gen.sample.highway = highway
+        _score_run(run, _generate(gen, package, specs, components, seed), specs, ref_clips)
+        runs.append(run)
+    return runs
+
+
+class _SavedRuns:
+    """Finished experiment units in ``folder``, so that a stopped experiment resumes.
+
+    Each unit (the base model, or one recipe trained and scored, for one motion
+    and seed) is a JSON file of scores and specs plus an ``.npz`` of its frames.
+    A unit is reused only if it was made under the same ``fingerprint``
+    (motionsep version, ``--set`` options, reference and prompt counts).
+    """
+
+    def __init__(self, folder: Path, fingerprint: dict[str, Any], fresh: bool = False) -> None:
+        self.folder = folder
+        self.fingerprint = fingerprint
+        self.fresh = fresh
+        self.reused = 0
+
+    def load(self, unit: str) -> list[ToyRun] | None:
+        record_path, frames_path = self.folder / f"{unit}.json", self.folder / f"{unit}.npz"
+        if self.fresh or not (record_path.is_file() and frames_path.is_file()):
+            return None
+        try:
+            record = json.loads(record_path.read_text())
+            if record.get("fingerprint") != self.fingerprint:
+                return None
+            with np.load(frames_path) as frames:
+                runs = [
+                    ToyRun(
+                        motion=item["motion"],
+                        seed=item["seed"],
+                        recipe=item["recipe"],
+                        highway=item["highway"],
+                        scores=[metrics.Score(**score) for score in item["scores"]],
+                        specs=[world.ClipSpec(**spec) for spec in item["specs"]],
+                        frames=list(frames[f"arr_{index}"]),
+                        train_seconds=item["train_seconds"],
+                    )
+                    for index, item in enumerate(record["runs"])
+                ]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # unreadable (e.g. cut off mid-write): redo the unit
+        self.reused += 1
+        return runs
+
+    def save(self, unit: str, runs: Sequence[ToyRun]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        frames_tmp = self.folder / f".{unit}.npz"
+        with frames_tmp.open("wb") as handle:
+            np.savez_compressed(handle, *[np.stack(run.frames) for run in runs])
+        frames_tmp.replace(self.folder / f"{unit}.npz")
+        record = {
+            "fingerprint": self.fingerprint,
+            "runs": [
+                {
+                    "motion": run.motion,
+                    "seed": run.seed,
+                    "recipe": run.recipe,
+                    "highway": run.highway,
+                    "train_seconds": run.train_seconds,
+                    "scores": [score.to_dict() for score in run.scores],
+                    "specs": [spec.to_dict() for spec in run.specs],
+                }
+                for run in runs
+            ],
+        }
+        record_tmp = self.folder / f".{unit}.json"
+        record_tmp.write_text(json.dumps(record) + "\n")
+        record_tmp.replace(self.folder / f"{unit}.json")
 
 
 DEMO_MOTION = "diagonal"
