@@ -34,6 +34,16 @@ def test_each_subcommand_has_help_with_an_example(name: str) -> None:
     assert f"motionsep {name}" in result.stdout
 
 
+def test_preset_help_names_every_builtin_preset() -> None:
+    from motionsep.config import available_presets
+
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0
+    preset_line = next(line for line in result.stdout.splitlines() if "Preset name" in line)
+    for name in available_presets():
+        assert name in preset_line, name
+
+
 def test_version() -> None:
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0
