@@ -175,6 +175,36 @@ def test_metrics_survive_an_mp4_round_trip(tmp_path: Path) -> None:
         assert truth["spec"]["motion"] == spec.motion
 
 
+def test_a_video_reads_the_same_in_every_process(tmp_path: Path) -> None:
+    """Votes over frames once broke ties by string-hash order, which differs per process."""
+    import os
+    import subprocess
+    import sys
+
+    # half the frames plain grey, half checked: a tie in the texture vote
+    plain = world.render(world.ClipSpec("blue", "circle", "dark", "plain", motion="down", seed=2))
+    checked = world.render(
+        world.ClipSpec("blue", "circle", "dark", "checked", motion="down", seed=2)
+    )
+    video = np.concatenate([plain.frames[:4], checked.frames[4:]])
+    np.save(tmp_path / "video.npy", video)
+    code = (
+        "import sys, numpy as np; from motionsep.toy import metrics; "
+        "r = metrics.read_video(np.load(sys.argv[1])); print(r.shape, r.texture)"
+    )
+    readings = {
+        subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / "video.npy")],
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in range(6)
+    }
+    assert len(readings) == 1, readings
+
+
 def test_motion_fidelity_and_leakage_tell_right_from_wrong() -> None:
     reference = world.render(world.ClipSpec("red", "square", "white", "striped", "diagonal", 0))
     same_motion = world.render(world.ClipSpec("blue", "circle", "dark", "plain", "diagonal", 4))

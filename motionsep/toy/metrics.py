@@ -111,8 +111,12 @@ def _nearest(value: np.ndarray, palette: dict[str, object]) -> str:
     return names[int(np.argmin(distances))]
 
 
-def _shape_from_mask(mask: np.ndarray) -> str:
-    """square, circle or triangle, from the mask's bounding box.
+SQUARE_FILL = (1.0 + math.pi / 4) / 2
+"""Box fill ratio above which a (non-triangle) object is a square; a circle fills pi/4."""
+
+
+def _shape_evidence(mask: np.ndarray) -> tuple[bool, float]:
+    """Whether the mask looks like a triangle, and how much of its bounding box it fills.
 
     A triangle (apex up) has much less of its area in the top half of its box;
     a square fills its box, a circle fills pi/4 of it.
@@ -123,10 +127,22 @@ def _shape_from_mask(mask: np.ndarray) -> str:
     middle = (top + bottom) / 2.0
     upper = float((ys < middle).sum())
     lower = float((ys > middle).sum())
-    if upper < 0.6 * max(lower, 1.0):
+    return upper < 0.6 * max(lower, 1.0), float(mask.sum() / box)
+
+
+def _shape_from_evidence(evidence: list[tuple[bool, float]]) -> str:
+    """square, circle or triangle over a video's frames.
+
+    A triangle when most frames say so; otherwise the mean fill ratio decides,
+    since a circle of a few pixels fills its box anywhere from 0.65 to 0.95 in
+    single frames.
+    """
+    triangles = sum(is_triangle for is_triangle, _ in evidence)
+    if 2 * triangles > len(evidence):
         return "triangle"
-    fill = mask.sum() / box
-    return "square" if fill > (1.0 + math.pi / 4) / 2 else "circle"
+    fill = float(np.mean([fill for is_triangle, fill in evidence if not is_triangle]))
+    return "square" if fill > SQUARE_FILL else "circle"
+
 
 
 TEXTURE_SCALES = (0.7, 1.0, 1.6)
@@ -192,13 +208,22 @@ def classify_motion(centers: np.ndarray, sizes: np.ndarray) -> str | None:
     return "static"
 
 
+def _vote(labels: list[str]) -> str:
+    """The most common label; a tie goes to the one seen first.
+
+    (A vote over ``set(labels)`` broke ties by string hash order, which
+    changes from process to process: the same video read differently.)
+    """
+    return max(dict.fromkeys(labels), key=labels.count)
+
+
 def read_video(frames: np.ndarray) -> Reading:
     """Segments a uint8 video (F, H, W, 3) of the toy world."""
     count = frames.shape[0]
     centers = np.full((count, 2), np.nan, dtype=np.float32)
     sizes = np.full(count, np.nan, dtype=np.float32)
     colors: list[np.ndarray] = []
-    shapes: list[str] = []
+    shapes: list[tuple[bool, float]] = []
     greys: list[np.ndarray] = []
     textures: list[str] = []
     for index, frame in enumerate(frames):
@@ -216,11 +241,11 @@ def read_video(frames: np.ndarray) -> Reading:
         colors.append(frame[mask].astype(np.float32).mean(axis=0))
         # a shape cut by the frame's edge has the wrong fill ratio
         if not (mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any()):
-            shapes.append(_shape_from_mask(mask))
+            shapes.append(_shape_evidence(mask))
     background_grey = np.concatenate(greys) if greys else np.full(1, 128.0)
     color = _nearest(np.mean(colors, axis=0), world.COLORS) if colors else None  # type: ignore[arg-type]
-    shape = max(set(shapes), key=shapes.count) if shapes else None
-    texture = max(set(textures), key=textures.count) if textures else "plain"
+    shape = _shape_from_evidence(shapes) if shapes else None
+    texture = _vote(textures) if textures else "plain"
     return Reading(
         color=color,
         shape=shape,
