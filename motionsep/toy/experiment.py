@@ -346,11 +346,13 @@ class _SavedRuns:
         return runs
 
     def save(self, unit: str, runs: Sequence[ToyRun]) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        frames_tmp = self.folder / f".{unit}.npz"
-        with frames_tmp.open("wb") as handle:
-            np.savez_compressed(handle, *[np.stack(run.frames) for run in runs])
-        frames_tmp.replace(self.folder / f"{unit}.npz")
+        import io
+
+        from motionsep.store import atomic_write_bytes
+
+        frames = io.BytesIO()
+        np.savez_compressed(frames, *[np.stack(run.frames) for run in runs])
+        atomic_write_bytes(self.folder / f"{unit}.npz", frames.getvalue())
         record = {
             "fingerprint": self.fingerprint,
             "runs": [
@@ -366,9 +368,7 @@ class _SavedRuns:
                 for run in runs
             ],
         }
-        record_tmp = self.folder / f".{unit}.json"
-        record_tmp.write_text(json.dumps(record) + "\n")
-        record_tmp.replace(self.folder / f"{unit}.json")
+        atomic_write_bytes(self.folder / f"{unit}.json", (json.dumps(record) + "\n").encode())
 
 
 DEMO_MOTION = "diagonal"

@@ -11,6 +11,7 @@ appearance (leakage), and with the reference motion (motion fidelity).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -144,7 +145,6 @@ def _shape_from_evidence(evidence: list[tuple[bool, float]]) -> str:
     return "square" if fill > SQUARE_FILL else "circle"
 
 
-
 TEXTURE_SCALES = (0.7, 1.0, 1.6)
 """Texture scales the templates try (the dolly motion rescales the background)."""
 
@@ -208,22 +208,13 @@ def classify_motion(centers: np.ndarray, sizes: np.ndarray) -> str | None:
     return "static"
 
 
-def _vote(labels: list[str]) -> str:
-    """The most common label; a tie goes to the one seen first.
-
-    (A vote over ``set(labels)`` broke ties by string hash order, which
-    changes from process to process: the same video read differently.)
-    """
-    return max(dict.fromkeys(labels), key=labels.count)
-
-
 def read_video(frames: np.ndarray) -> Reading:
     """Segments a uint8 video (F, H, W, 3) of the toy world."""
     count = frames.shape[0]
     centers = np.full((count, 2), np.nan, dtype=np.float32)
     sizes = np.full(count, np.nan, dtype=np.float32)
     colors: list[np.ndarray] = []
-    shapes: list[tuple[bool, float]] = []
+    shape_evidence: list[tuple[bool, float]] = []
     greys: list[np.ndarray] = []
     textures: list[str] = []
     for index, frame in enumerate(frames):
@@ -241,11 +232,12 @@ def read_video(frames: np.ndarray) -> Reading:
         colors.append(frame[mask].astype(np.float32).mean(axis=0))
         # a shape cut by the frame's edge has the wrong fill ratio
         if not (mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any()):
-            shapes.append(_shape_evidence(mask))
+            shape_evidence.append(_shape_evidence(mask))
     background_grey = np.concatenate(greys) if greys else np.full(1, 128.0)
     color = _nearest(np.mean(colors, axis=0), world.COLORS) if colors else None  # type: ignore[arg-type]
-    shape = _shape_from_evidence(shapes) if shapes else None
-    texture = _vote(textures) if textures else "plain"
+    shape = _shape_from_evidence(shape_evidence) if shape_evidence else None
+    # a tie goes to the texture seen first (not to string-hash order, which differs per process)
+    texture = Counter(textures).most_common(1)[0][0] if textures else "plain"
     return Reading(
         color=color,
         shape=shape,
