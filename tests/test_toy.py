@@ -408,12 +408,20 @@ def test_experiment_reports_every_condition_with_intervals(
         prompts=1,
         set_options=[f"model.name={toy_random_model}", "train.steps=1", "sample.steps=2"],
     )
-    conditions = [row["condition"] for row in results["rows"]]
-    assert conditions == ["base model", "motiondirector", "paper", "paper + highway"]
-    fidelity = results["rows"][0]["motion_fidelity"]
-    assert len(fidelity["per_seed"]) == 2 and fidelity["ci95"] is not None
+    rows = [(row["motion"], row["condition"]) for row in results["rows"]]
+    assert rows == [
+        ("held-in (ceiling)", "base model"),
+        ("bounce", "base model"),
+        ("bounce", "motiondirector"),
+        ("bounce", "paper"),
+        ("bounce", "paper + highway"),
+    ]
+    trajectory = results["rows"][1]["trajectory_error"]
+    assert len(trajectory["per_seed"]) == 2 and trajectory["ci95"] is not None
+    for row in results["rows"][2:]:  # every recipe is paired with the base model, seed by seed
+        assert len(row["vs_base"]["leakage"]["per_seed"]) == 2
     table = (out / "results.md").read_text()
-    assert "± " in table and "paper + highway" in table
+    assert "± " in table and "paper + highway" in table and "Δ fidelity vs base" in table
     assert (out / "frames.png").is_file()
     with pytest.raises(Exception, match="unknown toy motion"):
         run_experiment(out, ["spin"], set_options=[f"model.name={toy_random_model}"])

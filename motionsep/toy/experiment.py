@@ -31,7 +31,7 @@ from motionsep.progress import Progress, or_null
 from motionsep.toy import metrics, world
 
 REFERENCE_LOOK = ("red", "square", "white", "striped")
-"""The one look every reference clip has."""
+"""The one look every reference clip of the ``named`` protocol has."""
 
 # Prompt looks that differ from the reference in every attribute.
 PROMPT_LOOKS: tuple[tuple[str, str, str, str], ...] = (
@@ -42,6 +42,75 @@ PROMPT_LOOKS: tuple[tuple[str, str, str, str], ...] = (
     ("orange", "circle", "dark", "checked"),
     ("green", "circle", "gray", "plain"),
 )
+
+LEAK_REFERENCE_LOOK = ("magenta", "square", "white", "dotted")
+"""The ``leak`` protocol's reference look: colour and texture the toy vocabulary cannot name."""
+
+# The leak protocol's prompts: no purple (the nearest named colour to magenta)
+# and no white background, so every feature of the reference look is far away.
+LEAK_PROMPT_LOOKS: tuple[tuple[str, str, str, str], ...] = (
+    ("blue", "circle", "dark", "plain"),
+    ("green", "triangle", "gray", "checked"),
+    ("yellow", "circle", "gray", "plain"),
+    ("orange", "triangle", "dark", "checked"),
+    ("green", "circle", "dark", "plain"),
+    ("blue", "triangle", "gray", "checked"),
+)
+
+CEILING_MOTIONS = ("right", "down", "zoom-in", "zoom-out")
+"""Pretraining motions the base model draws for the positive control (the metric's ceiling)."""
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How reference clips are made and captioned, and the customization budget.
+
+    Attributes:
+        name: ``named`` or ``leak``.
+        reference_look: The one look of every reference clip.
+        prompt_looks: The looks asked for at generation (different in every attribute).
+        motion_only_captions: Caption reference clips by their motion alone.
+        settings: Settings the protocol puts on top of the toy preset (``--set`` wins).
+        summary: One line for reports.
+    """
+
+    name: str
+    reference_look: tuple[str, str, str, str]
+    prompt_looks: tuple[tuple[str, str, str, str], ...]
+    motion_only_captions: bool
+    settings: dict[str, Any]
+    summary: str
+
+    def caption(self, spec: world.ClipSpec) -> str:
+        return world.motion_caption(spec.motion) if self.motion_only_captions else spec.prompt
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "named": Protocol(
+        name="named",
+        reference_look=REFERENCE_LOOK,
+        prompt_looks=PROMPT_LOOKS,
+        motion_only_captions=False,
+        settings={},
+        summary=(
+            "reference clips in a look the captions name in full (red square, striped white); "
+            "the toy preset's 200 steps"
+        ),
+    ),
+    "leak": Protocol(
+        name="leak",
+        reference_look=LEAK_REFERENCE_LOOK,
+        prompt_looks=LEAK_PROMPT_LOOKS,
+        motion_only_captions=True,
+        # upstream's budget is 1000 steps at lr 5e-4; the toy runs its preset
+        # lr (1e-3) for the same lr x steps
+        settings={"train": {"steps": 500}},
+        summary=(
+            "reference clips in a look no word names (magenta square, dotted white), "
+            "captioned by the motion alone; 500 steps at lr 1e-3 (upstream: 1000 at 5e-4)"
+        ),
+    ),
+}
 
 RECIPES = ("motiondirector", "paper", "reference")
 TOY_PRESET = "toy"
@@ -67,34 +136,57 @@ class ToyRun:
         return f"{self.recipe} + highway" if self.highway else self.recipe
 
 
-def reference_specs(motion: str, count: int, seed: int) -> list[world.ClipSpec]:
-    """``count`` reference clips of ``motion``, all with :data:`REFERENCE_LOOK`."""
+def get_protocol(name: str) -> Protocol:
+    """The protocol called ``name``; UsageError names the choices."""
+    if name not in PROTOCOLS:
+        raise UsageError(f"unknown protocol {name!r}", f"choose from {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
+
+
+def reference_specs(
+    motion: str, count: int, seed: int, look: tuple[str, str, str, str] = REFERENCE_LOOK
+) -> list[world.ClipSpec]:
+    """``count`` reference clips of ``motion``, all with one ``look``."""
+    return [world.ClipSpec(*look, motion=motion, seed=seed * 1000 + k) for k in range(count)]
+
+
+def prompt_specs(
+    motion: str, count: int, looks: Sequence[tuple[str, str, str, str]] = PROMPT_LOOKS
+) -> list[world.ClipSpec]:
+    """The held-out-look prompts of ``motion`` (the first ``count`` of ``looks``)."""
+    if not 1 <= count <= len(looks):
+        raise UsageError(f"prompts must be between 1 and {len(looks)} (got {count})")
+    return [world.ClipSpec(*look, motion=motion) for look in looks[:count]]
+
+
+def ceiling_specs(count: int, looks: Sequence[tuple[str, str, str, str]]) -> list[world.ClipSpec]:
+    """Prompts of pretraining motions (:data:`CEILING_MOTIONS` in turn) for the positive control."""
     return [
-        world.ClipSpec(*REFERENCE_LOOK, motion=motion, seed=seed * 1000 + k) for k in range(count)
+        world.ClipSpec(*looks[k % len(looks)], motion=CEILING_MOTIONS[k % len(CEILING_MOTIONS)])
+        for k in range(count)
     ]
 
 
-def prompt_specs(motion: str, count: int) -> list[world.ClipSpec]:
-    """The held-out-look prompts of ``motion`` (first ``count`` of :data:`PROMPT_LOOKS`)."""
-    if not 1 <= count <= len(PROMPT_LOOKS):
-        raise UsageError(f"prompts must be between 1 and {len(PROMPT_LOOKS)} (got {count})")
-    return [world.ClipSpec(*look, motion=motion) for look in PROMPT_LOOKS[:count]]
+def write_clips(
+    specs: Sequence[world.ClipSpec], folder: Path, captions: Sequence[str] | None = None
+) -> list[Path]:
+    """Writes clips as mp4 files with ``NAME.txt`` captions and ``NAME.json`` ground truth.
 
-
-def write_clips(specs: Sequence[world.ClipSpec], folder: Path) -> list[Path]:
-    """Writes clips as mp4 files with ``NAME.txt`` prompt and ``NAME.json`` ground truth."""
+    ``captions`` default to each clip's full prompt.
+    """
     from motionsep.video import write_video
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for index, spec in enumerate(specs):
+    captions = [s.prompt for s in specs] if captions is None else list(captions)
+    for index, (spec, caption) in enumerate(zip(specs, captions, strict=True)):
         clip = world.render(spec)
         stem = f"{spec.motion}-{index:02d}"
         path = write_video(clip.frames, folder / f"{stem}.mp4", fps=world.FPS, value_range=(0, 255))
-        (folder / f"{stem}.txt").write_text(spec.prompt + "\n")
+        (folder / f"{stem}.txt").write_text(caption + "\n")
         truth = {
             "spec": spec.to_dict(),
-            "prompt": spec.prompt,
+            "prompt": caption,
             "centers": clip.centers.round(3).tolist(),
             "sizes": clip.sizes.round(3).tolist(),
         }
@@ -117,14 +209,16 @@ def _score_run(
     run: ToyRun,
     frames: Sequence[np.ndarray],
     specs: Sequence[world.ClipSpec],
-    references: list[world.Clip],
+    references: dict[str, list[world.Clip]],
 ) -> None:
+    """Scores each video against the closest reference clip of its own motion."""
     for video, spec in zip(frames, specs, strict=True):
         reading = metrics.read_video(video)
+        own = references[spec.motion]
         # the reference clips differ only by small offsets; score against the closest
-        best = min(references, key=lambda ref: metrics.trajectory_error(reading, ref))
+        best = min(own, key=lambda ref: metrics.trajectory_error(reading, ref))
         run.scores.append(
-            metrics.score(reading, spec, reference=best, reference_look=references[0].spec)
+            metrics.score(reading, spec, reference=best, reference_look=own[0].spec, frames=video)
         )
         run.specs.append(spec)
         run.frames.append(video)
@@ -152,30 +246,82 @@ def run_experiment(
     set_options: list[str] | None = None,
     progress: Progress | None = None,
     fresh: bool = False,
+    protocol: str = "named",
 ) -> dict[str, Any]:
     """Runs the experiment; writes ``results.json``, ``results.md`` and ``frames.png`` to ``out``.
+
+    Every condition of one seed generates from the same prompts and the same
+    noise as the base model, so each recipe row also reports its paired
+    difference from the base model. A positive control (the base model
+    drawing pretraining motions, scored against references of those motions)
+    shows how high the motion metrics go for a motion the model knows.
 
     Args:
         out: Report folder (created; clips and the experiment's own motion
             store go inside it).
         motions: Held-out motions to learn.
-        seeds: Repeats with different reference clips and training seeds.
+        seeds: Repeats with different reference clips, training seeds and noise.
         recipes: Recipes to compare.
         references: Reference clips per motion.
         prompts: Held-out-look prompts per motion.
-        set_options: ``--set`` overrides on top of the toy preset (e.g. train.steps=100).
+        set_options: ``--set`` overrides on top of the toy preset and the
+            protocol (e.g. train.steps=100).
         progress: Receives "experiment" (one unit per trained motion) and the
             library's own tasks.
         fresh: Redo every unit; otherwise units already finished in
             ``out/runs`` under the same settings are reused, so a stopped
             experiment continues where it was.
+        protocol: ``named`` or ``leak`` (see :data:`PROTOCOLS`).
 
     Returns:
         The results (rows with mean and 95% interval over seeds).
     """
-    from motionsep.model.components import load_components
-    from motionsep.store import Store
+    chosen = get_protocol(protocol)
+    _check_request(motions, recipes, seeds, references)
+    events = or_null(progress)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    experiment = _Experiment.open(
+        out, chosen, references, prompts, set_options, progress, fresh=fresh
+    )
+    runs: list[ToyRun] = []
+    events.start("experiment", total=len(motions) * seeds * len(recipes), unit="motion")
+    for seed in range(seeds):
+        runs.extend(experiment.ceiling(seed))
+    for motion in motions:
+        for seed in range(seeds):
+            runs.extend(experiment.base(motion, seed))
+            for recipe in recipes:
+                runs.extend(experiment.recipe(motion, seed, recipe))
+                events.advance("experiment")
+    if experiment.saved.reused:
+        events.log(
+            f"reused {experiment.saved.reused} finished run(s) from {out / 'runs'} "
+            "(--fresh redoes them)"
+        )
+    events.finish("experiment")
+    results = summarize_runs(runs)
+    results["settings"] = {
+        "protocol": chosen.name,
+        "protocol_summary": chosen.summary,
+        "motions": list(motions),
+        "seeds": seeds,
+        "recipes": list(recipes),
+        "references": references,
+        "prompts": prompts,
+        "reference_look": chosen.reference_look,
+        "set": set_options or [],
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(results_markdown(results))
+    write_frames_grid(runs, out / "frames.png")
+    return results
 
+
+def _check_request(
+    motions: Sequence[str], recipes: Sequence[str], seeds: int, references: int
+) -> None:
     unknown = [m for m in motions if m not in world.MOTIONS]
     if unknown:
         raise UsageError(
@@ -189,118 +335,134 @@ def run_experiment(
         )
     if seeds < 1:
         raise UsageError(f"--seeds must be at least 1 (got {seeds})")
-    events = or_null(progress)
-    out.mkdir(parents=True, exist_ok=True)
-    store_home = out / "store"
-    base_settings = _settings(store_home, {}, set_options)
-    components = load_components(Store(store_home).resolve_model(base_settings.model.name))
-    runs: list[ToyRun] = []
-    started = time.monotonic()
-    saved = _SavedRuns(
-        out / "runs",
-        {
+    if references < 1:
+        raise UsageError(f"--references must be at least 1 (got {references})")
+
+
+@dataclass
+class _Experiment:
+    """One experiment's shared state: the protocol, the base model and the finished units."""
+
+    out: Path
+    protocol: Protocol
+    references: int
+    prompts: int
+    set_options: list[str] | None
+    progress: Progress | None
+    components: Any
+    saved: _SavedRuns
+
+    @classmethod
+    def open(
+        cls,
+        out: Path,
+        protocol: Protocol,
+        references: int,
+        prompts: int,
+        set_options: list[str] | None,
+        progress: Progress | None,
+        fresh: bool,
+    ) -> _Experiment:
+        from motionsep.model.components import load_components
+        from motionsep.store import Store
+
+        base_settings = _settings(out / "store", protocol.settings, set_options)
+        components = load_components(Store(out / "store").resolve_model(base_settings.model.name))
+        fingerprint = {
             "version": __version__,
+            "protocol": protocol.name,
             "set": list(set_options or []),
             "references": references,
             "prompts": prompts,
-        },
-        fresh=fresh,
-    )
-    events.start("experiment", total=len(motions) * seeds * len(recipes), unit="motion")
-    for motion in motions:
-        specs = prompt_specs(motion, prompts)
-        for seed in range(seeds):
-            ref_specs = reference_specs(motion, references, seed)
-            ref_clips = [world.render(s) for s in ref_specs]
-            clip_dir = out / "clips" / f"{motion}-seed{seed}"
-            paths = write_clips(ref_specs, clip_dir)
-            base_unit = f"{motion}-seed{seed}-base"
-            base_runs = saved.load(base_unit)
-            if base_runs is None:
-                base = ToyRun(motion, seed, None, False)
-                _score_run(
-                    base, _generate(base_settings, None, specs, components, seed), specs, ref_clips
-                )
-                base_runs = [base]
-                saved.save(base_unit, base_runs)
-            runs.extend(base_runs)
-            for recipe in recipes:
-                unit = f"{motion}-seed{seed}-{recipe}"
-                unit_runs = saved.load(unit)
-                if unit_runs is None:
-                    unit_runs = _train_and_score(
-                        motion,
-                        seed,
-                        recipe,
-                        paths,
-                        specs,
-                        ref_clips,
-                        components,
-                        store_home,
-                        set_options,
-                        progress,
-                    )
-                    saved.save(unit, unit_runs)
-                runs.extend(unit_runs)
-                events.advance("experiment")
-    if saved.reused:
-        events.log(
-            f"reused {saved.reused} finished run(s) from {out / 'runs'} (--fresh redoes them)"
+        }
+        saved = _SavedRuns(out / "runs", fingerprint, fresh=fresh)
+        return cls(out, protocol, references, prompts, set_options, progress, components, saved)
+
+    @property
+    def store_home(self) -> Path:
+        return self.out / "store"
+
+    def settings(self, overrides: dict[str, Any] | None = None) -> Any:
+        from motionsep.config import deep_merge
+
+        tree = deep_merge(self.protocol.settings, overrides or {})
+        return _settings(self.store_home, tree, self.set_options)
+
+    def unit(self, *parts: object) -> str:
+        return "-".join([self.protocol.name, *(str(p) for p in parts)])
+
+    def reference_clips(self, motion: str, seed: int) -> list[world.Clip]:
+        specs = reference_specs(motion, self.references, seed, self.protocol.reference_look)
+        return [world.render(s) for s in specs]
+
+    def ceiling(self, seed: int) -> list[ToyRun]:
+        """The base model drawing pretraining motions, scored against references of them."""
+        unit = self.unit("ceiling", f"seed{seed}")
+        runs = self.saved.load(unit)
+        if runs is None:
+            specs = ceiling_specs(self.prompts, self.protocol.prompt_looks)
+            refs = {m: self.reference_clips(m, seed) for m in {s.motion for s in specs}}
+            run = ToyRun(CEILING_LABEL, seed, None, False)
+            frames = _generate(self.settings(), None, specs, self.components, seed)
+            _score_run(run, frames, specs, refs)
+            runs = [run]
+            self.saved.save(unit, runs)
+        return runs
+
+    def base(self, motion: str, seed: int) -> list[ToyRun]:
+        unit = self.unit(motion, f"seed{seed}", "base")
+        runs = self.saved.load(unit)
+        if runs is None:
+            specs = prompt_specs(motion, self.prompts, self.protocol.prompt_looks)
+            run = ToyRun(motion, seed, None, False)
+            frames = _generate(self.settings(), None, specs, self.components, seed)
+            _score_run(run, frames, specs, {motion: self.reference_clips(motion, seed)})
+            runs = [run]
+            self.saved.save(unit, runs)
+        return runs
+
+    def recipe(self, motion: str, seed: int, recipe: str) -> list[ToyRun]:
+        """Trains ``motion`` under ``recipe`` and scores it with the highway off (and on)."""
+        from motionsep.model.motion import load_motion
+        from motionsep.model.recipes import get_recipe
+        from motionsep.store import Store
+        from motionsep.train import train_motion
+
+        unit = self.unit(motion, f"seed{seed}", recipe)
+        runs = self.saved.load(unit)
+        if runs is not None:
+            return runs
+        ref_specs = reference_specs(motion, self.references, seed, self.protocol.reference_look)
+        paths = write_clips(
+            ref_specs,
+            self.out / "clips" / self.unit(motion, f"seed{seed}"),
+            [self.protocol.caption(s) for s in ref_specs],
         )
-    events.finish("experiment")
-    results = summarize_runs(runs)
-    results["settings"] = {
-        "motions": list(motions),
-        "seeds": seeds,
-        "recipes": list(recipes),
-        "references": references,
-        "prompts": prompts,
-        "reference_look": REFERENCE_LOOK,
-        "set": set_options or [],
-        "seconds": round(time.monotonic() - started, 1),
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(results_markdown(results))
-    write_frames_grid(runs, out / "frames.png")
-    return results
+        settings = self.settings({"lora": {"recipe": recipe}, "train": {"seed": seed}})
+        t0 = time.monotonic()
+        result = train_motion(
+            paths, unit, settings, Store(self.store_home), force=True, progress=self.progress
+        )
+        seconds = time.monotonic() - t0
+        package = load_motion(result.package)
+        specs = prompt_specs(motion, self.prompts, self.protocol.prompt_looks)
+        references = {motion: [world.render(s) for s in ref_specs]}
+        # a recipe without a highway (motiondirector) is run once
+        highways = (False, True) if get_recipe(recipe).has_highway else (False,)
+        runs = []
+        for highway in highways:
+            run = ToyRun(motion, seed, recipe, highway, train_seconds=seconds)
+            gen = settings.model_copy(deep=True)
+            gen.sample.highway = highway
+            frames = _generate(gen, package, specs, self.components, seed)
+            _score_run(run, frames, specs, references)
+            runs.append(run)
+        self.saved.save(unit, runs)
+        return runs
 
 
-def _train_and_score(
-    motion: str,
-    seed: int,
-    recipe: str,
-    paths: list[Path],
-    specs: Sequence[world.ClipSpec],
-    ref_clips: list[world.Clip],
-    components: Any,
-    store_home: Path,
-    set_options: list[str] | None,
-    progress: Progress | None,
-) -> list[ToyRun]:
-    """Trains ``motion`` under ``recipe`` and scores it with the highway off (and on)."""
-    from motionsep.model.motion import load_motion
-    from motionsep.model.recipes import get_recipe
-    from motionsep.store import Store
-    from motionsep.train import train_motion
-
-    name = f"{motion}-{recipe}-seed{seed}"
-    settings = _settings(
-        store_home, {"lora": {"recipe": recipe}, "train": {"seed": seed}}, set_options
-    )
-    t0 = time.monotonic()
-    result = train_motion(paths, name, settings, Store(store_home), force=True, progress=progress)
-    seconds = time.monotonic() - t0
-    package = load_motion(result.package)
-    # a recipe without a highway (motiondirector) is run once
-    highways = (False, True) if get_recipe(recipe).has_highway else (False,)
-    runs = []
-    for highway in highways:
-        run = ToyRun(motion, seed, recipe, highway, train_seconds=seconds)
-        gen = settings.model_copy(deep=True)
-        gen.sample.highway = highway
-        _score_run(run, _generate(gen, package, specs, components, seed), specs, ref_clips)
-        runs.append(run)
-    return runs
+CEILING_LABEL = "held-in (ceiling)"
+"""The motion column of the positive control's rows."""
 
 
 class _SavedRuns:
@@ -411,7 +573,7 @@ def run_demo(
     store = Store(settings.store.home)
     out.mkdir(parents=True, exist_ok=True)
     ref_specs = reference_specs(motion, 3, seed=0)
-    ref_clips = [world.render(s) for s in ref_specs]
+    ref_clips = {motion: [world.render(s) for s in ref_specs]}
     events.log(f"reference clips: {ref_specs[0].prompt} (3 clips) -> {out / 'clips'}")
     paths = write_clips(ref_specs, out / "clips")
     t0 = time.monotonic()
@@ -469,7 +631,25 @@ _T95 = {
     10: 2.228,
 }
 
-METRIC_KEYS = ("motion_fidelity", "trajectory_error", "color", "shape", "background", "leakage")
+METRIC_KEYS = (
+    "motion_fidelity",
+    "trajectory_error",
+    "angle_error",
+    "speed_ratio",
+    "missing",
+    "nearest_target",
+    "leakage",
+    "leakage_color",
+    "leakage_shade",
+    "leakage_texture",
+    "palette_leak",
+    "color",
+    "shape",
+    "background",
+)
+
+PAIRED_KEYS = ("motion_fidelity", "leakage", "missing", "angle_error", "nearest_target")
+"""Metrics whose difference from the base model (same seed, prompts and noise) rows report."""
 
 
 def mean_interval(values: Sequence[float]) -> tuple[float, float | None]:
@@ -482,52 +662,128 @@ def mean_interval(values: Sequence[float]) -> tuple[float, float | None]:
     return mean, float(t * array.std(ddof=1) / math.sqrt(len(array)))
 
 
+def run_summary(run: ToyRun) -> dict[str, float | None]:
+    """One run's metrics, plus ``nearest_target``: the share of videos nearest their own motion."""
+    summary = metrics.summarize(run.scores)
+    nearest = [
+        score.nearest == spec.motion for score, spec in zip(run.scores, run.specs, strict=True)
+    ]
+    summary["nearest_target"] = float(np.mean(nearest)) if nearest else None
+    return summary
+
+
+def _stat(values: Sequence[float | None]) -> dict[str, Any] | None:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    mean, half = mean_interval(present)
+    return {"mean": mean, "ci95": half, "per_seed": present}
+
+
 def summarize_runs(runs: Sequence[ToyRun]) -> dict[str, Any]:
-    """Rows per (motion, condition): each metric's mean over seeds with its 95% interval."""
+    """Rows per (motion, condition): each metric's mean over seeds with its 95% interval.
+
+    A recipe row also has ``vs_base``: per metric in :data:`PAIRED_KEYS`, the
+    per-seed difference from the base model's row of the same motion and
+    seed (same prompts, same noise), with its mean and 95% interval.
+    """
     groups: dict[tuple[str, str], list[ToyRun]] = {}
     for run in runs:
         groups.setdefault((run.motion, run.label), []).append(run)
+    summaries = {id(run): run_summary(run) for run in runs}
+    base = {(r.motion, r.seed): summaries[id(r)] for r in runs if r.recipe is None}
     rows = []
     for (motion, label), members in groups.items():
         row: dict[str, Any] = {"motion": motion, "condition": label, "seeds": len(members)}
         for key in METRIC_KEYS:
-            per_seed = [metrics.summarize(m.scores)[key] for m in members]
-            present = [v for v in per_seed if v is not None]
-            if present:
-                mean, half = mean_interval(present)
-                row[key] = {"mean": mean, "ci95": half, "per_seed": present}
-            else:
-                row[key] = None
+            row[key] = _stat([summaries[id(m)][key] for m in members])
+        nearest: dict[str, int] = {}
+        own = 0
+        for member in members:
+            for score, spec in zip(member.scores, member.specs, strict=True):
+                nearest[score.nearest or "none"] = nearest.get(score.nearest or "none", 0) + 1
+                own += score.nearest == spec.motion
+        row["nearest"] = dict(sorted(nearest.items(), key=lambda kv: -kv[1]))
+        row["nearest_own"] = own
+        if members[0].recipe is not None:
+            row["vs_base"] = {
+                key: _stat(
+                    [
+                        _difference(summaries[id(m)], base.get((m.motion, m.seed)), key)
+                        for m in members
+                    ]
+                )
+                for key in PAIRED_KEYS
+            }
         row["train_seconds"] = float(np.mean([m.train_seconds for m in members]))
         rows.append(row)
     return {"rows": rows}
 
 
+def _difference(
+    summary: dict[str, float | None], base: dict[str, float | None] | None, key: str
+) -> float | None:
+    if base is None or summary[key] is None or base[key] is None:
+        return None
+    return float(summary[key]) - float(base[key])  # type: ignore[arg-type]
+
+
+def _cell(value: dict[str, Any] | None, digits: int = 2, signed: bool = False) -> str:
+    if value is None:
+        return "–"
+    text = f"{value['mean']:+.{digits}f}" if signed else f"{value['mean']:.{digits}f}"
+    return text if value["ci95"] is None else f"{text} ± {value['ci95']:.{digits}f}"
+
+
+def _nearest_cell(row: dict[str, Any]) -> str:
+    counts = row.get("nearest") or {}
+    total = sum(counts.values())
+    if not total:
+        return "–"
+    top = next(iter(counts))
+    return f"{top} {counts[top]}/{total} (own {row.get('nearest_own', 0)}/{total})"
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """The results as a markdown table (mean ± 95% interval over seeds)."""
     header = (
-        "| motion | condition | motion fidelity ↑ | trajectory error (px) ↓ | color ↑ | shape ↑ "
-        "| background ↑ | leakage ↓ |"
+        "| motion | condition | motion fidelity ↑ | Δ fidelity vs base | leakage ↓ "
+        "| Δ leakage vs base | missing | angle error (°) | speed ratio | nearest motion "
+        "| color ↑ | background ↑ |"
     )
-    lines = [header, "|" + "---|" * 8]
+    lines = [header, "|" + "---|" * 12]
     for row in results["rows"]:
-        cells = [row["motion"], row["condition"]]
-        for key in METRIC_KEYS:
-            value = row[key]
-            if value is None:
-                cells.append("–")
-            elif value["ci95"] is None:
-                cells.append(f"{value['mean']:.2f}")
-            else:
-                cells.append(f"{value['mean']:.2f} ± {value['ci95']:.2f}")
+        paired = row.get("vs_base", {})
+        cells = [
+            row["motion"],
+            row["condition"],
+            _cell(row["motion_fidelity"]),
+            _cell(paired.get("motion_fidelity"), signed=True),
+            _cell(row["leakage"]),
+            _cell(paired.get("leakage"), signed=True),
+            _cell(row["missing"]),
+            _cell(row["angle_error"], digits=0),
+            _cell(row["speed_ratio"]),
+            _nearest_cell(row),
+            _cell(row["color"]),
+            _cell(row["background"]),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     settings = results.get("settings", {})
     look = ", ".join(settings.get("reference_look", REFERENCE_LOOK))
     note = (
-        f"\nMean over {settings.get('seeds', '?')} seed(s), ± the 95% interval (Student t). "
-        "Motion fidelity: 1 - trajectory error / error of standing still "
-        "(1 = the reference motion, 0 = no better than not moving). "
-        f"Leakage: how often the reference look ({look}) shows instead of the prompt's.\n"
+        f"\nProtocol `{settings.get('protocol', 'named')}`"
+        + (f" ({settings['protocol_summary']})" if settings.get("protocol_summary") else "")
+        + f". Mean over {settings.get('seeds', '?')} seed(s), ± the 95% interval (Student t); "
+        "Δ columns: the paired difference from the base model on the same prompts and noise, "
+        "per seed. Motion fidelity: 1 - trajectory error / error of standing still "
+        "(1 = the reference motion, 0 = no better than not moving), over videos with an "
+        "object; missing: share of videos without one. Angle error and speed ratio: "
+        "direction and speed against the reference (translations). Nearest motion: the most "
+        "common motion (of the pretraining motions and the reference's own) nearest each "
+        "video's path, and how many videos are nearest their own motion. Leakage: how far "
+        f"the look moved from the prompt's (0) toward the reference look ({look}) (1), "
+        "mean over object colour, background shade and texture.\n"
     )
     return "\n".join(lines) + "\n" + note
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -280,7 +280,7 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
     return grown
 
 
-def trajectory_error(reading: Reading, reference: world.Clip) -> float:
+def trajectory_error(reading: Reading, reference: world.Clip | world.Track) -> float:
     """Mean distance (pixels) between the video's motion and the reference's.
 
     Both trajectories are taken relative to their first frame, so the error
@@ -305,7 +305,7 @@ def trajectory_error(reading: Reading, reference: world.Clip) -> float:
     return float((position + size).mean())
 
 
-def static_error(reference: world.Clip) -> float:
+def static_error(reference: world.Clip | world.Track) -> float:
     """The trajectory error of an object that does not move at all (the no-motion baseline)."""
     still = Reading(
         color=None,
@@ -320,6 +320,155 @@ def static_error(reference: world.Clip) -> float:
     return trajectory_error(still, reference)
 
 
+MISSING_VISIBLE = 0.5
+"""A video whose object shows in fewer than this fraction of frames has a missing object."""
+
+TRANSLATIONS: tuple[str, ...] = ("left", "right", "up", "down", "diagonal")
+"""Motions that move the object along a straight line at constant speed."""
+
+
+def velocity(centers: np.ndarray) -> np.ndarray | None:
+    """Least-squares (dx, dy) of the centres over the whole clip, in pixels; None if < 2 visible."""
+    ok = np.isfinite(centers).all(axis=1)
+    if ok.sum() < 2:
+        return None
+    t = np.nonzero(ok)[0] / max(1, len(centers) - 1)
+    return np.array([np.polyfit(t, centers[ok, axis], 1)[0] for axis in (0, 1)])
+
+
+def direction_error(reading: Reading, reference: world.Clip | world.Track) -> tuple[float, float]:
+    """Angle (degrees, 0-180) between the video's and the reference's direction, and speed ratio.
+
+    Both directions are least-squares fits over the clip; the speed ratio is
+    the video's displacement over the reference's (1: as fast, 0: still).
+    Raises ValueError when the object is not seen in two frames.
+    """
+    seen = velocity(reading.centers)
+    wanted = velocity(np.asarray(reference.centers, dtype=np.float64))
+    if seen is None or wanted is None:
+        raise ValueError("the object is not seen in two frames")
+    speed, ref_speed = float(np.linalg.norm(seen)), float(np.linalg.norm(wanted))
+    if speed < 1e-6 or ref_speed < 1e-6:
+        return 90.0, speed / max(ref_speed, 1e-6)
+    cosine = float(np.clip(seen @ wanted / (speed * ref_speed), -1.0, 1.0))
+    return math.degrees(math.acos(cosine)), speed / ref_speed
+
+
+def nearest_motion(
+    reading: Reading, spec: world.ClipSpec, candidates: Sequence[str] = world.PRETRAIN_MOTIONS
+) -> str | None:
+    """The candidate motion whose path (with ``spec``'s offsets) is nearest the video's.
+
+    Nearness is :func:`trajectory_error`; None when the object is missing.
+    """
+    if reading.visible < MISSING_VISIBLE:
+        return None
+    errors = {
+        motion: trajectory_error(reading, world.track(replace(spec, motion=motion)))
+        for motion in candidates
+    }
+    return min(errors, key=errors.__getitem__)
+
+
+# ---------------------------------------------------------------------------
+# continuous leakage
+
+LEAK_MIN_SHADE_GAP = 10.0
+"""Grey levels by which the prompt's and the reference's background means must differ to compare."""
+
+LEAK_MIN_TEXTURE_GAP = 0.2
+"""Reference-pattern amplitude by which the prompt's and reference's backgrounds must differ."""
+
+
+@dataclass(frozen=True)
+class LookFeatures:
+    """Continuous appearance readings of a video.
+
+    Attributes:
+        color: Mean RGB of the object's pixels (None if no object).
+        shade: Mean grey level of the background (the frame clock averages out).
+        pattern: Amplitude of a given background pattern in the background:
+            the least-squares factor that maps the pattern (mean removed per
+            frame) onto the background (1: the pattern at full contrast, 0: none).
+    """
+
+    color: np.ndarray | None
+    shade: float
+    pattern: float
+
+
+def look_features(frames: np.ndarray, pattern: np.ndarray) -> LookFeatures:
+    """Reads :class:`LookFeatures` of a uint8 video (F, H, W, 3) against ``pattern`` (F, H, W)."""
+    colors, shades, cross, power = [], [], 0.0, 0.0
+    for frame, template in zip(frames, pattern, strict=True):
+        mask = object_mask(frame)
+        if mask.sum() >= MIN_OBJECT_PIXELS:
+            colors.append(frame[mask].astype(np.float64).mean(axis=0))
+        background = ~_dilate(mask)
+        if background.sum() < 16:
+            continue
+        grey = frame.astype(np.float64).mean(axis=-1)[background]
+        shades.append(grey)
+        ref = template[background].astype(np.float64)
+        ref = ref - ref.mean()
+        cross += float((grey - grey.mean()) @ ref)
+        power += float(ref @ ref)
+    return LookFeatures(
+        color=np.mean(colors, axis=0) if colors else None,
+        shade=float(np.concatenate(shades).mean()) if shades else float("nan"),
+        pattern=cross / power if power > 0 else 0.0,
+    )
+
+
+def _toward(value: float, start: float, end: float) -> float:
+    """Where ``value`` lies from ``start`` (0) to ``end`` (1), clipped to [0, 1]."""
+    return float(np.clip((value - start) / (end - start), 0.0, 1.0))
+
+
+def leakage(
+    frames: np.ndarray, prompt: world.ClipSpec, reference_look: world.ClipSpec
+) -> dict[str, float]:
+    """How far a video's look moved from the prompt's toward the reference look.
+
+    Renders the prompt's clip twice, once in the prompt's look and once in the
+    reference look (same motion, same offsets), reads the same features of
+    both and of the video, and places the video between them per feature:
+    0 is the prompt's look, 1 the reference look (clipped). Features: the
+    object's colour (projected on the line between the two colours), the
+    background's mean shade, and the amplitude of the reference background's
+    pattern. A feature is left out where the two looks barely differ in it,
+    and the colour where the video has no object.
+
+    Returns:
+        Per feature (``color``, ``shade``, ``texture``) and ``mean`` over them
+        (absent when no feature could be compared).
+    """
+    look = reference_look.appearance
+    reference_spec = replace(
+        prompt, color=look[0], shape=look[1], background=look[2], texture=look[3]
+    )
+    pattern = world.background_frames(reference_spec)
+    seen = look_features(frames, pattern)
+    start = look_features(world.render(prompt).frames, pattern)
+    end = look_features(world.render(reference_spec).frames, pattern)
+    parts: dict[str, float] = {}
+    if seen.color is not None and start.color is not None and end.color is not None:
+        axis = end.color - start.color
+        if float(axis @ axis) > 0:
+            parts["color"] = float(np.clip((seen.color - start.color) @ axis / (axis @ axis), 0, 1))
+    if abs(end.shade - start.shade) >= LEAK_MIN_SHADE_GAP:
+        parts["shade"] = _toward(seen.shade, start.shade, end.shade)
+    if abs(end.pattern - start.pattern) >= LEAK_MIN_TEXTURE_GAP:
+        parts["texture"] = _toward(seen.pattern, start.pattern, end.pattern)
+    if parts:
+        parts["mean"] = float(np.mean(list(parts.values())))
+    return parts
+
+
+# ---------------------------------------------------------------------------
+# one video's scores
+
+
 @dataclass
 class Score:
     """Toy metrics of one generated video.
@@ -327,12 +476,19 @@ class Score:
     Attributes:
         color_ok, shape_ok, background_ok: Appearance matches the prompt.
         motion_ok: The trajectory's class is the prompt's (pretraining motions only).
+        missing: The object shows in fewer than half of the frames.
         trajectory_error: Pixels off the reference trajectory (held-out motions; see
             :func:`trajectory_error`).
         motion_fidelity: 1 - trajectory_error / static_error: 1 is the reference
-            motion, 0 is no better than standing still.
-        leaked: Per attribute, whether the reference look shows instead of the prompt's
-            (only attributes where the two differ).
+            motion, 0 is no better than standing still (None when the object is missing).
+        angle_error: Degrees between the video's direction and the reference's
+            (translations only).
+        speed_ratio: The video's displacement over the reference's (translations only).
+        nearest: The pretraining motion (or the reference's own motion) whose
+            path is nearest the video's.
+        leakage: Continuous leakage per feature and their ``mean`` (see :func:`leakage`).
+        leaked: Per attribute, whether the reference look's palette label shows
+            instead of the prompt's (only attributes where the two differ).
     """
 
     color_ok: bool
@@ -342,6 +498,11 @@ class Score:
     trajectory_error: float | None
     motion_fidelity: float | None
     leaked: dict[str, bool]
+    missing: bool = False
+    angle_error: float | None = None
+    speed_ratio: float | None = None
+    nearest: str | None = None
+    leakage: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -352,15 +513,28 @@ def score(
     prompt: world.ClipSpec,
     reference: world.Clip | None = None,
     reference_look: world.ClipSpec | None = None,
+    frames: np.ndarray | None = None,
 ) -> Score:
-    """Scores a reading against the prompt's spec (and a reference clip, if any)."""
+    """Scores a reading against the prompt's spec (and a reference clip, if any).
+
+    ``frames`` (the video the reading came from) enables continuous leakage
+    against ``reference_look``.
+    """
     motion_ok = reading.motion == prompt.motion if prompt.motion in world.PRETRAIN_MOTIONS else None
-    error = fidelity = None
+    missing = reading.visible < MISSING_VISIBLE
+    error = fidelity = angle = speed = None
+    nearest = None
     if reference is not None:
         error = trajectory_error(reading, reference)
         baseline = static_error(reference)
-        fidelity = 1.0 - error / baseline if baseline > 0 else None
+        if baseline > 0 and not missing:
+            fidelity = 1.0 - error / baseline
+        if reference.spec.motion in TRANSLATIONS and not missing:
+            angle, speed = direction_error(reading, reference)
+        candidates = dict.fromkeys((*world.PRETRAIN_MOTIONS, reference.spec.motion))
+        nearest = nearest_motion(reading, prompt, tuple(candidates))
     leaked: dict[str, bool] = {}
+    continuous: dict[str, float] = {}
     if reference_look is not None:
         pairs = {
             "color": (reading.color, prompt.color, reference_look.color),
@@ -374,6 +548,8 @@ def score(
         for name, (seen, wanted, ref) in pairs.items():
             if wanted != ref:
                 leaked[name] = seen == ref
+        if frames is not None:
+            continuous = leakage(frames, prompt, reference_look)
     return Score(
         color_ok=reading.color == prompt.color,
         shape_ok=reading.shape == prompt.shape,
@@ -382,11 +558,16 @@ def score(
         trajectory_error=error,
         motion_fidelity=fidelity,
         leaked=leaked,
+        missing=missing,
+        angle_error=angle,
+        speed_ratio=speed,
+        nearest=nearest,
+        leakage=continuous,
     )
 
 
 def summarize(scores: Sequence[Score]) -> dict[str, float | None]:
-    """Rates over a set of scores (None where no score has that metric)."""
+    """Rates and means over a set of scores (None where no score has that metric)."""
 
     def rate(values: list[bool]) -> float | None:
         return float(np.mean(values)) if values else None
@@ -395,17 +576,24 @@ def summarize(scores: Sequence[Score]) -> dict[str, float | None]:
         return float(np.mean(values)) if values else None
 
     leaks = [v for s in scores for v in s.leaked.values()]
-    return {
+    out: dict[str, float | None] = {
         "videos": float(len(scores)),
         "color": rate([s.color_ok for s in scores]),
         "shape": rate([s.shape_ok for s in scores]),
         "background": rate([s.background_ok for s in scores]),
         "motion": rate([s.motion_ok for s in scores if s.motion_ok is not None]),
+        "missing": rate([s.missing for s in scores]),
         "trajectory_error": mean(
             [s.trajectory_error for s in scores if s.trajectory_error is not None]
         ),
         "motion_fidelity": mean(
             [s.motion_fidelity for s in scores if s.motion_fidelity is not None]
         ),
-        "leakage": rate(leaks),
+        "angle_error": mean([s.angle_error for s in scores if s.angle_error is not None]),
+        "speed_ratio": mean([s.speed_ratio for s in scores if s.speed_ratio is not None]),
+        "leakage": mean([s.leakage["mean"] for s in scores if "mean" in s.leakage]),
+        "palette_leak": rate(leaks),
     }
+    for part in ("color", "shade", "texture"):
+        out[f"leakage_{part}"] = mean([s.leakage[part] for s in scores if part in s.leakage])
+    return out

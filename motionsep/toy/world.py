@@ -50,6 +50,18 @@ TEXTURES: tuple[str, ...] = ("plain", "striped", "checked")
 TEXTURE_CONTRAST = 45
 TEXTURE_PERIOD = 12.0
 
+# Looks the world renders but no caption or prompt can name: the toy
+# vocabulary has no word for them and pretraining never draws them. The leak
+# protocol gives its reference clips such a look, so a model can draw it for
+# a prompt only if an adapter absorbed it from the references. They are
+# chosen so that the shipped toy VAE, trained on the named looks alone, still
+# carries them through its latents (a round trip keeps magenta at about
+# (184, 66, 183) and 66-81 % of the dots' contrast; cyan came back green and
+# horizontal stripes were erased, so those were not used).
+UNNAMED_COLORS: dict[str, tuple[int, int, int]] = {"magenta": (210, 50, 210)}
+UNNAMED_TEXTURES: tuple[str, ...] = ("dotted",)
+"""``dotted``: a square dot where both a vertical and a horizontal stripe would be."""
+
 PRETRAIN_MOTIONS: tuple[str, ...] = (
     "static",
     "left",
@@ -111,18 +123,33 @@ class ClipSpec:
 
     def __post_init__(self) -> None:
         for value, allowed, what in (
-            (self.color, COLORS, "color"),
+            (self.color, (*COLORS, *UNNAMED_COLORS), "color"),
             (self.shape, SHAPES, "shape"),
             (self.background, BACKGROUNDS, "background"),
-            (self.texture, TEXTURES, "texture"),
+            (self.texture, (*TEXTURES, *UNNAMED_TEXTURES), "texture"),
             (self.motion, MOTIONS, "motion"),
         ):
             if value not in allowed:
                 raise ValueError(f"unknown toy {what} {value!r}; choose from {', '.join(allowed)}")
 
     @property
+    def named(self) -> bool:
+        """Whether the toy vocabulary has a word for every part of the look."""
+        return self.color in COLORS and self.texture in TEXTURES
+
+    @property
     def prompt(self) -> str:
-        """The clip's caption, e.g. ``a red circle moving right on a striped gray background``."""
+        """The clip's caption, e.g. ``a red circle moving right on a striped gray background``.
+
+        Raises:
+            ValueError: The look is unnamed (see :data:`UNNAMED_COLORS`); such
+                clips are captioned by their motion alone (:func:`motion_caption`).
+        """
+        if not self.named:
+            raise ValueError(
+                f"the toy vocabulary has no words for {self.color} or {self.texture}; "
+                "caption the clip with motion_caption()"
+            )
         return prompt_for(self.color, self.shape, self.background, self.texture, self.motion)
 
     @property
@@ -144,6 +171,16 @@ def prompt_for(color: str, shape: str, background: str, texture: str, motion: st
     return (
         f"{article} {color} {shape} {MOTION_PHRASES[motion]} on a {texture} {background} background"
     )
+
+
+def motion_caption(motion: str) -> str:
+    """A caption that names only the motion, e.g. ``moving diagonally``."""
+    return MOTION_PHRASES[motion]
+
+
+def color_rgb(color: str) -> tuple[int, int, int]:
+    """The RGB of a named or unnamed object colour."""
+    return COLORS[color] if color in COLORS else UNNAMED_COLORS[color]
 
 
 def vocabulary() -> list[str]:
@@ -299,13 +336,44 @@ def background_image(
     period = TEXTURE_PERIOD * scale
     # textures scale about the frame centre (the dolly motion changes the scale)
     u = np.floor((gx - resolution / 2.0) / (period / 2.0))
+    v = np.floor((gy - resolution / 2.0) / (period / 2.0))
     if texture == "striped":
         pattern = u % 2
+    elif texture == "dotted":
+        pattern = (u % 2) * (v % 2)
     else:
-        v = np.floor((gy - resolution / 2.0) / (period / 2.0))
         pattern = (u + v) % 2
     fine = np.where(pattern > 0, other, level).astype(np.float32)
     return _downsample(fine, resolution)
+
+
+@dataclass(frozen=True)
+class Track:
+    """Where a clip's object is and how big, frame by frame, without rendering it.
+
+    Attributes:
+        centers: float32 (F, 2), object centre (x, y) in pixels.
+        sizes: float32 (F,), object size in pixels.
+        bg_scale: float32 (F,), the background texture's scale.
+    """
+
+    centers: np.ndarray
+    sizes: np.ndarray
+    bg_scale: np.ndarray
+
+
+def track(spec: ClipSpec, frames: int = FRAMES) -> Track:
+    """The object's path in :func:`render` of ``spec`` (same offsets), cheaply."""
+    rng = np.random.default_rng([spec.seed, MOTIONS.index(spec.motion)])
+    return Track(*trajectory(spec.motion, frames, rng))
+
+
+def background_frames(spec: ClipSpec, frames: int = FRAMES, resolution: int = SIZE) -> np.ndarray:
+    """The clip's background alone, float32 (F, H, W) grey levels, without the frame clock."""
+    scales = track(spec, frames).bg_scale
+    return np.stack(
+        [background_image(spec.background, spec.texture, float(s), resolution) for s in scales]
+    )
 
 
 def render(spec: ClipSpec, frames: int = FRAMES, resolution: int = SIZE) -> Clip:
@@ -317,7 +385,7 @@ def render(spec: ClipSpec, frames: int = FRAMES, resolution: int = SIZE) -> Clip
         trajectory(spec.motion, frames, np.random.default_rng(seed), lag) for lag in TRAIL_LAGS
     ]
     fade = TRAIL_OPACITY * (1.0 - np.arange(len(TRAIL_LAGS)) / len(TRAIL_LAGS))
-    color = np.asarray(COLORS[spec.color], dtype=np.float32)
+    color = np.asarray(color_rgb(spec.color), dtype=np.float32)
     out = np.empty((frames, resolution, resolution, 3), dtype=np.uint8)
     masks = np.empty((frames, resolution, resolution), dtype=np.float32)
     trails = np.empty((frames, resolution, resolution), dtype=np.float32)
