@@ -211,6 +211,7 @@ def atomic_folder(final: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        share_like_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -221,6 +222,36 @@ def atomic_folder(final: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp.rename(final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_like_umask(folder: Path) -> None:
+    """Gives every file under ``folder`` the mode a plain ``open()`` would (0644 under 022).
+
+    safetensors writes its files 0600 whatever the umask, which would make a
+    store shared on one machine unreadable to the other users; a file is only
+    ever widened up to what the umask allows, never narrowed, and hard-linked
+    files (whose mode belongs to their other name too) are left alone.
+    """
+    mode = 0o666 & ~current_umask()
+    for path in folder.rglob("*"):
+        # a hard link shares its mode with a file that is not ours (a hub cache, --from)
+        if path.is_file() and not path.is_symlink() and path.stat().st_nlink == 1:
+            current = path.stat().st_mode & 0o777
+            if current | mode != current:
+                path.chmod(current | mode)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -98,3 +98,32 @@ def test_an_empty_lock_file_blocks_briefly_then_is_taken_over(tmp_path: Path) ->
     os.utime(path, (old, old))
     with lock(path, "training"):
         assert json.loads(path.read_text())["pid"] == os.getpid()
+
+
+def test_store_files_are_readable_by_others_under_umask_022(
+    store_home: Path, clips_dir: Path, tmp_path: Path
+) -> None:
+    """A store shared on one GPU box: models, prepared entries and motions are 0644."""
+    from motionsep.config import load_settings
+    from motionsep.hub import install_tiny
+    from motionsep.store import Store, atomic_folder
+    from motionsep.train import train_motion
+
+    previous = os.umask(0o022)
+    try:
+        store = Store(store_home)
+        install_tiny(store)
+        settings = load_settings(preset="tiny", set_options=["train.steps=2"])
+        train_motion([clips_dir / "dolly.mp4"], "shared", settings, store)
+        outside = tmp_path / "mine.txt"
+        outside.write_text("x")
+        outside.chmod(0o600)
+        with atomic_folder(store_home / "linked") as folder:
+            os.link(outside, folder / "mine.txt")  # a hard link keeps its owner's mode
+    finally:
+        os.umask(previous)
+    files = [p for p in store_home.rglob("*") if p.is_file() and p.name != "mine.txt"]
+    assert any(p.suffix == ".safetensors" for p in files)
+    private = [str(p) for p in files if p.stat().st_mode & 0o044 != 0o044]
+    assert not private, private
+    assert outside.stat().st_mode & 0o777 == 0o600
