@@ -192,7 +192,11 @@ def collect_clips(inputs: Iterable[Path], default_prompt: str | None = None) -> 
         if spec.prompt is None:
             sidecar = spec.path.with_suffix(".txt")
             if sidecar.is_file():
-                spec.prompt = sidecar.read_text(encoding="utf-8").strip() or None
+                try:
+                    spec.prompt = sidecar.read_text(encoding="utf-8").strip() or None
+                except UnicodeDecodeError:
+                    problems.append(f"{sidecar}: the prompt is not UTF-8 text (save it as UTF-8)")
+                    continue
                 spec.prompt_source = f"sidecar {sidecar.name}"
         if spec.prompt is None and default_prompt:
             spec.prompt, spec.prompt_source = default_prompt, "--prompt"

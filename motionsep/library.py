@@ -29,7 +29,7 @@ from motionsep.model.motion import (
     load_motion,
     resolve_motion,
 )
-from motionsep.store import Store, folder_size, lock, validate_name
+from motionsep.store import Store, folder_size, lock, validate_motion_name
 
 # Preview files a package may carry, in order of preference.
 PREVIEW_FILES = ("preview.mp4", "preview.gif")
@@ -148,7 +148,7 @@ def show_motion(store: Store, name_or_path: str) -> tuple[MotionSummary, MotionP
 
 def _package_folder(store: Store, name: str) -> Path:
     """The store folder of the motion NAME (a store name, never a path)."""
-    validate_name(name, "motion name")
+    validate_motion_name(name)
     return resolve_motion(store, name)
 
 
@@ -207,7 +207,7 @@ def rename_motion(store: Store, old: str, new: str) -> Path:
         StoreLockedError: while a training (or another command) holds OLD or NEW.
     """
     source = _package_folder(store, old)
-    validate_name(new, "new motion name")
+    validate_motion_name(new, "new motion name")
     target = store.motions_dir / new
     if old == new:
         raise UsageError(f"motion {old!r} already has that name")

@@ -151,10 +151,10 @@ def load_motion_and_settings(
         SettingsError: listing every invalid field.
     """
     from motionsep.model.motion import load_motion, resolve_motion
-    from motionsep.store import Store
+    from motionsep.store import NO_MOTION, Store
 
     package = None
-    if motion is not None and motion.lower() != "none":
+    if motion is not None and motion.lower() != NO_MOTION:
         located = load_settings(
             preset=preset, config_file=config_file, overrides=overrides, set_options=set_options
         )

@@ -83,6 +83,21 @@ def validate_name(name: str, what: str = "name") -> str:
     return name
 
 
+NO_MOTION = "none"
+"""What ``generate --motion none`` means: the base model alone (so no motion may be called that)."""
+
+
+def validate_motion_name(name: str, what: str = "motion name") -> str:
+    """A valid store name that is not :data:`NO_MOTION` (any case)."""
+    validate_name(name, what)
+    if name.lower() == NO_MOTION:
+        raise UsageError(
+            f"invalid {what} {name!r}: `--motion {NO_MOTION}` means the base model alone",
+            "choose another name",
+        )
+    return name
+
+
 class Store:
     """The folders of one store root.
 

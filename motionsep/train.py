@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from motionsep.config import Settings
 from motionsep.errors import MotionsepError, UsageError
 from motionsep.progress import Progress, or_null
-from motionsep.store import Store, atomic_folder, atomic_write_bytes, lock, validate_name
+from motionsep.store import Store, atomic_folder, atomic_write_bytes, lock, validate_motion_name
 
 if TYPE_CHECKING:
     import torch
@@ -454,7 +454,7 @@ def train_motion(
 
     from motionsep.devices import resolve_device
 
-    validate_name(name, "motion name")
+    validate_motion_name(name)
     final = store.motions_dir / name
     if final.exists() and not force:
         raise UsageError(

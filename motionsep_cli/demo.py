@@ -13,10 +13,12 @@ from motionsep_cli._options import JsonOption, SetOption
 HELP = """Learn a motion and generate it with new looks, on the built-in toy model (CPU, minutes).
 
 Renders three reference clips of a motion the toy model never saw (a red
-square moving diagonally on a striped white background), trains it with the
-paper's recipe into the store (as toy-MOTION), generates videos of other
-looks with and without it, scores them exactly with the toy metrics, and
-writes a report folder: clips/, videos/, frames.png, results.md, results.json.
+square moving diagonally on a striped white background), trains a motion on
+them with the toy preset's recipe into the store (as toy-MOTION), generates
+videos of other looks with and without it, scores them with the toy metrics
+(motion fidelity, leakage, appearance), and writes a report folder: clips/,
+videos/, frames.png, results.md, results.json. One seed: for what the recipes
+do over seeds, see `motionsep toy experiment` and the README's tables.
 
 Examples:
 

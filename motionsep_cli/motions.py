@@ -288,10 +288,10 @@ def rm(
     from motionsep.errors import UsageError
     from motionsep.library import remove_motion, summarize
     from motionsep.model.motion import resolve_motion
-    from motionsep.store import validate_name
+    from motionsep.store import validate_motion_name
 
     store = _store()
-    validate_name(name, "motion name")
+    validate_motion_name(name)
     folder = resolve_motion(store, name)
     if not yes:
         if not _stdin_is_interactive():

@@ -10,13 +10,17 @@ import typer
 from motionsep_cli._console import RichProgress, emit, err_console
 from motionsep_cli._options import ForceOption, JsonOption, SetOption
 
-HELP = """The toy world: a small world where motion/appearance separation is measured exactly.
+HELP = """The toy world: a small world where motion customization runs on a CPU and can be scored.
 
 One coloured shape (square, circle, triangle) moves on a grey background
 (plain, striped, checked) in 32x32 clips of 8 frames. The built-in `toy`
 model was pretrained on the motions static, left, right, up, down, zoom-in
 and zoom-out; diagonal, orbit, bounce and dolly are held out for motion
-customization. Segmentation with the known palette scores every video exactly.
+customization. Segmentation with the known palette reads every video's
+object colour, path and background, which the toy metrics compare with the
+prompt and the reference clips. Whether recipes separate motion from
+appearance on the shipped toy model is what `toy experiment` measures; the
+README has its tables.
 
 Examples:
 
@@ -52,6 +56,8 @@ def clips(
     from motionsep.toy import world
     from motionsep.toy.experiment import write_clips
 
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file, not a folder", "give a folder to write the clips into")
     try:
         specs = [
             world.ClipSpec(color, shape, background, texture, motion, seed=seed * 1000 + k)
@@ -198,7 +204,7 @@ def probe(
     ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Sample held-in prompts from a toy model and score them exactly, or gate its attention.
+    """Sample held-in prompts from a toy model and score them, or gate its temporal attention.
 
     Reports how often the object has the prompt's colour, shape and
     background, and moves the way the prompt says (all seven pretraining

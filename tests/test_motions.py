@@ -280,9 +280,21 @@ def test_rename_refuses_while_either_name_is_locked(library: Path, locked: str) 
     assert not (library / "motions" / "zoom-out").exists()
 
 
-@pytest.mark.parametrize("new", ["../escape", ".hidden", "a/b"])
+@pytest.mark.parametrize("new", ["../escape", ".hidden", "a/b", "none", "None"])
 def test_rename_refuses_bad_names(library: Path, new: str) -> None:
     result = invoke("rename", "dolly", new)
     assert result.exit_code == 2
     assert "invalid" in result.stderr
     assert (library / "motions" / "dolly" / motion.METADATA_FILE).is_file()
+
+
+def test_training_a_motion_called_none_is_refused(store_home: Path, tmp_path: Path) -> None:
+    """`--motion none` means the base model, so no motion may be named that."""
+    from typer.testing import CliRunner
+
+    from motionsep_cli.app import app
+
+    result = CliRunner().invoke(app, ["train", str(tmp_path), "--name", "NONE", "--preset", "tiny"])
+    assert result.exit_code == 2
+    assert "means the base model alone" in result.output
+    assert not (store_home / "motions").exists()

@@ -108,6 +108,8 @@ def test_every_bad_input_is_reported_before_any_work(
     shutil.copy(clips_dir / "zoom-in.mp4", clips / "noprompt.mp4")
     shutil.copy(clips_dir / "zoom-out.mp4", clips / "other" / "good.mp4")
     (clips / "other" / "good.txt").write_text("same name")
+    shutil.copy(clips_dir / "dolly.mp4", clips / "latin.mp4")
+    (clips / "latin.txt").write_bytes("a café".encode("latin-1"))
     store = Store(tmp_path / "home")
     settings = _settings(tiny_model_dir, store.home)
 
@@ -117,12 +119,14 @@ def test_every_bad_input_is_reported_before_any_work(
     assert "missing.mp4: no such file" in message
     assert "noprompt.mp4: no prompt" in message
     assert "same name 'good'" in message
+    assert "latin.txt: the prompt is not UTF-8 text" in message
     assert info.value.exit_code == 2
     assert _entries(store.home) == []
 
     # with names and prompts fixed, the undecodable files are all listed together
     shutil.rmtree(clips / "other")
     (clips / "noprompt.txt").write_text("fixed")
+    (clips / "latin.txt").write_text("a café")
     with pytest.raises(ClipInputError) as info:
         prepare([clips], settings, store)
     message = info.value.message

@@ -1,4 +1,4 @@
-"""The toy world's separation instruments: continuous leakage, direction, nearest motion, pairing."""
+"""Toy separation instruments: continuous leakage, direction, nearest motion, pairing."""
 
 from __future__ import annotations
 

@@ -74,7 +74,7 @@ from motionsep.model.motion import (
     file_sha256,
     save_motion,
 )
-from motionsep.store import Store, atomic_folder, atomic_write_bytes, validate_name
+from motionsep.store import Store, atomic_folder, atomic_write_bytes, validate_motion_name
 
 if TYPE_CHECKING:
     import torch
@@ -698,7 +698,7 @@ def import_motion(
         ModelNotFoundError, ModelFormatError: if the base model cannot be used.
         StoreLockedError: while a training (or another command) holds the name.
     """
-    validate_name(name, "motion name")
+    validate_motion_name(name)
     folder = store.motions_dir / name
     if folder.exists() and not force:
         raise UsageError(

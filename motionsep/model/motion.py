@@ -35,7 +35,7 @@ from motionsep.errors import (
 )
 from motionsep.model import recipes, tap
 from motionsep.model.components import unet_config_hash
-from motionsep.store import Store, atomic_folder, validate_name
+from motionsep.store import Store, atomic_folder, validate_motion_name
 
 if TYPE_CHECKING:
     import torch
@@ -312,7 +312,7 @@ def save_motion(
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    validate_name(folder.name, "motion name")
+    validate_motion_name(folder.name)
     extras = {_checked_extra(name): source for name, source in (extra_files or {}).items()}
     adapted = {key.split(".lora_", 1)[0] for key in adapter_state}
     if adapted != set(metadata.lora_targets):

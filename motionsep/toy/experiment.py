@@ -1,4 +1,4 @@
-"""Motion customization measured exactly: ``motionsep toy experiment`` and ``motionsep demo``.
+"""Motion customization in the toy world: ``motionsep toy experiment`` and ``motionsep demo``.
 
 For a held-out motion the toy base model never saw, reference clips are
 rendered with one fixed look. A motion is trained on them under each recipe,
