@@ -29,6 +29,8 @@ from motionsep.errors import ModelNotFoundError, StoreLockedError, UsageError
 
 MODEL_RECORD = "motionsep-model.json"
 _TMP_PREFIX = ".tmp-"
+PARTIAL_PREFIX = ".partial-"
+"""A run in progress (checkpoints, metrics) lives in ``PARTIAL_PREFIX + NAME`` beside its result."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,24 @@ def validate_motion_name(name: str, what: str = "motion name") -> str:
     return name
 
 
+@dataclass(frozen=True)
+class Leftover:
+    """A folder in the store that is not a finished entry.
+
+    Attributes:
+        path: The folder.
+        kind: ``unfinished training`` (resumable with ``train --resume``) or
+            ``cut-off write`` (a temporary folder an interrupted write left).
+        name: The entry it belongs to (for a cut-off write, with its random suffix).
+        size_bytes: Its size on disk.
+    """
+
+    path: Path
+    kind: str
+    name: str
+    size_bytes: int
+
+
 class Store:
     """The folders of one store root.
 
@@ -107,6 +127,25 @@ class Store:
 
     def __init__(self, home: Path) -> None:
         self.home = Path(home).expanduser()
+
+    def partial_motion_dir(self, name: str) -> Path:
+        """Where an unfinished training of motion ``name`` keeps its checkpoints."""
+        return self.motions_dir / f"{PARTIAL_PREFIX}{name}"
+
+    def motion_leftovers(self) -> list[Leftover]:
+        """Unfinished trainings and cut-off writes among the motions, sorted by path."""
+        if not self.motions_dir.is_dir():
+            return []
+        found = []
+        for path in sorted(self.motions_dir.iterdir()):
+            if path.name.startswith(PARTIAL_PREFIX):
+                name, kind = path.name[len(PARTIAL_PREFIX) :], "unfinished training"
+            elif path.name.startswith(_TMP_PREFIX):
+                name, kind = path.name[len(_TMP_PREFIX) :], "cut-off write"
+            else:
+                continue
+            found.append(Leftover(path, kind, name, folder_size(path)))
+        return found
 
     @property
     def models_dir(self) -> Path:

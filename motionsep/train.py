@@ -85,8 +85,8 @@ class TrainResult:
 
 
 def partial_dir(store: Store, name: str) -> Path:
-    """Where an unfinished training run of ``name`` keeps its state."""
-    return store.motions_dir / f".partial-{name}"
+    """The run folder of an unfinished training of ``name`` (checkpoints, metrics)."""
+    return store.partial_motion_dir(name)
 
 
 def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:

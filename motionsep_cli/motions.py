@@ -222,7 +222,9 @@ def _print_table(summaries: list[MotionSummary]) -> None:
 def list_motions(as_json: JsonOption = False) -> None:
     from motionsep.library import list_motions as summaries_of
 
-    summaries = summaries_of(_store())
+    store = _store()
+    summaries = summaries_of(store)
+    _report_leftovers(store)
     if as_json:
         _write_json([summary.to_dict() for summary in summaries])
         return
@@ -231,6 +233,27 @@ def list_motions(as_json: JsonOption = False) -> None:
     else:
         err_console.print("no motions yet: `motionsep train CLIPS --name NAME` or `motions import`")
     _write_lines([summary.name for summary in summaries])
+
+
+def _report_leftovers(store: Store) -> None:
+    """Unfinished trainings and cut-off writes, on stderr (they are not motions)."""
+    for leftover in store.motion_leftovers():
+        size = _size(leftover.size_bytes)
+        if leftover.kind == "unfinished training":
+            err_console.print(
+                f"[yellow]unfinished training[/] of {leftover.name!r} in {leftover.path} ({size}): "
+                f"continue with `motionsep train CLIPS --name {leftover.name} --resume`, "
+                "or delete the folder to discard it",
+                highlight=False,
+                soft_wrap=True,
+            )
+        else:
+            err_console.print(
+                f"[yellow]cut-off write[/] {leftover.path} ({size}): an interrupted command "
+                "left it; nothing reads it, delete it to free the space",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 @app.command("show", help=SHOW_HELP)

@@ -160,6 +160,20 @@ def test_list_prints_names_on_stdout_and_the_table_on_stderr(library: Path) -> N
     assert "reference" in result.stderr and "damaged" in result.stderr
 
 
+def test_list_names_unfinished_trainings_and_cut_off_writes(library: Path) -> None:
+    (library / "motions" / ".partial-orbit" / "checkpoints").mkdir(parents=True)
+    (library / "motions" / ".tmp-dolly-1a2b3c4d").mkdir()
+    result = invoke("list")
+    assert result.exit_code == 0
+    assert result.stdout.splitlines() == ["broken", "dolly", "zoom-in"]  # not motions
+    stderr = " ".join(result.stderr.split())
+    assert "unfinished training of 'orbit'" in stderr and "--name orbit --resume" in stderr
+    assert "cut-off write" in stderr and ".tmp-dolly-1a2b3c4d" in stderr
+    as_json = invoke("list", "--json")
+    assert [row["name"] for row in json.loads(as_json.stdout)] == ["broken", "dolly", "zoom-in"]
+    assert (library / "motions" / ".partial-orbit").is_dir()  # reported, never removed
+
+
 def test_list_of_an_empty_store(store_home: Path) -> None:
     result = invoke("list", "--json")
     assert result.exit_code == 0 and json.loads(result.stdout) == []
