@@ -72,8 +72,23 @@ class VideoFormat(str, Enum):
     PNG = "png"
 
 
+MAX_STEPS = 10_000_000
+"""Upper bound of every step count: far beyond any real run, far below what overflows."""
+MAX_DENOISING_STEPS = 1000
+"""DDIM cannot take more steps than the 1000 training timesteps of the schedulers used."""
+MAX_SIDE = 4096
+"""Largest frame width or height in pixels."""
+MAX_FRAMES = 1024
+MAX_SEED = 2**63 - 1
+MAX_VIDEOS = 10_000
+"""Most videos per prompt in one command."""
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+    # every float must be finite: NaN or inf in a setting is never what a user means
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_enum_values=False, allow_inf_nan=False
+    )
 
 
 def _check_multiple_of_8(value: int) -> int:
@@ -110,10 +125,14 @@ class ModelSettings(_Section):
 class DataSettings(_Section):
     """How clips become training data (``prepare``)."""
 
-    width: int = Field(384, ge=8, description="Frame width in pixels, a multiple of 8.")
-    height: int = Field(384, ge=8, description="Frame height in pixels, a multiple of 8.")
-    frames: int = Field(16, ge=2, description="Frames sampled from each clip.")
-    frame_step: int = Field(1, ge=1, description="Take every N-th frame of the clip.")
+    width: int = Field(
+        384, ge=8, le=MAX_SIDE, description="Frame width in pixels, a multiple of 8."
+    )
+    height: int = Field(
+        384, ge=8, le=MAX_SIDE, description="Frame height in pixels, a multiple of 8."
+    )
+    frames: int = Field(16, ge=2, le=MAX_FRAMES, description="Frames sampled from each clip.")
+    frame_step: int = Field(1, ge=1, le=1000, description="Take every N-th frame of the clip.")
     fps: float | None = Field(
         None, gt=0, description="Resample clips to this frame rate instead of using frame_step."
     )
@@ -124,8 +143,10 @@ class DataSettings(_Section):
         None, description="Prompt for every clip that has no manifest entry or sidecar .txt."
     )
     inversion: bool = Field(False, description="Store a DDIM inversion of each clip (noise prior).")
-    inversion_steps: int = Field(50, ge=1, description="DDIM steps of that inversion.")
-    vae_batch_size: int = Field(8, ge=1, description="Frames encoded per VAE call.")
+    inversion_steps: int = Field(
+        50, ge=1, le=MAX_DENOISING_STEPS, description="DDIM steps of that inversion."
+    )
+    vae_batch_size: int = Field(8, ge=1, le=4096, description="Frames encoded per VAE call.")
 
     @field_validator("width", "height")
     @classmethod
@@ -158,15 +179,15 @@ class LoraSettings(_Section):
 class OptimSettings(_Section):
     """AdamW over the LoRA parameters."""
 
-    lr: float = Field(5e-4, gt=0, description="Learning rate of the motion LoRA.")
-    spatial_lr: float = Field(5e-4, gt=0, description="Learning rate of the spatial LoRAs.")
+    lr: float = Field(5e-4, gt=0, le=1.0, description="Learning rate of the motion LoRA.")
+    spatial_lr: float = Field(5e-4, gt=0, le=1.0, description="Learning rate of the spatial LoRAs.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
     weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
         "constant", description="Learning-rate schedule."
     )
-    warmup_steps: int = Field(0, ge=0, description="Warm-up steps of the schedule.")
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Warm-up steps of the schedule.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null for none.")
 
     @field_validator("betas")
@@ -180,12 +201,12 @@ class OptimSettings(_Section):
 class TrainSettings(_Section):
     """The training loop (``train``)."""
 
-    steps: int = Field(1000, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(1, ge=1, description="Clips per step and process.")
+    steps: int = Field(1000, ge=1, le=MAX_STEPS, description="Optimizer steps.")
+    batch_size: int = Field(1, ge=1, le=1024, description="Clips per step and process.")
     checkpoint_every: int = Field(
-        200, ge=1, description="Write a resumable checkpoint every N steps."
+        200, ge=1, le=MAX_STEPS, description="Write a resumable checkpoint every N steps."
     )
-    seed: int = Field(42, ge=0, description="Seed of everything random in training.")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed of everything random in training.")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="auto: fp16 on CUDA, none on CPU."
     )
@@ -194,35 +215,45 @@ class TrainSettings(_Section):
         0.2, ge=0.0, le=1.0, description="Fraction of steps that skip the spatial path."
     )
     debias_alpha: float = Field(
-        math.sqrt(2.0), description="alpha of the appearance-debiased loss term."
+        math.sqrt(2.0), ge=-100, le=100, description="alpha of the appearance-debiased loss term."
     )
-    debias_beta: float = Field(1.0, description="beta of the appearance-debiased loss term.")
+    debias_beta: float = Field(
+        1.0, ge=-100, le=100, description="beta of the appearance-debiased loss term."
+    )
     preview_every: int = Field(
-        0, ge=0, description="Render a preview video every N steps; 0: never."
+        0, ge=0, le=MAX_STEPS, description="Render a preview video every N steps; 0: never."
     )
-    num_processes: int = Field(1, ge=1, description="Data-parallel processes (accelerate).")
+    num_processes: int = Field(
+        1, ge=1, le=1024, description="Data-parallel processes (accelerate)."
+    )
 
 
 class SampleSettings(_Section):
     """Generation (``generate``): upstream defaults are DDIM, 30 steps, guidance 12."""
 
-    steps: int = Field(30, ge=1, description="DDIM denoising steps.")
-    guidance: float = Field(12.0, ge=0, description="Classifier-free guidance scale.")
-    width: int = Field(384, ge=8, description="Video width, a multiple of 8.")
-    height: int = Field(384, ge=8, description="Video height, a multiple of 8.")
-    frames: int = Field(16, ge=1, description="Frames per video.")
+    steps: int = Field(30, ge=1, le=MAX_DENOISING_STEPS, description="DDIM denoising steps.")
+    guidance: float = Field(12.0, ge=0, le=100, description="Classifier-free guidance scale.")
+    width: int = Field(384, ge=8, le=MAX_SIDE, description="Video width, a multiple of 8.")
+    height: int = Field(384, ge=8, le=MAX_SIDE, description="Video height, a multiple of 8.")
+    frames: int = Field(16, ge=1, le=MAX_FRAMES, description="Frames per video.")
     negative_prompt: str = Field("", description="Negative prompt for guidance.")
-    lora_scale: float = Field(1.0, description="Scale of the motion LoRA; 0 switches it off.")
+    lora_scale: float = Field(
+        1.0, ge=-10, le=10, description="Scale of the motion LoRA; 0 switches it off."
+    )
     highway: bool | None = Field(
         None, description="Appearance highway on/off; null: as the recipe says."
     )
-    highway_beta: float | None = Field(None, gt=0, description="Highway scale; null: the recipe's.")
+    highway_beta: float | None = Field(
+        None, gt=0, le=10, description="Highway scale; null: the recipe's."
+    )
     pli: float | None = Field(
         None, gt=0, le=1, description="Phased LoRA integration: motion for this fraction of steps."
     )
     noise_prior: float = Field(0.0, ge=0, le=1, description="Weight of the stored inversion noise.")
-    seed: int = Field(0, ge=0, description="Seed of the first video; video k uses seed + k.")
-    num_videos: int = Field(1, ge=1, description="Videos per prompt.")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="Seed of the first video; video k uses seed + k."
+    )
+    num_videos: int = Field(1, ge=1, le=MAX_VIDEOS, description="Videos per prompt.")
     fps: int = Field(8, ge=1, le=120, description="Frame rate of written videos.")
     format: VideoFormat = Field(VideoFormat.MP4, description="mp4, gif or png (one PNG per frame).")
     prompts: list[str] = Field(
