@@ -675,7 +675,38 @@ def generate_videos(
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Progress | None = None,
 ) -> list[GeneratedVideo]:
-    """Generates ``settings.sample.num_videos`` videos of every prompt.
+    """Every video of :func:`iter_videos` as a list (same arguments, same errors)."""
+    return list(
+        iter_videos(
+            prompts,
+            settings,
+            motion,
+            components=components,
+            model=model,
+            offload=offload,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    )
+
+
+def iter_videos(
+    prompts: Sequence[str],
+    settings: Settings,
+    motion: MotionPackage | None = None,
+    *,
+    components: Components | None = None,
+    model: ModelRef | None = None,
+    offload: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress | None = None,
+) -> Iterator[GeneratedVideo]:
+    """Generates ``settings.sample.num_videos`` videos of every prompt, yielding each when done.
+
+    Nothing is kept between batches, so a caller that writes each video as
+    it comes (:class:`VideoWriter`) keeps what finished when the run stops,
+    and memory does not grow with the number of prompts. Closing the
+    iterator early puts the model back as it was.
 
     Args:
         prompts: The prompts; video k of each uses seed ``sample.seed + k``.
@@ -694,7 +725,7 @@ def generate_videos(
             results agree across batch sizes to float rounding.
         progress: Receives the ``"videos"`` and ``"denoise"`` tasks.
 
-    Returns:
+    Yields:
         One :class:`GeneratedVideo` per (prompt, k), prompts in order.
 
     Raises:
@@ -755,7 +786,6 @@ def generate_videos(
     batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
     base_record = _base_record(settings, plan, motion, model, unet.dtype, device)
 
-    results: list[GeneratedVideo] = []
     events.start("videos", total=len(jobs), unit="video")
     events.start("denoise", total=len(batches) * plan.steps, unit="step")
     with contextlib.ExitStack() as stack:
@@ -813,21 +843,18 @@ def generate_videos(
                     else job.video_index % len(inversion),
                     **base_record,
                 }
-                results.append(
-                    GeneratedVideo(
-                        prompt=job.prompt,
-                        prompt_index=job.prompt_index,
-                        video_index=job.video_index,
-                        seed=job.seed,
-                        frames=frames[row],
-                        latents=latents[row].clone(),
-                        record=record,
-                    )
-                )
                 events.advance("videos", prompt=_short_prompt(job.prompt), seed=job.seed)
+                yield GeneratedVideo(
+                    prompt=job.prompt,
+                    prompt_index=job.prompt_index,
+                    video_index=job.video_index,
+                    seed=job.seed,
+                    frames=frames[row],
+                    latents=latents[row].clone(),
+                    record=record,
+                )
     events.finish("denoise")
     events.finish("videos")
-    return results
 
 
 def _latent_shape(
@@ -923,50 +950,96 @@ def slugify(text: str, limit: int = 60) -> str:
     return slug[:limit].rstrip("-") or "video"
 
 
-def output_targets(
-    items: Sequence[tuple[str, int]], out: Path | str, fmt: VideoFormat | str
-) -> list[Path]:
-    """Where each video goes: ``OUT/SLUG-SEED.EXT`` (a folder for png), never colliding.
+class VideoWriter:
+    """Writes videos (mp4, gif or PNG folder) with their JSON sidecars, one at a time.
 
     ``out`` ending in ``.mp4`` or ``.gif`` names the file of a single video;
-    anything else is a folder. Inside a folder nothing is overwritten: when
-    a name (or its sidecar) exists already or repeats, ``-2``, ``-3``, ... is
-    appended.
+    anything else is a folder, where each video goes to ``OUT/SLUG-SEED.EXT``
+    (a folder for png) and nothing is overwritten: when a name (or its
+    sidecar) exists already or was taken in this run, ``-2``, ``-3``, ... is
+    appended. Names are chosen as videos arrive, so nothing is allocated per
+    requested video up front.
 
     Args:
-        items: ``(prompt, seed)`` of each video.
         out: The folder, or one file.
-        fmt: The video format.
+        fmt: mp4 (H.264), gif, or png (a folder of frames).
+        fps: Frame rate of mp4 and gif.
+        count: How many videos will come (checked against a single-file ``out``).
 
     Raises:
         UsageError: for a file ``out`` with several videos or of another format.
     """
-    fmt = VideoFormat(fmt)
-    out = Path(out).expanduser()
-    suffix = "" if fmt is VideoFormat.PNG else f".{fmt.value}"
-    if out.suffix.lower() in {".mp4", ".gif"}:
-        if len(items) != 1:
-            raise UsageError(
-                f"--out {out} names one file but {len(items)} videos are to be generated",
-                "pass a folder to --out",
-            )
-        if out.suffix.lower() != suffix:
-            raise UsageError(
-                f"--out {out} ends in {out.suffix} but the format is {fmt.value}",
-                f"pass --format {out.suffix[1:].lower()}, or a folder to --out",
-            )
-        return [out]
-    taken: set[Path] = set()
-    targets = []
-    for prompt, seed in items:
+
+    def __init__(
+        self,
+        out: Path | str,
+        fmt: VideoFormat | str = VideoFormat.MP4,
+        fps: float = 8,
+        count: int = 1,
+    ) -> None:
+        self.fmt = VideoFormat(fmt)
+        self.out = Path(out).expanduser()
+        self.fps = fps
+        self.suffix = "" if self.fmt is VideoFormat.PNG else f".{self.fmt.value}"
+        self.single = self.out.suffix.lower() in {".mp4", ".gif"}
+        self.saved: list[SavedVideo] = []
+        self._taken: set[Path] = set()
+        if self.single:
+            if count != 1:
+                raise UsageError(
+                    f"--out {self.out} names one file but {count} videos are to be generated",
+                    "pass a folder to --out",
+                )
+            if self.out.suffix.lower() != self.suffix:
+                raise UsageError(
+                    f"--out {self.out} ends in {self.out.suffix} but the format is "
+                    f"{self.fmt.value}",
+                    f"pass --format {self.out.suffix[1:].lower()}, or a folder to --out",
+                )
+
+    def target(self, prompt: str, seed: int) -> Path:
+        """Reserves and returns the path of the next video."""
+        if self.single:
+            self._taken.add(self.out)
+            return self.out
         stem = f"{slugify(prompt)}-{seed}"
-        candidate, n = out / f"{stem}{suffix}", 1
-        while candidate in taken or candidate.exists() or sidecar_path(candidate).exists():
+        candidate, n = self.out / f"{stem}{self.suffix}", 1
+        while candidate in self._taken or candidate.exists() or sidecar_path(candidate).exists():
             n += 1
-            candidate = out / f"{stem}-{n}{suffix}"
-        taken.add(candidate)
-        targets.append(candidate)
-    return targets
+            candidate = self.out / f"{stem}-{n}{self.suffix}"
+        self._taken.add(candidate)
+        return candidate
+
+    def write(self, video: GeneratedVideo) -> SavedVideo:
+        """Writes one video and then its sidecar; returns where they went."""
+        from motionsep.store import atomic_write_bytes
+        from motionsep.video import write_video
+
+        target = self.target(video.prompt, video.seed)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_video(video.frames, target, fps=self.fps, format=self.fmt.value)
+        sidecar = sidecar_path(target)
+        record = {
+            "video": target.name,  # the sidecar sits beside it
+            **video.record,
+            "sample": {**video.record["sample"], "fps": self.fps, "format": self.fmt.value},
+        }
+        atomic_write_bytes(sidecar, (json.dumps(record, indent=2) + "\n").encode())
+        saved = SavedVideo(path=target, sidecar=sidecar, video=video)
+        self.saved.append(saved)
+        return saved
+
+
+def output_targets(
+    items: Sequence[tuple[str, int]], out: Path | str, fmt: VideoFormat | str
+) -> list[Path]:
+    """Where videos of ``(prompt, seed)`` would go (see :class:`VideoWriter`).
+
+    Raises:
+        UsageError: for a file ``out`` with several videos or of another format.
+    """
+    writer = VideoWriter(out, fmt, count=len(items))
+    return [writer.target(prompt, seed) for prompt, seed in items]
 
 
 def sidecar_path(target: Path) -> Path:
@@ -981,32 +1054,10 @@ def save_videos(
     fmt: VideoFormat | str = VideoFormat.MP4,
     fps: float = 8,
 ) -> list[SavedVideo]:
-    """Writes each video (mp4, gif or PNG folder) and its JSON sidecar.
-
-    Args:
-        videos: From :func:`generate_videos`.
-        out: A folder, or with one video a ``.mp4``/``.gif`` file.
-        fmt: mp4 (H.264), gif, or png (a folder of frames).
-        fps: Frame rate of mp4 and gif.
+    """Writes each video (mp4, gif or PNG folder) and its JSON sidecar (see :class:`VideoWriter`).
 
     Returns:
         The written paths, in the order of ``videos``.
     """
-    from motionsep.store import atomic_write_bytes
-    from motionsep.video import write_video
-
-    fmt = VideoFormat(fmt)
-    saved = []
-    targets = output_targets([(v.prompt, v.seed) for v in videos], out, fmt)
-    for video, target in zip(videos, targets, strict=True):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_video(video.frames, target, fps=fps, format=fmt.value)
-        sidecar = sidecar_path(target)
-        record = {
-            "video": target.name,  # the sidecar sits beside it
-            **video.record,
-            "sample": {**video.record["sample"], "fps": fps, "format": fmt.value},
-        }
-        atomic_write_bytes(sidecar, (json.dumps(record, indent=2) + "\n").encode())
-        saved.append(SavedVideo(path=target, sidecar=sidecar, video=video))
-    return saved
+    writer = VideoWriter(out, fmt, fps, count=len(videos))
+    return [writer.write(video) for video in videos]

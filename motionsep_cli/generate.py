@@ -180,12 +180,11 @@ def generate(
 ) -> None:
     from motionsep.errors import UsageError
     from motionsep.sample import (
-        generate_videos,
+        VideoWriter,
+        iter_videos,
         load_motion_and_settings,
-        output_targets,
         read_prompts_file,
         resolve_model,
-        save_videos,
     )
 
     width, height = _parse_size(size)
@@ -230,28 +229,38 @@ def generate(
     if package is None and highway:
         err_console.print("[yellow]note:[/] --highway has no effect with --motion none")
     target = out if out is not None else Path("outputs")
+    total = len(all_prompts) * sample.num_videos
     # Fail on a bad --out before spending minutes on denoising.
-    output_targets(
-        [(p, sample.seed + k) for p in all_prompts for k in range(sample.num_videos)],
-        target,
-        sample.format,
-    )
+    writer = VideoWriter(target, sample.format, sample.fps, count=total)
     ref = resolve_model(settings, package)
     what = f"motion {package.name} ({package.metadata.recipe.value})" if package else "no motion"
     err_console.print(
-        f"generating {len(all_prompts) * sample.num_videos} video(s) with {what} on "
+        f"generating {total} video(s) with {what} on "
         f"{ref.id}: {sample.frames} frames {sample.width}x{sample.height}, "
         f"{sample.steps} steps, guidance {sample.guidance:g}"
     )
-    with RichProgress() as progress:
-        videos = generate_videos(
-            all_prompts,
-            settings,
-            package,
-            model=ref,
-            offload=offload,
-            batch_size=batch_size,
-            progress=progress,
+    try:
+        with RichProgress() as progress:
+            videos = iter_videos(
+                all_prompts,
+                settings,
+                package,
+                model=ref,
+                offload=offload,
+                batch_size=batch_size,
+                progress=progress,
+            )
+            for video in videos:
+                writer.write(video)  # each video is kept the moment it is done
+    except KeyboardInterrupt:
+        err_console.print(
+            f"interrupted: {len(writer.saved)} of {total} video(s) were written, each complete "
+            "with its sidecar"
         )
-        saved = save_videos(videos, target, sample.format, sample.fps)
+        _emit_saved(writer.saved, as_json)
+        raise
+    _emit_saved(writer.saved, as_json)
+
+
+def _emit_saved(saved: list[Any], as_json: bool) -> None:
     emit([item.to_dict() for item in saved], as_json, lines=[str(item.path) for item in saved])

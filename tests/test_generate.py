@@ -490,3 +490,47 @@ def test_incompatible_model_is_refused_before_loading(
     )
     with pytest.raises(IncompatibleModelError, match="zeroscope"):
         resolve_model(settings, packages["wide"])
+
+
+def test_interrupted_generate_keeps_every_finished_video(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Ctrl-C during a 20-prompt generate: the videos done so far stay, complete and valid."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from motionsep.video import probe
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a red car number {k}\n" for k in range(20)))
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOTIONSEP_")}
+    env.update(MOTIONSEP_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    command = [
+        sys.executable, "-m", "motionsep_cli", "generate", "--motion", "none",
+        "--model", str(tiny_model_dir), "--prompts-file", str(prompts), "--out", str(out),
+        "--preset", "tiny", "--steps", "8", "--batch-size", "1",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("*.json"))) < 3:
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, "not 3 videos after 300 s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    videos = sorted(out.glob("*.mp4"))
+    assert 3 <= len(videos) < 20
+    assert f"interrupted: {len(videos)} of 20 video(s) were written" in " ".join(stderr.split())
+    assert stdout.split() == [str(v) for v in videos]  # the paths, for a pipeline
+    for video in videos:
+        sidecar = json.loads(video.with_suffix(".json").read_text())
+        assert sidecar["video"] == video.name
+        assert probe(video).frame_count == sidecar["sample"]["frames"]  # fully written
+    assert not list(out.glob(".tmp-*"))
