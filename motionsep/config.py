@@ -164,9 +164,11 @@ class LoraSettings(_Section):
     """The motion LoRA and the spatial LoRAs of dual-path training."""
 
     recipe: Recipe = Field(
-        Recipe.PAPER,
-        description="paper (TAP: to_k only, highway on every attention skip), reference "
-        "(the released code: to_k + to_out), motiondirector (the baseline: q, k, v, out, ff).",
+        Recipe.REFERENCE,
+        description="reference (the authors' released code: to_k + to_out, highway on the "
+        "skips of down_blocks[2]; the default, see the README's toy tables), paper (TAP as "
+        "the paper writes it: to_k only, highway on every attention skip), motiondirector "
+        "(the baseline: q, k, v, out, ff).",
     )
     rank: int = Field(32, ge=1, le=1024, description="Rank of the motion LoRA.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="LoRA dropout during training.")

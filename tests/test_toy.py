@@ -390,7 +390,7 @@ def test_demo_trains_generates_scores_and_reports(
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert [row["condition"] for row in report["rows"]] == ["base model", "paper + highway"]
+    assert [row["condition"] for row in report["rows"]] == ["base model", "reference + highway"]
     for row in report["rows"]:
         assert set(row) >= {"motion_fidelity", "color", "shape", "background", "leakage"}
     assert (out / "frames.png").is_file() and (out / "results.md").is_file()

@@ -547,7 +547,7 @@ def run_demo(
     """The whole pipeline on the built-in toy model, in a few minutes on a CPU.
 
     Renders three reference clips of a held-out ``motion`` (one look), trains
-    the motion with the ``paper`` recipe into the store as ``name``
+    the motion with the toy preset's recipe into the store as ``name``
     (default ``toy-MOTION``), generates ``prompts`` videos with new looks
     with and without the motion, scores them with the toy metrics, and
     writes a report folder: ``clips/``, ``videos/``, ``frames.png``,
