@@ -441,12 +441,14 @@ def train_motion(
         settings: Every setting; ``lora``, ``optim`` and ``train`` drive training.
         store: The store.
         resume: Continue from the newest checkpoint of an unfinished run.
-        force: Replace an existing motion of that name (when training ends).
+        force: Replace an existing motion of that name (when training ends), and
+            discard an unfinished run of it (once the new inputs are checked).
         progress: Receives a "train" task (and "prepare" if clips need it).
         resume_command: The command line that resumes, shown on Ctrl-C.
 
     Raises:
-        UsageError: an existing name without ``force``; ``resume`` without a checkpoint.
+        UsageError: an existing name, or an unfinished checkpointed run of it,
+            without ``force``; ``resume`` without a checkpoint.
         TrainingInterruptedError: on Ctrl-C, after writing a checkpoint (exit 130).
         TrainingDivergedError: when the loss becomes NaN or infinite.
     """
@@ -511,9 +513,13 @@ def _train_locked(
             f"there is no checkpoint to resume for motion {name!r} (looked in {run_dir})",
             "start the training without --resume",
         )
-    if not resume and run_dir.exists() and main:
-        shutil.rmtree(run_dir)  # an abandoned run of this name; --resume keeps it
-    accelerator.wait_for_everyone()
+    unfinished = None if resume else latest_checkpoint(run_dir)
+    if unfinished is not None and not force:
+        raise UsageError(
+            f"an unfinished training of {name!r} is in {run_dir} "
+            f"(checkpoint at step {unfinished[0]})",
+            "continue it with --resume, or pass --force to discard it and start over",
+        )
 
     device = accelerator.device
     model_dir = store.resolve_model(settings.model.name)
@@ -537,6 +543,11 @@ def _train_locked(
     accelerator.wait_for_everyone()
     if not prepared and not main:
         dataset = prepare(raw, settings, store, components=components)  # cache hits only
+    # Only now that the new run's inputs are good is an older run of this name
+    # discarded (refused above unless --force; a run with no checkpoint holds nothing).
+    if not resume and run_dir.exists() and main:
+        shutil.rmtree(run_dir)
+    accelerator.wait_for_everyone()
 
     unet = components.unet
     lora = settings.lora

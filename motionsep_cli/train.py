@@ -30,7 +30,11 @@ too. The result is a motion package in $MOTIONSEP_HOME/motions/NAME that
 
 Checkpoints are written every train.checkpoint_every steps. Ctrl-C writes one
 and prints the command that resumes (exit 130); --resume continues from the
-newest checkpoint and ends bit-identical to an uninterrupted run.
+newest checkpoint and ends bit-identical to an uninterrupted run. A new run of
+a name with an unfinished, checkpointed run is refused (exit 2) unless you
+--resume it or pass --force, which discards it only once the new run's clips
+and settings have been checked; --force also replaces a finished motion of
+that name when the new training ends.
 
 The resolved settings are printed on stderr and saved in the package.
 
@@ -51,7 +55,10 @@ def train(
     name: Annotated[str, typer.Option("--name", help="Name of the motion to create.")],
     recipe: Annotated[
         Recipe | None,
-        typer.Option("--recipe", help="Which layers learn the motion (default: paper)."),
+        typer.Option(
+            "--recipe",
+            help="Which layers learn the motion: reference (default), paper, motiondirector.",
+        ),
     ] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
     rank: Annotated[int | None, typer.Option("--rank", help="Motion LoRA rank.")] = None,

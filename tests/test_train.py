@@ -79,13 +79,13 @@ def test_training_lowers_the_temporal_loss(
     assert last < 0.9 * first
 
     package = load_motion(result.package)
-    assert package.metadata.recipe.value == "paper"
+    assert package.metadata.recipe.value == "reference"  # the default recipe
     assert package.metadata.settings["train"]["steps"] == 30
     assert package.metadata.clips[0].name == "dolly"
     assert package.has_file("loss.png") and package.has_file("metrics.jsonl")
     preview = probe(package.file_path("preview.mp4"))  # the last preview, at step 30
     assert (preview.frame_count, preview.width, preview.height) == (4, 32, 32)
-    assert all(".to_k." in key for key in package.adapter_state)
+    assert all(".to_k." in key or ".to_out.0." in key for key in package.adapter_state)
     assert not partial_dir(store, "dolly").exists(), "the run folder is gone once done"
 
 
@@ -113,6 +113,20 @@ def test_sigint_then_resume_is_bit_identical_to_one_run(
     checkpoint = latest_checkpoint(partial_dir(Store(home), "m"))
     assert checkpoint is not None and 7 <= checkpoint[0] < 12
     assert not (home / "motions" / "m").exists()
+    checkpoints = sorted(p.name for p in (partial_dir(Store(home), "m") / "checkpoints").iterdir())
+
+    # a rerun without --resume, even one with a mistyped clip, loses nothing
+    typo = _train_args(clips_dir / "dolyl.mp4", tiny_model_dir, "m", *extra)
+    for rerun, says in (
+        (typo, "unfinished training of 'm'"),
+        (args, "--force to discard it"),
+        ([*typo, "--force"], "dolyl.mp4"),  # --force discards only once the inputs are good
+    ):
+        refused = subprocess.run(rerun, env=_env(home), capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2, refused.stderr
+        assert says in " ".join(refused.stderr.split())
+        kept = sorted(p.name for p in (partial_dir(Store(home), "m") / "checkpoints").iterdir())
+        assert kept == checkpoints
 
     resumed = subprocess.run(
         [*args, "--resume"], env=_env(home), capture_output=True, text=True, timeout=300
@@ -252,23 +266,27 @@ def test_a_second_training_of_the_same_name_is_locked_out(
 
 
 def test_a_diverging_loss_stops_with_the_step_and_keeps_the_checkpoint(
-    clips_dir: Path, tiny_model_dir: Path, tmp_path: Path
+    clips_dir: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from motionsep.train import TrainingDivergedError
+    from motionsep import train
+    from motionsep.model import tap
 
     settings = load_settings(
         preset="tiny",
-        set_options=[
-            f"model.name={tiny_model_dir}",
-            "train.steps=6",
-            "train.checkpoint_every=1",
-            "optim.lr=1e30",
-            "optim.spatial_lr=1e30",
-            "optim.max_grad_norm=null",
-        ],
+        set_options=[f"model.name={tiny_model_dir}", "train.steps=6", "train.checkpoint_every=1"],
     )
+    step = train._Trainer.step
+
+    def blow_up_at_step_4(self: train._Trainer, number: int) -> dict[str, float]:
+        if number == 4:  # what a far too large lr does to the weights
+            with torch.no_grad():
+                for param in tap.adapter_parameters(self.components.unet, tap.MOTION_ADAPTER):
+                    param.fill_(float("inf"))
+        return step(self, number)
+
+    monkeypatch.setattr(train._Trainer, "step", blow_up_at_step_4)
     store = Store(tmp_path)
-    with pytest.raises(TrainingDivergedError) as info:
+    with pytest.raises(train.TrainingDivergedError) as info:
         train_motion([clips_dir / "dolly.mp4"], "nan", settings, store)
     message = str(info.value)
     assert "at step" in message and "lower --lr" in message
