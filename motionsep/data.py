@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from motionsep import __version__
 from motionsep.config import DataSettings, Settings
-from motionsep.errors import MotionsepError, UsageError
+from motionsep.errors import DamagedCacheError, MotionsepError, UsageError
 from motionsep.progress import Progress, or_null
 from motionsep.store import Store, atomic_folder, atomic_write_bytes
 
@@ -101,9 +101,14 @@ class PreparedDataset:
         return sum(clip.cached for clip in self.clips)
 
     def load(self, index: int) -> dict[str, torch.Tensor]:
-        """The cached tensors of clip ``index`` (latents, prompt_embeds)."""
+        """The cached tensors of clip ``index`` (latents, prompt_embeds), checked first.
+
+        Raises:
+            DamagedCacheError: if the entry no longer matches its recorded sha256.
+        """
         from safetensors.torch import load_file
 
+        verify_entry(self.clips[index].entry)
         return load_file(self.clips[index].latents_path)
 
     def inversion_path(self, index: int, steps: int) -> Path | None:
@@ -224,6 +229,38 @@ def _problems(problems: list[str]) -> ClipInputError:
     )
 
 
+def verify_entry(entry: Path) -> None:
+    """Checks a prepared entry against the sha256 its ``entry.json`` recorded.
+
+    Entries written before motionsep recorded checksums have none and pass.
+    Cheap: the latents of one clip are a few MB at most.
+
+    Raises:
+        DamagedCacheError: naming the entry, what is wrong, and the fix.
+    """
+    try:
+        record = json.loads((entry / ENTRY_FILE).read_text(encoding="utf-8"))
+        recorded = dict(record.get("files", {}))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
+        problem = f"its {ENTRY_FILE} is unreadable ({exc})"
+    else:
+        problem = ""
+        for name, digest in recorded.items():
+            path = entry / name
+            if not path.is_file():
+                problem = f"{name} is missing"
+            elif file_sha256(path) != digest:
+                problem = f"{name} does not match the sha256 recorded when it was written"
+            if problem:
+                break
+    if problem:
+        raise DamagedCacheError(
+            f"the prepared clip in {entry} is damaged: {problem}",
+            "rebuild it from its clip: motionsep prepare CLIPS --rebuild (with the same clips "
+            "and settings), then run the command again",
+        )
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a file's bytes, read in chunks."""
     digest = hashlib.sha256()
@@ -265,6 +302,7 @@ def prepare(
     out: Path | None = None,
     progress: Progress | None = None,
     components: Components | None = None,
+    rebuild: bool = False,
 ) -> PreparedDataset:
     """Prepares clips for training and returns the dataset.
 
@@ -277,9 +315,13 @@ def prepare(
         progress: Receives a "prepare" task over the clips to encode.
         components: Already loaded model components (``train`` passes its own);
             loaded on demand otherwise, and only if some clip is not cached.
+        rebuild: Encode every clip again, replacing its cache entry (the fix
+            for a damaged one).
 
     Raises:
         ClipInputError: listing every unusable clip, before any work starts.
+        DamagedCacheError: a cached entry does not match its recorded sha256
+            (``rebuild`` replaces it).
     """
     data = settings.data
     events = or_null(progress)
@@ -304,7 +346,13 @@ def prepare(
         sha = file_sha256(spec.path)
         key = _digest([sha, spec.prompt, frame_settings, model_info["encoder_fingerprint"]])[:24]
         planned.append((spec, sha, entries_dir / key))
-    misses = [item for item in planned if not (item[2] / ENTRY_FILE).is_file()]
+    if rebuild:
+        misses = list(planned)
+    else:
+        misses = [item for item in planned if not (item[2] / ENTRY_FILE).is_file()]
+        for _, _, entry in planned:
+            if (entry / ENTRY_FILE).is_file():
+                verify_entry(entry)  # a damaged hit is reported, never used
 
     indices = _check_clips([spec for spec, _, _ in misses], data)
 
@@ -421,6 +469,7 @@ def _encode_entry(
             "encoder_fingerprint": model_info["encoder_fingerprint"],
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        record["files"] = {LATENTS_FILE: file_sha256(tmp / LATENTS_FILE)}
         (tmp / ENTRY_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 

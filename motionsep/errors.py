@@ -61,6 +61,10 @@ class RecipeMismatchError(MotionsepError):
     """Injecting a recipe's LoRA did not adapt exactly the modules it names."""
 
 
+class DamagedCacheError(MotionsepError):
+    """A cached file no longer matches the checksum recorded when it was written."""
+
+
 class StoreLockedError(MotionsepError):
     """Another process holds the lock on a store entry."""
 

@@ -24,6 +24,8 @@ path and prompt columns). Each clip's prompt comes from the manifest, a
 sidecar NAME.txt beside the clip, or --prompt. Every problem with the clips is
 reported at once, before any work starts. Running it again with the same
 inputs is a cache hit; a changed clip or setting re-encodes only what changed.
+Every cache entry carries the sha256 of its latents, checked whenever it is
+used: a damaged entry is reported, never used, and --rebuild replaces it.
 `train` runs this step itself; use it alone to check clips early.
 The path of the dataset manifest goes to stdout.
 
@@ -43,6 +45,13 @@ def prepare(
     out: Annotated[
         Path | None, typer.Option("--out", help="Write the cache here instead of the store.")
     ] = None,
+    rebuild: Annotated[
+        bool,
+        typer.Option(
+            "--rebuild",
+            help="Encode every clip again, replacing its cache entry (e.g. a damaged one).",
+        ),
+    ] = False,
     model: ModelOption = None,
     preset: PresetOption = None,
     config: ConfigOption = None,
@@ -57,7 +66,7 @@ def prepare(
     )
     with RichProgress() as progress:
         dataset = prepare_clips(
-            clips, settings, Store(settings.store.home), out=out, progress=progress
+            clips, settings, Store(settings.store.home), out=out, progress=progress, rebuild=rebuild
         )
     err_console.print(
         f"[green]prepared[/] {len(dataset.clips)} clip(s), {dataset.cache_hits} from the cache"

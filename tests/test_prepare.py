@@ -246,3 +246,43 @@ def test_ddim_inversion_follows_the_ddim_update(tiny_model_dir: Path) -> None:
     last = int(parts.scheduler.timesteps[0])
     expected = latents.double() * (alphas[last] / parts.scheduler.final_alpha_cumprod).sqrt()
     assert torch.allclose(noise.double(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_a_damaged_cache_entry_is_named_never_used_and_rebuilt(
+    damage: str, clips_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from motionsep.errors import DamagedCacheError
+
+    store = Store(tmp_path / "home")
+    settings = _settings(tiny_model_dir, store.home)
+    first = prepare([clips_dir / "dolly.mp4"], settings, store)
+    latents = first.clips[0].latents_path
+    good = latents.read_bytes()
+    if damage == "flip":
+        data = bytearray(good)
+        data[-5] ^= 0x01  # one bit of one latent value
+        latents.write_bytes(bytes(data))
+    elif damage == "truncate":
+        latents.write_bytes(good[: len(good) // 2])
+    else:
+        latents.unlink()
+
+    with pytest.raises(DamagedCacheError) as info:
+        prepare([clips_dir / "dolly.mp4"], settings, store)
+    assert str(first.clips[0].entry) in info.value.message
+    assert "--rebuild" in info.value.hint
+    with pytest.raises(DamagedCacheError):
+        first.load(0)  # a dataset prepared earlier refuses it too (train from a manifest)
+
+    result = CliRunner().invoke(
+        app,
+        ["prepare", str(clips_dir / "dolly.mp4"), "--rebuild", "--preset", "tiny", "--json",
+         "--model", str(tiny_model_dir)],
+        env={"MOTIONSEP_HOME": str(store.home)},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert [clip["cached"] for clip in json.loads(result.stdout)["clips"]] == [False]
+    assert latents.read_bytes() == good  # encoding is deterministic: the entry is whole again
+    again = prepare([clips_dir / "dolly.mp4"], settings, store)
+    assert again.cache_hits == 1
