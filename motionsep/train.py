@@ -24,7 +24,7 @@ import math
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,6 +328,8 @@ def _load_trainable_state(unet: torch.nn.Module, state: dict[str, torch.Tensor])
 def _save_checkpoint(trainer: _Trainer, run_dir: Path, step: int, adapters: list[str]) -> Path:
     from safetensors.torch import save_file
 
+    from motionsep.data import file_sha256
+
     target = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
     optimizer_tensors, optimizer_meta = _flatten_optimizer(trainer.optimizer.state_dict())
     rng_tensors, rng_meta = _rng_states()
@@ -345,11 +347,66 @@ def _save_checkpoint(trainer: _Trainer, run_dir: Path, step: int, adapters: list
             },
             "rng": rng_meta,
         }
+        state["files"] = {name: file_sha256(tmp / name) for name in CHECKPOINT_TENSOR_FILES}
         # state.json last: a checkpoint without it is incomplete and ignored
         (tmp / "state.json").write_text(json.dumps(state))
     for _, old in _checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+CHECKPOINT_TENSOR_FILES = ("adapters.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with a checkpoint folder, or None when it is intact.
+
+    Intact means: ``state.json`` readable, every tensor file present and
+    matching the sha256 recorded when it was written (checkpoints of older
+    versions have no record and are read instead), and every LoRA and
+    optimizer tensor finite.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from motionsep.data import file_sha256
+
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        int(state["step"])
+        recorded = dict(state.get("files", {}))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"state.json is unreadable ({exc})"
+    for name in CHECKPOINT_TENSOR_FILES:
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if name in recorded and file_sha256(file) != recorded[name]:
+            return f"{name} does not match the sha256 recorded when it was written"
+    for name in ("adapters.safetensors", "optimizer.safetensors"):
+        try:
+            tensors = load_file(path / name)
+        except (SafetensorError, OSError, ValueError) as exc:
+            return f"{name} is unreadable ({exc})"
+        if any(t.is_floating_point() and not bool(t.isfinite().all()) for t in tensors.values()):
+            return f"{name} holds NaN or infinite values"
+    return None
+
+
+def intact_checkpoint(
+    run_dir: Path, log: Callable[[str], None] | None = None
+) -> tuple[int, Path] | None:
+    """The newest checkpoint of a run that :func:`checkpoint_problem` finds intact.
+
+    Each damaged newer checkpoint is passed over and reported to ``log``.
+    """
+    for step, path in reversed(_checkpoints(run_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return step, path
+        if log is not None:
+            log(f"checkpoint {path.name} is damaged ({problem}); trying an older one")
+    return None
 
 
 def _load_checkpoint(trainer: _Trainer, path: Path) -> int:
@@ -507,11 +564,15 @@ def _train_locked(
     main = accelerator.is_main_process
     events = or_null(progress if main else None)
     run_dir = partial_dir(store, name)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
+    checkpoint = intact_checkpoint(run_dir, events.log) if resume else None
     if resume and checkpoint is None:
+        damaged = latest_checkpoint(run_dir) is not None
         raise UsageError(
-            f"there is no checkpoint to resume for motion {name!r} (looked in {run_dir})",
-            "start the training without --resume",
+            f"there is no {'intact ' if damaged else ''}checkpoint to resume for motion "
+            f"{name!r} (looked in {run_dir})",
+            "start the training again with --force (it discards the damaged run)"
+            if damaged
+            else "start the training without --resume",
         )
     unfinished = None if resume else latest_checkpoint(run_dir)
     if unfinished is not None and not force:

@@ -317,3 +317,72 @@ def test_gradient_checkpointing_trains_the_same_adapter(
     assert plain.keys() == checkpointed.keys()
     for key in plain:
         assert torch.allclose(plain[key], checkpointed[key], atol=1e-6), key
+
+
+class _Logged:
+    """A progress sink that keeps the log lines."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def start(self, task: str, total: float | None, unit: str = "") -> None: ...
+
+    def advance(self, task: str, amount: float = 1.0, **fields: object) -> None: ...
+
+    def finish(self, task: str) -> None: ...
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "nan"])
+def test_resume_passes_over_a_damaged_checkpoint_to_the_older_one(
+    damage: str,
+    clips_dir: Path,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import json as json_module
+
+    from safetensors.torch import save_file
+
+    from motionsep import train
+    from motionsep.data import file_sha256
+
+    clip = [clips_dir / "dolly.mp4"]
+    options = [f"model.name={tiny_model_dir}", "train.steps=6", "train.checkpoint_every=2"]
+    settings = load_settings(preset="tiny", set_options=options)
+    straight = train_motion(clip, "m", settings, Store(tmp_path / "straight"))
+
+    store = Store(tmp_path / "damaged")
+    step = train._Trainer.step
+
+    def stop_at_step_5(self: train._Trainer, number: int) -> dict[str, float]:
+        if number == 5:
+            raise KeyboardInterrupt  # as Ctrl-C would, after the checkpoint of step 4
+        return step(self, number)
+
+    monkeypatch.setattr(train._Trainer, "step", stop_at_step_5)
+    with pytest.raises((KeyboardInterrupt, train.TrainingInterruptedError)):
+        train_motion(clip, "m", settings, store)
+    monkeypatch.setattr(train._Trainer, "step", step)
+    newest = partial_dir(store, "m") / "checkpoints" / "step-4"
+    adapters = newest / "adapters.safetensors"
+    if damage == "garbage":
+        adapters.write_bytes(b"\x00garbage" * 100)
+    else:  # well-formed, checksum updated, but NaN inside
+        tensors = {k: torch.full_like(v, float("nan")) for k, v in load_file(adapters).items()}
+        save_file(tensors, str(adapters))
+        state = json_module.loads((newest / "state.json").read_text())
+        state["files"]["adapters.safetensors"] = file_sha256(adapters)
+        (newest / "state.json").write_text(json_module.dumps(state))
+
+    logged = _Logged()
+    resumed = train_motion(clip, "m", settings, store, resume=True, progress=logged)
+    assert any("step-4 is damaged" in line for line in logged.lines), logged.lines
+    assert any("resuming from step 2" in line for line in logged.lines), logged.lines
+    a, b = _adapter(straight.package.parent.parent, "m"), _adapter(store.home, "m")
+    for key in a:
+        assert (a[key] == b[key]).all(), f"{key} differs after falling back"
+    assert resumed.metrics[-1]["step"] == 6
