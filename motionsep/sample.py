@@ -665,29 +665,10 @@ def motion_record(package: MotionPackage | None) -> dict[str, Any] | None:
 
 
 def generate_videos(
-    prompts: Sequence[str],
-    settings: Settings,
-    motion: MotionPackage | None = None,
-    *,
-    components: Components | None = None,
-    model: ModelRef | None = None,
-    offload: bool = False,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    progress: Progress | None = None,
+    prompts: Sequence[str], settings: Settings, motion: MotionPackage | None = None, **options: Any
 ) -> list[GeneratedVideo]:
     """Every video of :func:`iter_videos` as a list (same arguments, same errors)."""
-    return list(
-        iter_videos(
-            prompts,
-            settings,
-            motion,
-            components=components,
-            model=model,
-            offload=offload,
-            batch_size=batch_size,
-            progress=progress,
-        )
-    )
+    return list(iter_videos(prompts, settings, motion, **options))
 
 
 def iter_videos(
