@@ -37,7 +37,7 @@ from motionsep.errors import (
     UsageError,
 )
 from motionsep.progress import Progress, or_null
-from motionsep.store import ModelRecord, Store, atomic_folder, lock
+from motionsep.store import PARTIAL_PREFIX, ModelRecord, Store, atomic_folder, lock
 
 # Kinds of model the store holds; they decide which files are fetched and how
 # the result is verified.
@@ -45,7 +45,6 @@ KIND_T2V = "text-to-video"
 KIND_CLIP = "clip"
 KIND_BUILTIN = "built-in"
 
-PARTIAL_PREFIX = ".partial-"
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
 # Components of a diffusers text-to-video folder; the first three carry weights.

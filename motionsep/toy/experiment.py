@@ -397,26 +397,24 @@ class _Experiment:
 
     def ceiling(self, seed: int) -> list[ToyRun]:
         """The base model drawing pretraining motions, scored against references of them."""
-        unit = self.unit("ceiling", f"seed{seed}")
-        runs = self.saved.load(unit)
-        if runs is None:
-            specs = ceiling_specs(self.prompts, self.protocol.prompt_looks)
-            refs = {m: self.reference_clips(m, seed) for m in {s.motion for s in specs}}
-            run = ToyRun(CEILING_LABEL, seed, None, False)
-            frames = _generate(self.settings(), None, specs, self.components, seed)
-            _score_run(run, frames, specs, refs)
-            runs = [run]
-            self.saved.save(unit, runs)
-        return runs
+        specs = ceiling_specs(self.prompts, self.protocol.prompt_looks)
+        return self._base_unit(self.unit("ceiling", f"seed{seed}"), CEILING_LABEL, specs, seed)
 
     def base(self, motion: str, seed: int) -> list[ToyRun]:
-        unit = self.unit(motion, f"seed{seed}", "base")
+        """The base model on ``motion``'s prompts (the pairing partner of every recipe)."""
+        specs = prompt_specs(motion, self.prompts, self.protocol.prompt_looks)
+        return self._base_unit(self.unit(motion, f"seed{seed}", "base"), motion, specs, seed)
+
+    def _base_unit(
+        self, unit: str, label: str, specs: list[world.ClipSpec], seed: int
+    ) -> list[ToyRun]:
         runs = self.saved.load(unit)
         if runs is None:
-            specs = prompt_specs(motion, self.prompts, self.protocol.prompt_looks)
-            run = ToyRun(motion, seed, None, False)
+            motions = dict.fromkeys(spec.motion for spec in specs)
+            refs = {motion: self.reference_clips(motion, seed) for motion in motions}
+            run = ToyRun(label, seed, None, False)
             frames = _generate(self.settings(), None, specs, self.components, seed)
-            _score_run(run, frames, specs, {motion: self.reference_clips(motion, seed)})
+            _score_run(run, frames, specs, refs)
             runs = [run]
             self.saved.save(unit, runs)
         return runs

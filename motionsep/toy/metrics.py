@@ -443,10 +443,7 @@ def leakage(
         Per feature (``color``, ``shade``, ``texture``) and ``mean`` over them
         (absent when no feature could be compared).
     """
-    look = reference_look.appearance
-    reference_spec = replace(
-        prompt, color=look[0], shape=look[1], background=look[2], texture=look[3]
-    )
+    reference_spec = prompt.with_appearance(*reference_look.appearance)
     pattern = world.background_frames(reference_spec)
     seen = look_features(frames, pattern)
     start = look_features(world.render(prompt).frames, pattern)

@@ -378,8 +378,9 @@ def background_frames(spec: ClipSpec, frames: int = FRAMES, resolution: int = SI
 
 def render(spec: ClipSpec, frames: int = FRAMES, resolution: int = SIZE) -> Clip:
     """Renders a clip deterministically from its spec."""
+    path = track(spec, frames)
+    centers, sizes, bg_scale = path.centers, path.sizes, path.bg_scale
     seed = [spec.seed, MOTIONS.index(spec.motion)]
-    centers, sizes, bg_scale = trajectory(spec.motion, frames, np.random.default_rng(seed))
     # the same offsets, a little earlier on the path: where the trail lies
     behind = [
         trajectory(spec.motion, frames, np.random.default_rng(seed), lag) for lag in TRAIL_LAGS
