@@ -94,6 +94,40 @@ def pretrain(
     checkpoint_every: Annotated[
         int | None, typer.Option("--checkpoint-every", help="Checkpoint every N steps.")
     ] = None,
+    head_width: Annotated[
+        int | None,
+        typer.Option(
+            "--head-width",
+            help="Width of each attention head (diffusers' attention_head_dim; ZeroScope: 64).",
+        ),
+    ] = None,
+    speed_jitter: Annotated[
+        float | None,
+        typer.Option(
+            "--speed-jitter", help="Vary each clip's speed by up to this share (never captioned)."
+        ),
+    ] = None,
+    attribute_dropout: Annotated[
+        float | None,
+        typer.Option(
+            "--attribute-dropout",
+            help="Leave the object, colour and background out of captions this often (each).",
+        ),
+    ] = None,
+    trail_opacity: Annotated[
+        float | None,
+        typer.Option(
+            "--trail-opacity", help="Opacity of the motion trail behind the object (0: none)."
+        ),
+    ] = None,
+    vae_from: Annotated[
+        str | None,
+        typer.Option(
+            "--vae-from",
+            help="Take a trained VAE from this toy model folder ('toy': the built-in one) "
+            "instead of training one; needs --vae-steps 0.",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N.")] = "cpu",
     workers: Annotated[
         int, typer.Option("--workers", min=0, help="Processes rendering clips ahead (0: inline).")
@@ -128,6 +162,11 @@ def pretrain(
         "probe_every": probe_every,
         "probe_count": probe_count,
         "checkpoint_every": checkpoint_every,
+        "head_width": head_width,
+        "speed_jitter": speed_jitter,
+        "attribute_dropout": attribute_dropout,
+        "vae_from": vae_from,
+        "trail_opacity": trail_opacity,
     }
     config = PretrainConfig.from_dict({k: v for k, v in values.items() if v is not None})
     # the equivalent command line, rebuilt from the parsed options

@@ -91,6 +91,48 @@ def test_motion_trail_shows_the_direction_in_every_frame(motion: str, axis: int,
         assert still.trails.max() < 0.05, motion
 
 
+def test_speed_scales_the_path_that_no_caption_names() -> None:
+    named = world.ClipSpec("red", "square", "gray", "plain", "right", seed=4)
+    fast = world.ClipSpec("red", "square", "gray", "plain", "right", seed=4, speed=1.3)
+    assert fast.prompt == named.prompt  # captions never say how fast
+    sweep = np.diff(world.render(named).centers[:, 0])
+    assert np.diff(world.render(fast).centers[:, 0]) == pytest.approx(1.3 * sweep, rel=1e-4)
+    grow = np.diff(world.render(world.ClipSpec(*named.appearance, "zoom-in", 4)).sizes)
+    slow_zoom = world.ClipSpec(*named.appearance, "zoom-in", 4, speed=0.5)
+    assert np.diff(world.render(slow_zoom).sizes) == pytest.approx(0.5 * grow, rel=1e-4)
+    assert fast.with_appearance("blue", "circle", "dark", "striped").speed == 1.3
+    with pytest.raises(ValueError, match="speed"):
+        world.ClipSpec("red", "square", "gray", "plain", "right", speed=0.0)
+    # the draws of a batch without jitter are the draws it always had
+    rng, again = np.random.default_rng(9), np.random.default_rng(9)
+    plain = world.random_spec(rng)
+    jittered = world.random_spec(again, speed_jitter=0.3)
+    assert plain.speed == 1.0 and jittered.appearance == plain.appearance
+    assert 0.7 <= jittered.speed <= 1.3 and jittered.speed != 1.0
+
+
+def test_partial_captions_leave_out_what_they_drop() -> None:
+    spec = world.ClipSpec("orange", "circle", "gray", "striped", "right")
+    assert world.partial_prompt(spec, True, True, True) == spec.prompt
+    assert world.partial_prompt(spec, True, False, True) == (
+        "a circle moving right on a striped gray background"
+    )
+    assert world.partial_prompt(spec, False, True, False) == "moving right"
+    assert world.partial_prompt(spec, True, True, False) == "an orange circle moving right"
+    for keep in np.ndindex(2, 2, 2):
+        assert set(world.partial_prompt(spec, *map(bool, keep)).split()) <= set(world.vocabulary())
+    unnamed = world.ClipSpec("magenta", "circle", "gray", "dotted", "up")
+    assert world.partial_prompt(unnamed, True, True, True) == "moving up"
+
+
+def test_a_fainter_trail_keeps_the_object_and_fades_only_the_trail() -> None:
+    spec = world.ClipSpec("purple", "square", "gray", "plain", "left", seed=2)
+    full, faint, none = (world.render(spec, trail_opacity=o) for o in (0.42, 0.2, 0.0))
+    assert np.array_equal(full.masks, none.masks)
+    assert none.trails.max() == 0.0
+    assert faint.trails.max() == pytest.approx(full.trails.max() * 0.2 / 0.42, rel=0.05)
+
+
 def test_zoom_and_dolly_change_size_and_prompts_name_everything() -> None:
     grow = world.render(world.ClipSpec("green", "triangle", "white", "striped", "zoom-in"))
     assert grow.sizes[-1] > 2 * grow.sizes[0]
@@ -367,6 +409,23 @@ def test_builtin_toy_model_resolves_without_download(
     assert rows["toy"]["installed"] is True
 
 
+def _assert_first_row_is_the_reference(png: Path, motion: str) -> None:
+    """The contact sheet's top row shows the reference clip, so a reader sees the asked motion."""
+    from PIL import Image
+
+    from motionsep.toy.experiment import reference_specs
+
+    sheet = np.asarray(Image.open(png).convert("RGB"))
+    clip = world.render(reference_specs(motion, 1, seed=0)[0])
+    scale, label_width = 3, 260  # the sheet's layout: frames tripled, labels on the left
+    side = world.SIZE * scale
+    for index in (0, world.FRAMES - 1):
+        left = label_width + index * (side + 2)
+        tile = sheet[:side, left : left + side]
+        expected = clip.frames[index].repeat(scale, axis=0).repeat(scale, axis=1)
+        assert np.array_equal(tile, expected), index
+
+
 def test_demo_trains_generates_scores_and_reports(
     store_home: Path, tmp_path: Path, toy_random_model: Path
 ) -> None:
@@ -394,6 +453,7 @@ def test_demo_trains_generates_scores_and_reports(
     for row in report["rows"]:
         assert set(row) >= {"motion_fidelity", "color", "shape", "background", "leakage"}
     assert (out / "frames.png").is_file() and (out / "results.md").is_file()
+    _assert_first_row_is_the_reference(out / "frames.png", "diagonal")
     assert len(list((out / "videos" / "motion").glob("*.mp4"))) == 2
     assert (store_home / "motions" / "toy-diagonal").is_dir()  # usable by generate
 
@@ -427,7 +487,7 @@ def test_experiment_reports_every_condition_with_intervals(
         assert len(row["vs_base"]["leakage"]["per_seed"]) == 2
     table = (out / "results.md").read_text()
     assert "± " in table and "paper + highway" in table and "Δ fidelity vs base" in table
-    assert (out / "frames.png").is_file()
+    _assert_first_row_is_the_reference(out / "frames.png", "bounce")
     with pytest.raises(Exception, match="unknown toy motion"):
         run_experiment(out, ["spin"], set_options=[f"model.name={toy_random_model}"])
 
@@ -533,6 +593,53 @@ def test_toy_pretrain_command_installs_a_usable_model(store_home: Path) -> None:
     assert any(row["name"] == "toy-mine" and row["installed"] for row in json.loads(listed.stdout))
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_pretraining_can_take_a_trained_vae_wider_heads_and_harder_clips(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from motionsep.errors import UsageError
+    from motionsep.toy.model import builtin_path
+    from motionsep.toy.pretrain import PretrainConfig, clip_batch, pretrain
+
+    config = PretrainConfig(
+        vae_steps=0,
+        vae_from="toy",
+        steps=2,
+        batch=2,
+        probe_count=1,
+        head_width=16,
+        speed_jitter=0.3,
+        attribute_dropout=0.5,
+        trail_opacity=0.2,
+    )
+    pretrain(tmp_path / "m", tmp_path / "run", config, command=["test"])
+    unet = json.loads((tmp_path / "m" / "unet" / "config.json").read_text())
+    assert unet["attention_head_dim"] == 16
+    vae_file = "vae/diffusion_pytorch_model.safetensors"
+    ours, shipped = (
+        load_file(str(tmp_path / "m" / vae_file)),
+        load_file(str(builtin_path() / vae_file)),
+    )
+    assert all(bool((ours[k] == shipped[k]).all()) for k in shipped)  # taken, not trained
+    scale = json.loads((tmp_path / "m" / "vae" / "config.json").read_text())["scaling_factor"]
+    assert (
+        scale == json.loads((builtin_path() / "vae" / "config.json").read_text())["scaling_factor"]
+    )
+    record = json.loads((tmp_path / "m" / "toy.json").read_text())
+    assert record["config"]["speed_jitter"] == 0.3 and record["config"]["vae_from"] == "toy"
+    # half the attributes dropped: some captions are partial, all from the toy words
+    _, _, captions = clip_batch(0, 1, 32, 0.3, 0.5, 0.2)
+    assert any(not c.endswith("background") for c in captions)
+    assert all(set(c.split()) <= set(world.vocabulary()) for c in captions)
+    with pytest.raises(UsageError, match="vae_steps to 0"):
+        PretrainConfig(vae_from="toy")
+    with pytest.raises(UsageError, match="head_width must divide 32"):
+        PretrainConfig(head_width=5)
+    with pytest.raises(UsageError, match="no VAE in"):
+        pretrain(
+            tmp_path / "n", tmp_path / "run2", PretrainConfig(vae_steps=0, vae_from=str(tmp_path))
+        )
 
 
 def test_an_unfinished_run_exports_its_newest_checkpoint(tmp_path: Path) -> None:

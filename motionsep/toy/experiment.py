@@ -315,7 +315,11 @@ def run_experiment(
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(results_markdown(results))
-    write_frames_grid(runs, out / "frames.png")
+    write_frames_grid(
+        runs,
+        out / "frames.png",
+        references=[reference_specs(m, 1, 0, chosen.reference_look)[0] for m in motions],
+    )
     return results
 
 
@@ -608,7 +612,7 @@ def run_demo(
     results["videos"] = asdict_runs(runs)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(results_markdown(results))
-    write_frames_grid(runs, out / "frames.png", per_condition=prompts)
+    write_frames_grid(runs, out / "frames.png", per_condition=prompts, references=ref_specs[:1])
     return results
 
 
@@ -786,11 +790,23 @@ def results_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n" + note
 
 
-def write_frames_grid(runs: Sequence[ToyRun], path: Path, per_condition: int = 2) -> Path:
-    """A PNG: one row per (motion, condition) video (first seed), frames left to right."""
+def write_frames_grid(
+    runs: Sequence[ToyRun],
+    path: Path,
+    per_condition: int = 2,
+    references: Sequence[world.ClipSpec] = (),
+) -> Path:
+    """A PNG: one row per (motion, condition) video (first seed), frames left to right.
+
+    Each of ``references`` is rendered as a row above them, so the motion
+    that was asked for is in the picture.
+    """
     from PIL import Image, ImageDraw
 
-    rows: list[tuple[str, np.ndarray]] = []
+    rows: list[tuple[str, np.ndarray]] = [
+        (f"{spec.motion} | reference | {spec.color} {spec.shape}", world.render(spec).frames)
+        for spec in references
+    ]
     for run in runs:
         if run.seed != 0:
             continue

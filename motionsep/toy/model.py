@@ -110,7 +110,17 @@ def build_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
 
 
-def build_components(seed: int) -> dict[str, Any]:
+def unet_config(head_width: int = 4) -> dict[str, Any]:
+    """The toy U-Net's config; ``head_width`` is diffusers' ``attention_head_dim``.
+
+    In diffusers' 3D U-Net ``attention_head_dim`` is the width of each
+    attention head (the block's channels divided by it give the head count),
+    not the number of heads: ZeroScope's is 64.
+    """
+    return {**TOY_UNET_CONFIG, "attention_head_dim": head_width}
+
+
+def build_components(seed: int, head_width: int = 4) -> dict[str, Any]:
     """The toy model's components with seeded random weights (before pretraining)."""
     import torch
 
@@ -118,7 +128,7 @@ def build_components(seed: int) -> dict[str, Any]:
 
     parts = build_tiny_components(
         seed,
-        unet_config=TOY_UNET_CONFIG,
+        unet_config=unet_config(head_width),
         vae_config=TOY_VAE_CONFIG,
         text_config=TOY_TEXT_CONFIG,
         tokenizer=build_tokenizer(),

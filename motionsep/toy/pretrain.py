@@ -70,6 +70,11 @@ class PretrainConfig:
     checkpoint_every: int = 200
     probe_every: int = 0
     probe_count: int = 56
+    head_width: int = 4
+    speed_jitter: float = 0.0
+    attribute_dropout: float = 0.0
+    vae_from: str = ""
+    trail_opacity: float = world.TRAIL_OPACITY
 
     def __post_init__(self) -> None:
         problems = []
@@ -98,6 +103,18 @@ class PretrainConfig:
             problems.append(f"noisy_from must be in [0, 1000) (got {self.noisy_from})")
         if not 0 <= self.ema_decay < 1:
             problems.append(f"ema_decay must be in [0, 1) (got {self.ema_decay})")
+        if self.head_width < 1 or 32 % self.head_width:
+            problems.append(f"head_width must divide 32 (got {self.head_width})")
+        if not 0 <= self.speed_jitter < 1:
+            problems.append(f"speed_jitter must be in [0, 1) (got {self.speed_jitter})")
+        if not 0 <= self.attribute_dropout < 1:
+            problems.append(f"attribute_dropout must be in [0, 1) (got {self.attribute_dropout})")
+        if not 0 <= self.trail_opacity <= world.TRAIL_OPACITY:
+            problems.append(
+                f"trail_opacity must be in [0, {world.TRAIL_OPACITY}] (got {self.trail_opacity})"
+            )
+        if self.vae_from and self.vae_steps:
+            problems.append("vae_from takes a trained VAE: set vae_steps to 0")
         if problems:
             raise UsageError("bad pretraining settings: " + "; ".join(problems))
 
@@ -131,16 +148,37 @@ class PretrainResult:
 # data
 
 
-def clip_batch(seed: int, step: int, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def clip_batch(
+    seed: int,
+    step: int,
+    size: int,
+    speed_jitter: float = 0.0,
+    attribute_dropout: float = 0.0,
+    trail_opacity: float = world.TRAIL_OPACITY,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Frames (B, F, H, W, 3) uint8, object-and-trail masks (B, F, H, W) and captions.
 
     The masks weight the loss: the object and its motion trail are where the
-    prompt's colour, shape and direction show.
+    prompt's colour, shape and direction show. ``speed_jitter`` varies each
+    clip's speed (:func:`motionsep.toy.world.random_spec`);
+    ``attribute_dropout`` leaves the object phrase, the colour word and the
+    background phrase each out of the caption with that probability
+    (:func:`motionsep.toy.world.partial_prompt`); ``trail_opacity`` is the
+    motion trail's.
     """
-    clips = list(world.batch(seed, step, size))
+    clips = list(
+        world.batch(seed, step, size, speed_jitter=speed_jitter, trail_opacity=trail_opacity)
+    )
     frames = np.stack([c.frames for c in clips])
     masks = np.stack([np.maximum(c.masks, c.trails) for c in clips])
-    return frames, masks, [c.spec.prompt for c in clips]
+    if not attribute_dropout:
+        return frames, masks, [c.spec.prompt for c in clips]
+    keep = np.random.default_rng([seed, step, 8]).random((size, 3)) >= attribute_dropout
+    captions = [
+        world.partial_prompt(c.spec, bool(k[0]), bool(k[1]), bool(k[2]))
+        for c, k in zip(clips, keep, strict=True)
+    ]
+    return frames, masks, captions
 
 
 def to_pixels(frames: np.ndarray) -> torch.Tensor:
@@ -169,7 +207,14 @@ class _Run:
         """The clips of global step ``step`` (from the worker pool when there is one)."""
         if self.prefetch is not None:
             return self.prefetch.get(step, size)
-        return clip_batch(self.config.seed, step, size)
+        return self.render(step, size)
+
+    def render(self, step: int, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Renders the clips of global step ``step`` here (the prefetcher's workers call it too)."""
+        cfg = self.config
+        return clip_batch(
+            cfg.seed, step, size, cfg.speed_jitter, cfg.attribute_dropout, cfg.trail_opacity
+        )
 
     def batch_size(self, step: int) -> int:
         return self.config.vae_batch // 2 if step < self.config.vae_steps else self.config.batch
@@ -359,13 +404,20 @@ class _Prefetcher:
         total = self.run.config.total_steps
         self.next = max(self.next, step)
         while self.next < min(step + self.window, total):
+            cfg = self.run.config
             self.pending[self.next] = self.pool.submit(
-                clip_batch, self.run.config.seed, self.next, self.run.batch_size(self.next)
+                clip_batch,
+                cfg.seed,
+                self.next,
+                self.run.batch_size(self.next),
+                cfg.speed_jitter,
+                cfg.attribute_dropout,
+                cfg.trail_opacity,
             )
             self.next += 1
         future = self.pending.pop(step, None)
         if future is None:
-            return clip_batch(self.run.config.seed, step, size)
+            return self.run.render(step, size)
         return future.result()
 
     def close(self) -> None:
@@ -385,7 +437,9 @@ def _build_run(config: PretrainConfig, device: torch.device) -> _Run:
 
     from motionsep.toy.model import build_components
 
-    parts = build_components(config.seed)
+    parts = build_components(config.seed, head_width=config.head_width)
+    if config.vae_from:
+        _load_vae(parts["vae"], config.vae_from)
     for name in ("unet", "vae", "text_encoder"):
         parts[name].to(device).train()
     ema = {
@@ -412,6 +466,28 @@ def _build_run(config: PretrainConfig, device: torch.device) -> _Run:
         weight_decay=0.01,
     )
     return _Run(config, parts, ema, vae_opt, opt, device)
+
+
+def _load_vae(vae: Any, source: str) -> None:
+    """Copies a trained VAE (weights and latent scale) from a model folder or ``toy``."""
+    from diffusers import AutoencoderKL
+
+    from motionsep.toy.model import BUILTIN_NAME, builtin_path
+
+    folder = builtin_path() if source == BUILTIN_NAME else Path(source)
+    if not (folder / "vae" / "config.json").is_file():
+        raise UsageError(
+            f"no VAE in {folder}", "give --vae-from a toy model folder (or 'toy', the built-in one)"
+        )
+    trained = AutoencoderKL.from_pretrained(folder / "vae")
+    try:
+        vae.load_state_dict({k: v.float() for k, v in trained.state_dict().items()})
+    except RuntimeError as exc:
+        raise UsageError(
+            f"the VAE in {folder} has another shape than the toy VAE",
+            "give --vae-from a model made by motionsep toy pretrain",
+        ) from exc
+    vae.register_to_config(scaling_factor=trained.config.scaling_factor)
 
 
 # ---------------------------------------------------------------------------
@@ -643,8 +719,8 @@ def pretrain(
                 "resume with the same settings, or start over with --force",
             )
         step, history = _load_checkpoint(run, path)
-        if step >= config.vae_steps:
-            run.parts["vae"].eval().requires_grad_(False)
+    if step >= config.vae_steps:
+        run.parts["vae"].eval().requires_grad_(False)
     record: dict[str, Any] = {
         "command": command if command is not None else sys.argv,
         "config": asdict(config),

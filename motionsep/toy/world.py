@@ -91,6 +91,7 @@ MOTION_PHRASES: dict[str, str] = {
 # Geometry of the motions, in pixels. A translation sweeps 18 px over the
 # clip (about 2.6 px, or 0.64 latent cells, per frame at 8 frames).
 SWEEP = 18.0
+MAX_SPEED = 2.0
 BASE_SIZE = 10.0
 ZOOM_SIZES = (6.0, 16.0)
 
@@ -120,6 +121,8 @@ class ClipSpec:
     texture: str
     motion: str
     seed: int = 0
+    speed: float = 1.0
+    """How fast the motion runs relative to the named motion (captions never say)."""
 
     def __post_init__(self) -> None:
         for value, allowed, what in (
@@ -131,6 +134,8 @@ class ClipSpec:
         ):
             if value not in allowed:
                 raise ValueError(f"unknown toy {what} {value!r}; choose from {', '.join(allowed)}")
+        if not 0.0 < self.speed <= MAX_SPEED:
+            raise ValueError(f"toy speed must be in (0, {MAX_SPEED}] (got {self.speed})")
 
     @property
     def named(self) -> bool:
@@ -158,8 +163,8 @@ class ClipSpec:
         return (self.color, self.shape, self.background, self.texture)
 
     def with_appearance(self, color: str, shape: str, background: str, texture: str) -> ClipSpec:
-        """The same motion and seed with another look."""
-        return ClipSpec(color, shape, background, texture, self.motion, self.seed)
+        """The same motion, seed and speed with another look."""
+        return ClipSpec(color, shape, background, texture, self.motion, self.seed, self.speed)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -171,6 +176,34 @@ def prompt_for(color: str, shape: str, background: str, texture: str, motion: st
     return (
         f"{article} {color} {shape} {MOTION_PHRASES[motion]} on a {texture} {background} background"
     )
+
+
+def partial_prompt(
+    spec: ClipSpec, keep_object: bool, keep_color: bool, keep_background: bool
+) -> str:
+    """The caption of ``spec`` with some of its look left out.
+
+    ``keep_object=False`` drops the whole noun phrase (``moving right on a
+    striped gray background``), ``keep_color=False`` the colour word
+    (``a circle moving right ...``), ``keep_background=False`` the
+    background phrase (``a red circle moving right``). Pretraining on such
+    captions teaches the model what to draw when a caption leaves part of
+    the look open, which is what a reference clip captioned by its motion
+    alone asks for.
+    """
+    if not spec.named:
+        return motion_caption(spec.motion)
+    words = []
+    if keep_object:
+        if keep_color:
+            words += ["an" if spec.color[0] in "aeiou" else "a", spec.color]
+        else:
+            words.append("a")
+        words.append(spec.shape)
+    words.append(MOTION_PHRASES[spec.motion])
+    if keep_background:
+        words.append(f"on a {spec.texture} {spec.background} background")
+    return " ".join(words)
 
 
 def motion_caption(motion: str) -> str:
@@ -214,14 +247,16 @@ class Clip:
 
 
 def trajectory(
-    motion: str, frames: int, rng: np.random.Generator, lag: float = 0.0
+    motion: str, frames: int, rng: np.random.Generator, lag: float = 0.0, speed: float = 1.0
 ) -> tuple[np.ndarray, ...]:
     """Object centres (F, 2), sizes (F,) and background scale (F,) of a motion.
 
     Small random offsets (start position, size) come from ``rng`` so that the
     model learns the motion, not one fixed path. ``lag`` (in frames) evaluates
     the path that much earlier (before frame 0 the path is extended
-    smoothly): the motion trail is drawn from it.
+    smoothly): the motion trail is drawn from it. ``speed`` scales the
+    distance a translation sweeps and the size range of a zoom (about the
+    same midpoint); the held-out motions ignore it.
     """
     t = np.linspace(0.0, 1.0, frames) - lag / max(1, frames - 1)
     mid = SIZE / 2.0
@@ -231,7 +266,7 @@ def trajectory(
     # offsets across and along the motion
     across = rng.uniform(-6.0, 6.0)
     along = rng.uniform(-1.5, 1.5)
-    sweep = (t - 0.5) * SWEEP + along
+    sweep = (t - 0.5) * SWEEP * speed + along
     xs = np.full(frames, mid)
     ys = np.full(frames, mid)
     if motion == "static":
@@ -245,7 +280,8 @@ def trajectory(
         xs = xs + across
     elif motion in ("zoom-in", "zoom-out"):
         small, big = ZOOM_SIZES
-        grow = small + (big - small) * (t if motion == "zoom-in" else 1.0 - t)
+        phase = t if motion == "zoom-in" else 1.0 - t
+        grow = (small + big) / 2.0 + (big - small) * speed * (phase - 0.5)
         sizes = np.maximum(grow, 1.0)
         xs += rng.uniform(-2.0, 2.0)
         ys += rng.uniform(-2.0, 2.0)
@@ -365,7 +401,7 @@ class Track:
 def track(spec: ClipSpec, frames: int = FRAMES) -> Track:
     """The object's path in :func:`render` of ``spec`` (same offsets), cheaply."""
     rng = np.random.default_rng([spec.seed, MOTIONS.index(spec.motion)])
-    return Track(*trajectory(spec.motion, frames, rng))
+    return Track(*trajectory(spec.motion, frames, rng, speed=spec.speed))
 
 
 def background_frames(spec: ClipSpec, frames: int = FRAMES, resolution: int = SIZE) -> np.ndarray:
@@ -376,16 +412,22 @@ def background_frames(spec: ClipSpec, frames: int = FRAMES, resolution: int = SI
     )
 
 
-def render(spec: ClipSpec, frames: int = FRAMES, resolution: int = SIZE) -> Clip:
-    """Renders a clip deterministically from its spec."""
+def render(
+    spec: ClipSpec,
+    frames: int = FRAMES,
+    resolution: int = SIZE,
+    trail_opacity: float = TRAIL_OPACITY,
+) -> Clip:
+    """Renders a clip deterministically from its spec (trail opacity: :data:`TRAIL_OPACITY`)."""
     path = track(spec, frames)
     centers, sizes, bg_scale = path.centers, path.sizes, path.bg_scale
     seed = [spec.seed, MOTIONS.index(spec.motion)]
     # the same offsets, a little earlier on the path: where the trail lies
     behind = [
-        trajectory(spec.motion, frames, np.random.default_rng(seed), lag) for lag in TRAIL_LAGS
+        trajectory(spec.motion, frames, np.random.default_rng(seed), lag, spec.speed)
+        for lag in TRAIL_LAGS
     ]
-    fade = TRAIL_OPACITY * (1.0 - np.arange(len(TRAIL_LAGS)) / len(TRAIL_LAGS))
+    fade = trail_opacity * (1.0 - np.arange(len(TRAIL_LAGS)) / len(TRAIL_LAGS))
     color = np.asarray(color_rgb(spec.color), dtype=np.float32)
     out = np.empty((frames, resolution, resolution, 3), dtype=np.uint8)
     masks = np.empty((frames, resolution, resolution), dtype=np.float32)
@@ -415,9 +457,17 @@ def appearances() -> list[tuple[str, str, str, str]]:
     return list(itertools.product(COLORS, SHAPES, BACKGROUNDS, TEXTURES))
 
 
-def random_spec(rng: np.random.Generator, motions: tuple[str, ...] = PRETRAIN_MOTIONS) -> ClipSpec:
-    """A clip spec with every attribute drawn uniformly."""
-    return ClipSpec(
+def random_spec(
+    rng: np.random.Generator,
+    motions: tuple[str, ...] = PRETRAIN_MOTIONS,
+    speed_jitter: float = 0.0,
+) -> ClipSpec:
+    """A clip spec with every attribute drawn uniformly.
+
+    With ``speed_jitter`` the speed is drawn uniformly from ``1 +- speed_jitter``
+    (one more draw from ``rng``; without it the draws are as they always were).
+    """
+    spec = ClipSpec(
         color=str(rng.choice(list(COLORS))),
         shape=str(rng.choice(SHAPES)),
         background=str(rng.choice(list(BACKGROUNDS))),
@@ -425,12 +475,21 @@ def random_spec(rng: np.random.Generator, motions: tuple[str, ...] = PRETRAIN_MO
         motion=str(rng.choice(motions)),
         seed=int(rng.integers(0, 2**31 - 1)),
     )
+    if speed_jitter > 0:
+        speed = float(rng.uniform(1.0 - speed_jitter, 1.0 + speed_jitter))
+        spec = ClipSpec(*spec.appearance, spec.motion, spec.seed, speed)
+    return spec
 
 
 def batch(
-    seed: int, step: int, size: int, motions: tuple[str, ...] = PRETRAIN_MOTIONS
+    seed: int,
+    step: int,
+    size: int,
+    motions: tuple[str, ...] = PRETRAIN_MOTIONS,
+    speed_jitter: float = 0.0,
+    trail_opacity: float = TRAIL_OPACITY,
 ) -> Iterator[Clip]:
     """``size`` random clips for training step ``step``: the same clips on every rerun."""
     rng = np.random.default_rng([seed, step])
     for _ in range(size):
-        yield render(random_spec(rng, motions))
+        yield render(random_spec(rng, motions, speed_jitter), trail_opacity=trail_opacity)
