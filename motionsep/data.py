@@ -26,7 +26,7 @@ from motionsep import __version__
 from motionsep.config import DataSettings, Settings
 from motionsep.errors import DamagedCacheError, MotionsepError, UsageError
 from motionsep.progress import Progress, or_null
-from motionsep.store import Store, atomic_folder, atomic_write_bytes
+from motionsep.store import Store, atomic_folder, atomic_write_bytes, file_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -259,15 +259,6 @@ def verify_entry(entry: Path) -> None:
             "rebuild it from its clip: motionsep prepare CLIPS --rebuild (with the same clips "
             "and settings), then run the command again",
         )
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _digest(data: Any) -> str:

@@ -65,6 +65,12 @@ class DamagedCacheError(MotionsepError):
     """A cached file no longer matches the checksum recorded when it was written."""
 
 
+class DamagedModelError(MotionsepError):
+    """An installed base model's files no longer match what was installed."""
+
+    exit_code = 2
+
+
 class StoreLockedError(MotionsepError):
     """Another process holds the lock on a store entry."""
 

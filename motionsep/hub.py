@@ -37,7 +37,15 @@ from motionsep.errors import (
     UsageError,
 )
 from motionsep.progress import Progress, or_null
-from motionsep.store import PARTIAL_PREFIX, ModelRecord, Store, atomic_folder, lock
+from motionsep.store import (
+    PARTIAL_PREFIX,
+    ModelRecord,
+    Store,
+    atomic_folder,
+    check_model,
+    lock,
+    model_problems,
+)
 
 # Kinds of model the store holds; they decide which files are fetched and how
 # the result is verified.
@@ -101,7 +109,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 
 
 def install_tiny(
-    store: Store, force: bool = False, progress: Progress | None = None
+    store: Store, force: bool = False, progress: Progress | None = None, repair: bool = False
 ) -> ModelRecord:
     """Builds the tiny model and installs it in the store as ``tiny``.
 
@@ -109,14 +117,18 @@ def install_tiny(
         store: Where to install it.
         force: Rebuild even if it is installed.
         progress: Receives a "build tiny" task.
+        repair: Rebuild it if its files no longer match its record.
 
     Returns:
         The record of the installed model.
+
+    Raises:
+        DamagedModelError: it is installed but damaged, without ``repair``.
     """
     from motionsep.model.components import TINY_SEED, build_tiny_components, save_components
 
     existing = store.model_record("tiny")
-    if existing is not None and not force:
+    if existing is not None and not force and not _needs_repair(existing, repair, progress):
         return existing
     events = or_null(progress)
     events.start("build tiny", total=2, unit="step")
@@ -635,6 +647,7 @@ def download(
     progress: Progress | None = None,
     token: str | None = None,
     endpoint: str | None = None,
+    repair: bool = False,
 ) -> ModelRecord:
     """Puts the model ``name`` into the store and returns its record.
 
@@ -654,6 +667,9 @@ def download(
         progress: Receives "download NAME" (bytes) and "assemble NAME" (files).
         token: Hub access token; ``HF_TOKEN`` if None.
         endpoint: Hub URL; ``HF_ENDPOINT`` (read now, not at import) if None.
+        repair: If the model is installed, hash every file against its record
+            and install it again only if one is missing or changed. Without
+            it (and without ``force``) a damaged installed model is an error.
 
     Returns:
         The record of the installed model.
@@ -667,25 +683,30 @@ def download(
         DiskFullError: not enough space in the store.
         ModelFormatError: the repository is not a model motionsep can use.
         StoreLockedError: another download of this model is running.
+        DamagedModelError: the installed model is damaged and neither
+            ``repair`` nor ``force`` was given.
     """
     if name == "toy":
         return _builtin_toy(store, progress)
     if name == "tiny":
         if revision or variant:
             raise UsageError("the built-in tiny model has no revisions or variants")
-        return install_tiny(store, force=force, progress=progress)
+        return install_tiny(store, force=force, progress=progress, repair=repair)
     repo_id, kind = _resolve_repo(name)
     store_name = name
     existing = store.model_record(store_name)
     events = or_null(progress)
     if existing is not None and not force:
-        if revision is None or (existing.revision or "").startswith(revision):
+        if revision is not None and not (existing.revision or "").startswith(revision):
+            raise UsageError(
+                f"{store_name} is installed at revision {existing.revision}, not {revision}",
+                "pass --force to replace it",
+            )
+        if not _needs_repair(existing, repair, events):
             events.log(f"{store_name} is already installed at {existing.path}")
             return existing
-        raise UsageError(
-            f"{store_name} is installed at revision {existing.revision}, not {revision}",
-            "pass --force to replace it",
-        )
+        revision = revision or existing.revision
+        force = True
     token = token or os.environ.get("HF_TOKEN") or None
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
     final = store.model_path(store_name)
@@ -707,6 +728,27 @@ def download(
             if not isinstance(translated, (HubUnreachableError, DiskFullError)):
                 shutil.rmtree(staging, ignore_errors=True)
             raise translated from exc
+
+
+def _needs_repair(record: ModelRecord, repair: bool, progress: Progress | None) -> bool:
+    """Checks every file of an installed model against its record (hashing them all).
+
+    Returns whether it must be installed again: only when it is damaged and
+    ``repair`` asks for that.
+
+    Raises:
+        DamagedModelError: damaged, without ``repair``.
+    """
+    if not repair:
+        check_model(record.path, record.name, full=True)
+        return False
+    problems = model_problems(record.path, full=True)
+    events = or_null(progress)
+    if problems:
+        events.log(f"{record.name} is damaged ({'; '.join(problems[:3])}); installing it again")
+    else:
+        events.log(f"{record.name} is intact: every file matches its record")
+    return bool(problems)
 
 
 def _builtin_toy(store: Store, progress: Progress | None) -> ModelRecord:

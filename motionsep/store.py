@@ -14,6 +14,7 @@ process writes at a time are guarded by :func:`lock`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -25,9 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from motionsep.errors import ModelNotFoundError, StoreLockedError, UsageError
+from motionsep.errors import DamagedModelError, ModelNotFoundError, StoreLockedError, UsageError
 
 MODEL_RECORD = "motionsep-model.json"
+MODEL_CHECKED = ".motionsep-checked.json"
+"""Per file of an installed model: the size, mtime and sha256 last found to match its record."""
 _TMP_PREFIX = ".tmp-"
 PARTIAL_PREFIX = ".partial-"
 """A run in progress (checkpoints, metrics) lives in ``PARTIAL_PREFIX + NAME`` beside its result."""
@@ -72,6 +75,81 @@ def builtin_model_path(name: str) -> Path | None:
 def folder_size(path: Path) -> int:
     """Total bytes of the files under ``path``."""
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file of a model folder (but its record), by relative path."""
+    manifest = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and rel not in (MODEL_RECORD, MODEL_CHECKED):
+            manifest[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    return manifest
+
+
+def model_problems(folder: Path, full: bool = False) -> list[str]:
+    """What no longer matches the file list an installed model's record wrote.
+
+    Missing files and changed sizes are found from the file system alone.
+    Contents are hashed when a file's size or modification time differs
+    from the last time it was found intact (kept in :data:`MODEL_CHECKED`),
+    or for every file with ``full``: a file edited in place is caught on
+    its next use, a bit that rots on disk by ``motionsep download NAME``.
+    Models installed before records listed their files have nothing to
+    check and pass.
+    """
+    try:
+        record = json.loads((folder / MODEL_RECORD).read_text(encoding="utf-8"))
+        files = dict(record.get("files") or {})
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
+        return [f"its record {MODEL_RECORD} is unreadable ({exc})"]
+    checked_file = folder / MODEL_CHECKED
+    try:
+        checked = dict(json.loads(checked_file.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        checked = {}
+    problems, intact = [], {}
+    for rel, want in files.items():
+        path = folder / rel
+        if not path.is_file():
+            problems.append(f"{rel} is missing")
+            continue
+        stat = path.stat()
+        if stat.st_size != want["size"]:
+            problems.append(f"{rel} has {stat.st_size} bytes, not the {want['size']} installed")
+            continue
+        stamp = [stat.st_size, stat.st_mtime_ns, want["sha256"]]
+        if (not full and checked.get(rel) == stamp) or file_sha256(path) == want["sha256"]:
+            intact[rel] = stamp
+        else:
+            problems.append(f"{rel} does not match the sha256 recorded when it was installed")
+    if intact != checked:
+        # a store shared read-only still works: the check just runs again next time
+        with contextlib.suppress(OSError):
+            atomic_write_bytes(checked_file, (json.dumps(intact) + "\n").encode())
+    return problems
+
+
+def check_model(folder: Path, name: str, full: bool = False) -> None:
+    """Raises :class:`DamagedModelError` if an installed model's files changed."""
+    problems = model_problems(folder, full)
+    if problems:
+        shown = "; ".join(problems[:5]) + (
+            f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        )
+        raise DamagedModelError(
+            f"the model {name!r} in {folder} is damaged: {shown}",
+            f"repair it with `motionsep download {name} --repair` (or --force to reinstall it)",
+        )
 
 
 def validate_name(name: str, what: str = "name") -> str:
@@ -219,6 +297,7 @@ class Store:
             )
         record = self.model_record(name_or_path)
         if record is not None:
+            check_model(record.path, record.name)
             return record.path
         builtin = builtin_model_path(name_or_path)
         if builtin is not None:
@@ -235,12 +314,14 @@ class Store:
         self, folder: Path, name: str, source: str, revision: str | None
     ) -> None:
         """Marks a model folder as verified and ready (call last, before renaming)."""
+        files = file_manifest(folder)
         record = {
             "name": name,
             "source": source,
             "revision": revision,
-            "size_bytes": folder_size(folder),
+            "size_bytes": sum(item["size"] for item in files.values()),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "files": files,
         }
         (folder / MODEL_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 

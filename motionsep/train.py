@@ -328,7 +328,7 @@ def _load_trainable_state(unet: torch.nn.Module, state: dict[str, torch.Tensor])
 def _save_checkpoint(trainer: _Trainer, run_dir: Path, step: int, adapters: list[str]) -> Path:
     from safetensors.torch import save_file
 
-    from motionsep.data import file_sha256
+    from motionsep.store import file_sha256
 
     target = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
     optimizer_tensors, optimizer_meta = _flatten_optimizer(trainer.optimizer.state_dict())
@@ -369,7 +369,7 @@ def checkpoint_problem(path: Path) -> str | None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from motionsep.data import file_sha256
+    from motionsep.store import file_sha256
 
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))

@@ -31,14 +31,19 @@ id OWNER/REPO. Only the files a text-to-video pipeline needs are fetched
 (safetensors preferred; pickled .bin weights are converted to safetensors).
 An interrupted download resumes when run again. Models land in
 $MOTIONSEP_HOME/models/NAME and are marked ready only after they were
-verified. HF_TOKEN is sent for gated or private repositories; HF_ENDPOINT
-points at another hub.
+verified, with the size and sha256 of every file in their record. Running
+it again for an installed model checks every file against that record; a
+damaged model is reported (exit 2) and --repair installs it again. HF_TOKEN
+is sent for gated or private repositories; HF_ENDPOINT points at another
+hub.
 
 Examples:
 
   motionsep download tiny
 
   motionsep download zeroscope --variant fp16
+
+  motionsep download zeroscope --repair
 
   motionsep download zeroscope --from ~/models/zeroscope_v2_576w
 
@@ -119,6 +124,14 @@ def download(
     list_models: Annotated[
         bool, typer.Option("--list", help="Show known and installed models.")
     ] = False,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Hash every file of an installed model against its record and install it "
+            "again if one is missing or changed.",
+        ),
+    ] = False,
     force: ForceOption = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -140,14 +153,23 @@ def download(
         raise UsageError("name the model to download", "e.g. `motionsep download tiny`, or --list")
     with DownloadProgress() as progress:
         if from_path is not None:
-            if revision is not None:
-                raise UsageError("--revision applies to hub downloads, not to --from")
+            if revision is not None or repair:
+                raise UsageError(
+                    "--revision and --repair apply to downloads, not to --from",
+                    "to replace an imported model, import it again with --force",
+                )
             record = import_folder(
                 store, from_path, name, force=force, variant=variant, progress=progress
             )
         else:
             record = download_model(
-                store, name, revision=revision, variant=variant, force=force, progress=progress
+                store,
+                name,
+                revision=revision,
+                variant=variant,
+                force=force,
+                progress=progress,
+                repair=repair,
             )
     revision_note = f", revision {record.revision[:12]}" if record.revision else ""
     err_console.print(

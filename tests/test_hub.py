@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from motionsep.errors import (
+    DamagedModelError,
     DiskFullError,
     HubAccessError,
     HubFileMissingError,
@@ -652,3 +653,78 @@ def test_clip_with_pickled_weights_loads_as_clipmodel_and_processor(
     loaded = CLIPModel.from_pretrained(record.path)
     CLIPProcessor.from_pretrained(record.path)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+
+
+# -- integrity of installed models ---------------------------------------------------------
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_tiny_model_is_refused_at_use_and_repaired_on_request(store_home: Path) -> None:
+    installed = runner.invoke(app, ["download", "tiny", "--json"])
+    assert installed.exit_code == 0, installed.stderr
+    folder = Path(json.loads(installed.stdout)["path"])
+    record = json.loads((folder / "motionsep-model.json").read_text())
+    assert UNET_WEIGHTS in record["files"]  # every file's size and sha256
+    weights = folder / UNET_WEIGHTS
+    intact = weights.read_bytes()
+    _flip_byte(weights, len(intact) // 2)  # a flipped byte in the U-Net: same size
+
+    # using it fails with the fix, before any work; nothing is deleted
+    out = store_home.parent / "cat.mp4"
+    used = runner.invoke(
+        app,
+        ["generate", "a cat", "--motion", "none", "--set", "model.name=tiny", "--out", str(out)],
+    )
+    assert used.exit_code == 2, used.stderr
+    assert "damaged" in used.stderr and UNET_WEIGHTS in used.stderr
+    assert "motionsep download tiny --repair" in used.stderr
+    assert weights.exists() and not out.exists()
+    checked = runner.invoke(app, ["download", "tiny"])
+    assert checked.exit_code == 2 and "--repair" in checked.stderr
+
+    repaired = runner.invoke(app, ["download", "tiny", "--repair"])
+    assert repaired.exit_code == 0, repaired.stderr
+    assert weights.read_bytes() == intact
+    again = runner.invoke(app, ["download", "tiny", "--repair"])
+    assert again.exit_code == 0 and "intact" in again.stderr
+
+    weights.unlink()  # deleted weights: the record notices the missing file
+    with pytest.raises(DamagedModelError, match="is missing"):
+        Store(store_home).resolve_model("tiny")
+    assert runner.invoke(app, ["download", "tiny", "--repair"]).exit_code == 0
+    assert weights.read_bytes() == intact
+
+
+def test_an_edited_file_is_caught_at_use_and_a_rotted_one_by_download(
+    hub: FakeHub, tiny_repo: Repo, tmp_path: Path
+) -> None:
+    import os
+
+    store = Store(tmp_path)
+    record = download(store, REPO, endpoint=hub.endpoint)
+    store.resolve_model(REPO)  # the first use hashes every file once
+    weights = record.path / "vae" / "diffusion_pytorch_model.safetensors"
+    stat = weights.stat()
+    _flip_byte(weights, stat.st_size - 10)
+    # a bit that rots on disk keeps the file's time: use checks sizes and times alone...
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    store.resolve_model(REPO)
+    # ...and `download` hashes everything
+    with pytest.raises(DamagedModelError, match=r"vae/diffusion_pytorch_model\.safetensors"):
+        download(store, REPO, endpoint=hub.endpoint)
+    before = Counter(hub.gets)
+    repaired = download(store, REPO, endpoint=hub.endpoint, repair=True)
+    assert repaired.revision == tiny_repo.sha  # the same commit again
+    assert (
+        hub.gets["vae/diffusion_pytorch_model.safetensors"]
+        == before["vae/diffusion_pytorch_model.safetensors"] + 1
+    )
+    os.utime(weights)  # an edit in place changes the time: the next use hashes it again
+    _flip_byte(weights, 100)
+    with pytest.raises(DamagedModelError):
+        store.resolve_model(REPO)

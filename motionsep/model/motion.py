@@ -35,7 +35,7 @@ from motionsep.errors import (
 )
 from motionsep.model import recipes, tap
 from motionsep.model.components import unet_config_hash
-from motionsep.store import Store, atomic_folder, validate_motion_name
+from motionsep.store import Store, atomic_folder, file_sha256, validate_motion_name
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +47,6 @@ METADATA_FILE = "motion.json"
 ADAPTER_FILE = "adapter.safetensors"
 INVERSION_FILE = "inversion.safetensors"
 
-_READ_CHUNK = 1 << 20
 _REPAIR_HINT = (
     "the package is damaged: train the motion again (`motionsep train ... --name NAME --force`) "
     "or re-import it from its source"
@@ -244,15 +243,6 @@ def recipe_settings(recipe: Recipe | str) -> dict[str, Any]:
         "beta_consumers": [list(pair) for pair in spec.beta_consumers],
         "pli": spec.pli,
     }
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        while chunk := handle.read(_READ_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _is_inside(name: str) -> bool:
