@@ -174,6 +174,30 @@ def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None
 # the loop
 
 
+def _diverged(
+    trainer: _Trainer, loss: float, step: int, last_saved: int, run_dir: Path
+) -> TrainingDivergedError:
+    """The error for a non-finite loss: damaged inputs, or an optimizer that diverged."""
+    cause = trainer.nonfinite_inputs()
+    if cause is not None:
+        return TrainingDivergedError(
+            f"the loss became {loss} at step {step} because {cause}; training stopped",
+            "the inputs are damaged, not the learning rate: rebuild the clips' latents with "
+            "`motionsep prepare CLIPS --rebuild`, check the base model with "
+            "`motionsep download NAME` (it hashes every file), then train again",
+        )
+    kept = (
+        f"the last good checkpoint (step {last_saved}) is kept in {run_dir}; --resume continues "
+        "from it"
+        if last_saved
+        else "no checkpoint was written yet, so start again without --resume"
+    )
+    return TrainingDivergedError(
+        f"the loss became {loss} at step {step}; training stopped",
+        "lower --lr, or use --set train.mixed_precision=bf16 or no; " + kept,
+    )
+
+
 @dataclass
 class _Trainer:
     settings: Settings
@@ -197,6 +221,24 @@ class _Trainer:
         seed = self.settings.train.seed
         mixed = (seed * 1_000_003 + step * 8_191 + self.rank * 131 + stream) % (2**63 - 1)
         return torch.Generator().manual_seed(mixed)
+
+    def nonfinite_inputs(self) -> str | None:
+        """What holds NaN or inf among the clips' tensors and the base U-Net, or None.
+
+        Run only after a non-finite loss (it reads every tensor), to tell
+        damaged inputs from a diverging optimizer.
+        """
+        import torch
+
+        for index, (latents, prompt) in enumerate(zip(self.latents, self.prompts, strict=True)):
+            for what, tensor in (("latents", latents), ("prompt embedding", prompt)):
+                if not bool(torch.isfinite(tensor).all()):
+                    clip = self.dataset.clips[index]
+                    return f"the prepared {what} of clip {clip.source} hold NaN or inf"
+        for name, param in self.components.unet.named_parameters():
+            if "lora_" not in name and not bool(torch.isfinite(param).all()):
+                return f"the base model's U-Net weight {name} holds NaN or inf"
+        return None
 
     def step(self, step: int) -> dict[str, float]:
         """One optimizer step; returns the losses of this process."""
@@ -684,12 +726,7 @@ def _train_locked(
             step_started = time.monotonic()
             losses = trainer.step(step)
             if not math.isfinite(losses["loss"]):
-                raise TrainingDivergedError(
-                    f"the loss became {losses['loss']} at step {step + 1}; training stopped",
-                    f"the last good checkpoint (step {last_saved}) is kept in {run_dir}; "
-                    "lower --lr, use --set train.mixed_precision=bf16 or no, or check the clips; "
-                    "--resume continues from that checkpoint",
-                )
+                raise _diverged(trainer, losses["loss"], step + 1, last_saved, run_dir)
             record = {
                 "step": step + 1,
                 **{k: round(v, 6) for k, v in losses.items()},

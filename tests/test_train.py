@@ -386,3 +386,53 @@ def test_resume_passes_over_a_damaged_checkpoint_to_the_older_one(
     for key in a:
         assert (a[key] == b[key]).all(), f"{key} differs after falling back"
     assert resumed.metrics[-1]["step"] == 6
+
+
+def test_nan_in_the_inputs_is_named_instead_of_blaming_the_learning_rate(
+    clips_dir: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from motionsep import train
+
+    settings = load_settings(
+        preset="tiny", set_options=[f"model.name={tiny_model_dir}", "train.steps=3"]
+    )
+    step = train._Trainer.step
+
+    def damaged_latents(self: train._Trainer, number: int) -> dict[str, float]:
+        if number == 0:  # what a flipped exponent bit in a latents file reads as
+            self.latents[0][0, 0, 0, 0] = float("nan")
+        return step(self, number)
+
+    monkeypatch.setattr(train._Trainer, "step", damaged_latents)
+    with pytest.raises(train.TrainingDivergedError) as info:
+        train_motion([clips_dir / "dolly.mp4"], "bad", settings, Store(tmp_path))
+    message = str(info.value)
+    assert "dolly.mp4" in message and "NaN or inf" in message
+    assert "prepare CLIPS --rebuild" in message and "lower --lr" not in message
+
+
+def test_a_divergence_before_the_first_checkpoint_does_not_offer_resume(
+    clips_dir: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from motionsep import train
+    from motionsep.model import tap
+
+    settings = load_settings(
+        preset="tiny",
+        set_options=[f"model.name={tiny_model_dir}", "train.steps=6", "train.checkpoint_every=5"],
+    )
+    step = train._Trainer.step
+
+    def blow_up(self: train._Trainer, number: int) -> dict[str, float]:
+        if number == 1:
+            with torch.no_grad():
+                for param in tap.adapter_parameters(self.components.unet, tap.MOTION_ADAPTER):
+                    param.fill_(float("inf"))
+        return step(self, number)
+
+    monkeypatch.setattr(train._Trainer, "step", blow_up)
+    with pytest.raises(train.TrainingDivergedError) as info:
+        train_motion([clips_dir / "dolly.mp4"], "early", settings, Store(tmp_path))
+    message = str(info.value)
+    assert "lower --lr" in message and "no checkpoint was written yet" in message
+    assert "--resume continues" not in message
