@@ -404,70 +404,44 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-_UNREADABLE_LOCK_GRACE_S = 30.0
-
-
-def _age_seconds(path: Path) -> float:
-    try:
-        return time.time() - path.stat().st_mtime
-    except FileNotFoundError:
-        return 0.0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def lock(path: Path, what: str) -> Iterator[None]:
-    """An exclusive lock file; a lock left by a dead process on this host is taken over.
+    """An exclusive lock on ``path``, held by the operating system.
+
+    The lock (``filelock``, an ``flock`` on POSIX) belongs to this process
+    and dies with it: a run that crashed or was killed leaves nothing to
+    clean up. Who holds it (pid, host, since when) is written beside it in
+    ``PATH.owner`` for the message a second run gets.
 
     Args:
         path: The lock file (created next to the entry it guards).
         what: Named in the error, e.g. "training of motion 'dolly'".
 
     Raises:
-        StoreLockedError: if a live process holds the lock.
+        StoreLockedError: if another process (or another ``lock`` here) holds it.
     """
+    from filelock import FileLock, Timeout
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text() or "{}")
-            except (OSError, json.JSONDecodeError):
-                holder = {}
-            if "pid" not in holder:
-                # Unreadable: a holder between creating and writing it, or one
-                # that crashed right there. Only the latter grows old.
-                if _age_seconds(path) > _UNREADABLE_LOCK_GRACE_S:
-                    path.unlink(missing_ok=True)
-                    continue
-                raise StoreLockedError(
-                    f"{what} is locked by {path}, which is being written or is damaged",
-                    f"try again in a minute; if no other run is going, delete {path}",
-                ) from None
-            same_host = holder.get("host") == me["host"]
-            if same_host and not _pid_alive(int(holder["pid"])):
-                path.unlink(missing_ok=True)  # left behind by a crashed run
-                continue
-            raise StoreLockedError(
-                f"{what} is already running (pid {holder.get('pid')} on {holder.get('host')})",
-                f"wait for it to finish; if it is gone, delete {path}",
-            ) from None
-        with os.fdopen(fd, "w") as handle:
-            json.dump(me, handle)
-        break
+    owner = path.with_name(path.name + ".owner")
+    held = FileLock(str(path), timeout=0, thread_local=False, is_singleton=False)
     try:
+        held.acquire()
+    except Timeout:
+        try:
+            holder = json.loads(owner.read_text(encoding="utf-8"))
+            who = f"pid {holder['pid']} on {holder['host']}"
+        except (OSError, ValueError, TypeError, KeyError):
+            who = "another process"
+        raise StoreLockedError(
+            f"{what} is already running ({who})",
+            "wait for it to finish: the lock is released the moment that process ends",
+        ) from None
+    try:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        atomic_write_bytes(owner, json.dumps(me).encode())
         yield
     finally:
-        path.unlink(missing_ok=True)
+        owner.unlink(missing_ok=True)
+        held.release()
