@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -21,6 +21,10 @@ from motionsep_cli._options import (
     settings_from_cli,
 )
 
+if TYPE_CHECKING:
+    from motionsep.config import Settings
+    from motionsep.store import Store
+
 HELP = """Learn the motion shared by CLIPS as a motion LoRA named NAME.
 
 Raw clips (files, folders, CSV/JSONL manifests) go through `prepare` first,
@@ -36,7 +40,10 @@ a name with an unfinished, checkpointed run is refused (exit 2) unless you
 and settings have been checked; --force also replaces a finished motion of
 that name when the new training ends.
 
-The resolved settings are printed on stderr and saved in the package.
+A short summary (model, recipe, clips, steps, rank, learning rate, where the
+motion goes, the command that resumes) is printed on stderr before training;
+--verbose prints every resolved setting instead. All of them are saved in the
+package (and `motionsep config` shows them without training).
 
 Examples:
 
@@ -81,6 +88,9 @@ def train(
     preset: PresetOption = None,
     config: ConfigOption = None,
     set_options: SetOption = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Print every resolved setting first.")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     from motionsep.store import Store
@@ -100,11 +110,15 @@ def train(
     settings = settings_from_cli(preset, config, set_options, overrides)
     if settings.train.num_processes > 1 and not _in_distributed_run():
         raise SystemExit(_relaunch(settings.train.num_processes))
-    if _is_main_process():
-        err_console.print("[bold]settings[/]")
-        err_console.print(settings.to_yaml().rstrip(), markup=False, highlight=False)
     store = Store(settings.store.home)
     command = resume_command_line(sys.argv[1:])
+    if _is_main_process():
+        if verbose:
+            err_console.print("[bold]settings[/]")
+            err_console.print(settings.to_yaml().rstrip(), markup=False, highlight=False)
+        else:
+            for line in _summary(settings, clips, name, store, command):
+                err_console.print(line, markup=False, highlight=False)
     if _is_main_process():
         with RichProgress() as progress:
             result = train_motion(
@@ -126,6 +140,26 @@ def train(
             f"final temporal loss {loss}"
         )
         emit(result.to_dict(), as_json, lines=[str(result.package)])
+
+
+def _summary(
+    settings: Settings, clips: list[Path], name: str, store: Store, command: str
+) -> list[str]:
+    """What a person checks before a long run, in a few lines."""
+    lora, optim, train, data = settings.lora, settings.optim, settings.train, settings.data
+    inputs = ", ".join(str(c) for c in clips[:3]) + (
+        f" and {len(clips) - 3} more" if len(clips) > 3 else ""
+    )
+    return [
+        f"train {name}: {lora.recipe.value} recipe on {settings.model.name}",
+        f"  clips    {inputs} ({data.width}x{data.height}, {data.frames} frames)",
+        f"  steps    {train.steps}, batch {train.batch_size}, seed {train.seed}, "
+        f"checkpoint every {train.checkpoint_every}",
+        f"  lora     rank {lora.rank}, lr {optim.lr:g} ({optim.scheduler})",
+        f"  saves to {store.motions_dir / name}",
+        f"  resume   {command}",
+        "  (--verbose prints every setting; `motionsep config` shows them without training)",
+    ]
 
 
 def _in_distributed_run() -> bool:

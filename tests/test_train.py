@@ -95,10 +95,11 @@ def test_sigint_then_resume_is_bit_identical_to_one_run(
     clip = clips_dir / "dolly.mp4"
     extra = ["--steps", "12", "--set", "train.checkpoint_every=5", "--set", "lora.dropout=0.1"]
     straight = tmp_path / "straight"
-    subprocess.run(
-        _train_args(clip, tiny_model_dir, "m", *extra), env=_env(straight), check=True,
-        capture_output=True, timeout=300,
+    verbose = subprocess.run(
+        [*_train_args(clip, tiny_model_dir, "m", *extra), "--verbose"], env=_env(straight),
+        check=True, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
+    assert "spatial_skip_prob:" in verbose.stderr  # --verbose: every resolved setting
 
     home = tmp_path / "interrupted"
     args = _train_args(clip, tiny_model_dir, "m", *extra)
@@ -133,6 +134,11 @@ def test_sigint_then_resume_is_bit_identical_to_one_run(
     )
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from step {checkpoint[0]}" in resumed.stderr
+    # the start-up summary: a few lines, where the motion goes and how to resume
+    summary = resumed.stderr.split("resuming from")[0]
+    assert "spatial_skip_prob" not in summary and len(summary.splitlines()) < 15
+    assert f"saves to {home / 'motions' / 'm'}" in summary
+    assert "reference recipe" in summary and "resume   motionsep train" in summary
     a, b = _adapter(straight, "m"), _adapter(home, "m")
     assert a.keys() == b.keys()
     for key in a:
