@@ -118,7 +118,7 @@ def train(
             err_console.print(settings.to_yaml().rstrip(), markup=False, highlight=False)
         else:
             for line in _summary(settings, clips, name, store, command):
-                err_console.print(line, markup=False, highlight=False)
+                err_console.print(line, markup=False, highlight=False, soft_wrap=True)
     if _is_main_process():
         with RichProgress() as progress:
             result = train_motion(
