@@ -36,7 +36,7 @@ import numpy as np
 from motionsep import metrics
 from motionsep import sample as sampling
 from motionsep.config import Recipe, Settings
-from motionsep.errors import UsageError, VideoError
+from motionsep.errors import ModelNotFoundError, UsageError, VideoError
 from motionsep.progress import Progress, or_null
 
 if TYPE_CHECKING:
@@ -55,7 +55,40 @@ METRIC_TITLES = {
     "appearance_leakage": "appearance leakage",
 }
 
+METRIC_OPTIONS = {
+    "motion": "motion_fidelity",
+    "leakage": "appearance_leakage",
+    "clip-t": "text_alignment",
+    "consistency": "temporal_consistency",
+}
+"""``evaluate --metrics`` names -> metric names."""
+
+CLIP_METRICS = frozenset({"appearance_leakage", "text_alignment", "temporal_consistency"})
+"""Metrics that compare CLIP embeddings (motion fidelity tracks points and needs no CLIP)."""
+
 PNG_FRAME_GLOB = "*.png"
+
+
+def parse_metrics(names: Iterable[str] | None) -> tuple[str, ...] | None:
+    """``evaluate --metrics`` values (repeatable or comma-separated) -> metric names.
+
+    Returns None for none given (every metric that can run).
+
+    Raises:
+        UsageError: for an unknown name, listing the known ones.
+    """
+    if not names:
+        return None
+    chosen: list[str] = []
+    for part in (p.strip() for name in names for p in name.split(",")):
+        if part not in METRIC_OPTIONS:
+            raise UsageError(
+                f"unknown metric {part!r}",
+                f"choose from {', '.join(METRIC_OPTIONS)} (comma-separated or repeated)",
+            )
+        if METRIC_OPTIONS[part] not in chosen:
+            chosen.append(METRIC_OPTIONS[part])
+    return tuple(name for name in METRICS if name in chosen)
 
 
 # ---------------------------------------------------------------------------
@@ -332,13 +365,15 @@ class EvaluationReport:
         videos: One entry per video, in input order.
         groups: One entry per group, in order of first appearance.
         references: The reference clips used.
-        clip_model: The CLIP folder used.
+        clip_model: The CLIP folder used (None: no CLIP metric was computed).
+        skipped: Metric name -> why it was not computed (its values are None).
     """
 
     videos: list[VideoScores]
     groups: list[GroupScores]
     references: list[Path] = field(default_factory=list)
     clip_model: Path | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``--json``)."""
@@ -347,6 +382,7 @@ class EvaluationReport:
             "groups": [g.to_dict() for g in self.groups],
             "references": [str(p) for p in self.references],
             "clip_model": str(self.clip_model) if self.clip_model else None,
+            "skipped": dict(self.skipped),
         }
 
     def write_csv(self, path: Path | str) -> Path:
@@ -445,7 +481,7 @@ def _cell(value: float | None) -> str:
 class _Reference:
     path: Path
     frames: np.ndarray
-    embeds: torch.Tensor
+    embeds: torch.Tensor | None
     tracks: dict[int, metrics.PointTracks] = field(default_factory=dict)
 
 
@@ -456,6 +492,7 @@ def evaluate_videos(
     references: Iterable[str | Path] | None = None,
     prompt: str | None = None,
     scorer: metrics.ClipScorer | None = None,
+    metric_names: Sequence[str] | None = None,
     progress: Progress | None = None,
 ) -> EvaluationReport:
     """Scores videos and groups the scores.
@@ -469,6 +506,11 @@ def evaluate_videos(
         prompt: The prompt of every video; None: each video's sidecar prompt
             (a video with neither gets no text alignment).
         scorer: A loaded CLIP to use instead of ``settings.eval.clip_model``.
+        metric_names: The metrics to compute (names in :data:`METRICS`);
+            None: every one that can run. CLIP is loaded only for the CLIP
+            metrics; when none is installed and ``metric_names`` is None,
+            motion fidelity is computed alone and the report's ``skipped``
+            says why the others are missing.
         progress: Receives the ``"evaluate"`` task (videos).
 
     Returns:
@@ -477,8 +519,9 @@ def evaluate_videos(
     Raises:
         VideoError: naming any input that is not a readable video, before
             anything is loaded.
-        ModelNotFoundError: if the CLIP model is not installed (with the
-            ``motionsep download clip`` hint).
+        ModelNotFoundError: if ``metric_names`` asks for a CLIP metric and
+            the CLIP model is not installed (with the ``motionsep download
+            clip`` hint).
     """
     from motionsep.store import Store
     from motionsep.video import find_videos
@@ -488,30 +531,58 @@ def evaluate_videos(
     reference_paths = find_videos(list(references)) if references else []
     for path in [*paths, *reference_paths]:
         check_video(path)
-    if scorer is None:
-        scorer = metrics.load_clip_scorer(
-            settings.eval.clip_model,
-            Store(settings.store.home),
-            device=settings.model.device,
-            batch_size=settings.eval.batch_size,
+    wanted = set(METRICS if metric_names is None else metric_names)
+    skipped: dict[str, str] = {}
+    if not reference_paths:
+        for name in ("motion_fidelity", "appearance_leakage"):
+            if name in wanted:
+                skipped[name] = "no reference clips (--reference)"
+        wanted -= {"motion_fidelity", "appearance_leakage"}
+    if scorer is None and wanted & CLIP_METRICS:
+        try:
+            scorer = metrics.load_clip_scorer(
+                settings.eval.clip_model,
+                Store(settings.store.home),
+                device=settings.model.device,
+                batch_size=settings.eval.batch_size,
+            )
+        except ModelNotFoundError as exc:
+            if metric_names is not None:
+                raise
+            reason = f"no CLIP model: {exc.message}" + (f"; {exc.hint}" if exc.hint else "")
+            for name in sorted(wanted & CLIP_METRICS):
+                skipped[name] = reason
+            wanted -= CLIP_METRICS
+            events.log(
+                "no CLIP model: computing motion fidelity only "
+                f"({exc.hint or 'motionsep download clip'} adds the other metrics)"
+            )
+    if not wanted:
+        reasons = "; ".join(f"{METRIC_TITLES[n]}: {why}" for n, why in skipped.items())
+        raise UsageError(
+            f"no metric can be computed ({reasons})",
+            "pass --reference CLIPS for motion fidelity, or `motionsep download clip` for the "
+            "CLIP metrics",
         )
+    use_clip = scorer is not None and bool(wanted & CLIP_METRICS)
     track = settings.eval
 
     loaded = []
     for path in reference_paths:
         frames = read_reference(path, settings)
-        loaded.append(_Reference(path, frames, scorer.image_embeddings(frames)))
+        ref_embeds = scorer.image_embeddings(frames) if use_clip and scorer is not None else None
+        loaded.append(_Reference(path, frames, ref_embeds))
 
     sidecars = [read_sidecar(path) for path in paths]
     prompts = [prompt if prompt is not None else (s or {}).get("prompt") for s in sidecars]
     missing = sum(p is None for p in prompts)
-    if missing:
+    if missing and "text_alignment" in wanted:
         events.log(
             f"{missing} video(s) have no sidecar prompt and no --prompt: no text alignment for them"
         )
     text_embeds = {}
     distinct = sorted({p for p in prompts if p is not None})
-    if distinct:
+    if distinct and "text_alignment" in wanted and scorer is not None:
         embedded = scorer.text_embeddings(distinct)
         text_embeds = {text: embedded[i] for i, text in enumerate(distinct)}
 
@@ -519,12 +590,12 @@ def evaluate_videos(
     events.start("evaluate", total=len(paths), unit="video")
     for path, sidecar, text in zip(paths, sidecars, prompts, strict=True):
         frames = read_video(path)
-        embeds = scorer.image_embeddings(frames)
+        embeds = scorer.image_embeddings(frames) if use_clip and scorer is not None else None
         fidelity: tuple[float, str] | None = None
         leakage: tuple[float, str] | None = None
-        if loaded:
-            generated_tracks: dict[int, metrics.PointTracks] = {}
-            for ref in loaded:
+        generated_tracks: dict[int, metrics.PointTracks] = {}
+        for ref in loaded:
+            if "motion_fidelity" in wanted:
                 count = min(len(frames), len(ref.frames))
                 if count not in generated_tracks:
                     generated_tracks[count] = _tracks(frames, count, settings)
@@ -535,9 +606,16 @@ def evaluate_videos(
                 )
                 if fidelity is None or value > fidelity[0]:
                     fidelity = (value, ref.path.name)
+            if "appearance_leakage" in wanted and embeds is not None and ref.embeds is not None:
                 leak = metrics.appearance_leakage(embeds, ref.embeds)
                 if leakage is None or leak > leakage[0]:
                     leakage = (leak, ref.path.name)
+        alignment = None
+        if embeds is not None and text is not None and text in text_embeds:
+            alignment = metrics.text_alignment(embeds, text_embeds[text])
+        consistency = None
+        if embeds is not None and "temporal_consistency" in wanted:
+            consistency = metrics.temporal_consistency(embeds)
         scores.append(
             VideoScores(
                 path=path,
@@ -545,10 +623,8 @@ def evaluate_videos(
                 seed=(sidecar or {}).get("seed"),
                 group=group_key(sidecar),
                 frames=len(frames),
-                text_alignment=None
-                if text is None
-                else metrics.text_alignment(embeds, text_embeds[text]),
-                temporal_consistency=metrics.temporal_consistency(embeds),
+                text_alignment=alignment,
+                temporal_consistency=consistency,
                 motion_fidelity=None if fidelity is None else fidelity[0],
                 appearance_leakage=None if leakage is None else leakage[0],
                 fidelity_reference=None if fidelity is None else fidelity[1],
@@ -561,7 +637,8 @@ def evaluate_videos(
         videos=scores,
         groups=summarize(scores),
         references=reference_paths,
-        clip_model=scorer.folder,
+        clip_model=scorer.folder if use_clip and scorer is not None else None,
+        skipped=skipped,
     )
 
 
@@ -719,6 +796,7 @@ def run_ablation(
     references: Iterable[str | Path] | None = None,
     batch_size: int = sampling.DEFAULT_BATCH_SIZE,
     scorer: metrics.ClipScorer | None = None,
+    metric_names: Sequence[str] | None = None,
     progress: Progress | None = None,
 ) -> AblationResult:
     """Generates the paper's ablation over prompts and seeds, then evaluates it.
@@ -745,6 +823,7 @@ def run_ablation(
         references: Reference clips for motion fidelity and leakage.
         batch_size: Videos denoised together.
         scorer: A loaded CLIP to use instead of ``settings.eval.clip_model``.
+        metric_names: As :func:`evaluate_videos`.
         progress: Receives generation's and evaluation's tasks.
 
     Raises:
@@ -841,7 +920,12 @@ def run_ablation(
                 generated += 1
 
     report = evaluate_videos(
-        paths, settings, references=references or None, scorer=scorer, progress=progress
+        paths,
+        settings,
+        references=references or None,
+        scorer=scorer,
+        metric_names=metric_names,
+        progress=progress,
     )
     return AblationResult(
         report=report, rows=[r.name for r in rows], generated=generated, reused=reused, notes=notes

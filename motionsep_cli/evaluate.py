@@ -21,8 +21,15 @@ folders of those. Each video's prompt comes from the JSON sidecar generate
 wrote beside it unless --prompt is given. Videos are grouped by motion,
 recipe, highway, PLI and seed set (from the sidecars); the table (stderr)
 shows every video and each group's mean ± std. stdout gets one line per group,
-or the whole report as JSON with --json. Needs a CLIP model in the store:
-`motionsep download clip` (or --clip-model PATH).
+or the whole report as JSON with --json.
+
+--metrics picks what to compute: motion (motion fidelity: point tracks against
+the references, no CLIP), leakage (CLIP image similarity to the references),
+clip-t (CLIP text alignment), consistency (CLIP similarity of neighbouring
+frames). CLIP is loaded only for the last three. Without --metrics, everything
+that can run is computed: with no CLIP model in the store that is motion
+fidelity alone, and the table says why the other columns are empty (`motionsep
+download clip`, or --clip-model PATH, adds them).
 
 With --ablation, generates the paper's ablation for --motion over the prompts
 of --prompts-file and --seeds seeds (base model, MotionDirector when a motion
@@ -35,6 +42,8 @@ Examples:
   motionsep evaluate outputs/ --reference clips/ --json
 
   motionsep evaluate outputs/ --reference clips/dolly.mp4 --csv scores.csv --plot scores.png
+
+  motionsep evaluate outputs/ --reference clips/dolly.mp4 --metrics motion
 
   motionsep evaluate --ablation --motion dolly --prompts-file prompts.txt --seeds 4 \
       --reference clips/dolly.mp4
@@ -66,6 +75,15 @@ def evaluate(
     clip_model: Annotated[
         str | None,
         typer.Option("--clip-model", help="CLIP model: store name (clip), hub id, or folder."),
+    ] = None,
+    metric_options: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--metrics",
+            "-m",
+            help="motion, leakage, clip-t, consistency (comma-separated or repeated; "
+            "default: all that can run).",
+        ),
     ] = None,
     as_json: JsonOption = False,
     csv_file: Annotated[
@@ -129,7 +147,9 @@ def evaluate(
 ) -> None:
     from motionsep.config import load_settings
     from motionsep.errors import UsageError
+    from motionsep.evaluate import parse_metrics
 
+    metric_names = parse_metrics(metric_options)
     overrides: dict[str, Any] = {"eval": {"clip_model": clip_model}}
     if ablation:
         if videos:
@@ -154,6 +174,7 @@ def evaluate(
             config,
             set_options,
             as_json,
+            metric_names,
         )
     else:
         if not videos:
@@ -167,7 +188,12 @@ def evaluate(
         )
         with RichProgress() as progress:
             report = evaluate_videos(
-                videos, settings, references=reference, prompt=prompt, progress=progress
+                videos,
+                settings,
+                references=reference,
+                prompt=prompt,
+                metric_names=metric_names,
+                progress=progress,
             )
         if as_json:
             emit(report.to_dict(), True)
@@ -192,6 +218,7 @@ def _ablation(
     config: Path | None,
     set_options: list[str] | None,
     as_json: bool,
+    metric_names: tuple[str, ...] | None,
 ) -> EvaluationReport:
     from motionsep.errors import UsageError
     from motionsep.evaluate import run_ablation
@@ -217,6 +244,7 @@ def _ablation(
             seeds=seeds,
             references=reference,
             batch_size=batch_size,
+            metric_names=metric_names,
             progress=progress,
         )
     err_console.print(f"generated {result.generated} video(s), reused {result.reused}")
@@ -226,6 +254,7 @@ def _ablation(
 
 
 def _show(report: EvaluationReport, title: str) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from motionsep.evaluate import METRIC_TITLES, METRICS, format_value
@@ -249,6 +278,8 @@ def _show(report: EvaluationReport, title: str) -> None:
             *(format_value(group.mean[n], group.std[n], digits=_DIGITS.get(n, 2)) for n in METRICS),
         )
     err_console.print(table)
+    for name, why in report.skipped.items():
+        err_console.print(f"[yellow]{METRIC_TITLES[name]} not computed:[/] {escape(why)}")
 
 
 def _summary_lines(report: EvaluationReport) -> list[str]:

@@ -156,6 +156,42 @@ def test_cli_missing_clip_model_says_how_to_get_it(store_home: Path, outputs: Pa
     assert result.stdout == ""
 
 
+def test_without_clip_motion_fidelity_is_computed_and_the_rest_say_why(
+    store_home: Path, outputs: Path, tmp_path: Path
+) -> None:
+    reference = str(tmp_path / "reference.mp4")
+    result = _cli(str(outputs), "--reference", reference, "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert all(-1 <= v["motion_fidelity"] <= 1 for v in data["videos"])
+    assert all(v["text_alignment"] is None for v in data["videos"])
+    assert set(data["skipped"]) == {"text_alignment", "temporal_consistency", "appearance_leakage"}
+    assert all("motionsep download clip" in why for why in data["skipped"].values())
+    assert "CLIP-T not computed" in result.stderr
+    # asked for by name, a CLIP metric without CLIP is an error with the fix
+    asked = _cli(str(outputs), "--reference", reference, "--metrics", "motion,clip-t")
+    assert asked.exit_code == 2 and "motionsep download clip" in asked.stderr
+    unknown = _cli(str(outputs), "--metrics", "fvd")
+    assert unknown.exit_code == 2 and "clip-t" in unknown.stderr
+
+
+def test_metrics_compute_only_what_was_asked(
+    clip_store: Path, outputs: Path, tmp_path: Path
+) -> None:
+    result = _cli(
+        str(outputs),
+        "--reference",
+        str(tmp_path / "reference.mp4"),
+        "--metrics",
+        "consistency",
+        "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    videos = json.loads(result.stdout)["videos"]
+    assert all(v["temporal_consistency"] is not None for v in videos)
+    assert all(v["motion_fidelity"] is None and v["text_alignment"] is None for v in videos)
+
+
 def test_cli_names_an_input_that_is_not_a_video(clip_store: Path, tmp_path: Path) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("not a video")
