@@ -56,7 +56,7 @@ def run_one(name: str, steps: int) -> dict[str, Any]:
         build_tiny_components,
         build_zeroscope_unet,
     )
-    from motionsep.train import _enable_checkpointing, _Trainer
+    from motionsep.train import Trainer, enable_gradient_checkpointing
 
     cuda = name.startswith("zeroscope")
     device = torch.device("cuda" if cuda else "cpu")
@@ -88,7 +88,7 @@ def run_one(name: str, steps: int) -> dict[str, Any]:
         for param in tap.adapter_parameters(unet, adapter):
             param.data = param.data.float()
     if "ckpt" in name:
-        _enable_checkpointing(unet)
+        enable_gradient_checkpointing(unet)
     unet.train()
     params = [
         p
@@ -99,7 +99,7 @@ def run_one(name: str, steps: int) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda _: 1.0)
     latent = size // (8 if cuda else 2)
     pixels = torch.rand(frames, 3, size, size) * 2 - 1
-    trainer = _Trainer(
+    trainer = Trainer(
         settings=settings,
         components=components,
         dataset=None,  # type: ignore[arg-type]

@@ -22,18 +22,19 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from motionsep import runs
 from motionsep.config import Settings
 from motionsep.errors import MotionsepError, UsageError
 from motionsep.progress import Progress, or_null
-from motionsep.store import Store, atomic_folder, atomic_write_bytes, lock, validate_motion_name
+from motionsep.runs import TrainingInterruptedError, latest_checkpoint
+from motionsep.store import Store, atomic_write_bytes, lock, validate_motion_name
 
 if TYPE_CHECKING:
     import torch
@@ -41,15 +42,8 @@ if TYPE_CHECKING:
     from motionsep.data import PreparedDataset
     from motionsep.model.components import Components
 
-CHECKPOINT_PREFIX = "step-"
-KEEP_CHECKPOINTS = 2
 METRICS_FILE = "metrics.jsonl"
-
-
-class TrainingInterruptedError(MotionsepError):
-    """Training stopped on request (Ctrl-C) after writing a checkpoint."""
-
-    exit_code = 130
+CHECKPOINT_TENSOR_FILES = ("adapters.safetensors", "optimizer.safetensors", "rng.safetensors")
 
 
 class TrainingDivergedError(MotionsepError):
@@ -89,93 +83,12 @@ def partial_dir(store: Store, name: str) -> Path:
     return store.partial_motion_dir(name)
 
 
-def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.iterdir():
-        if path.name.startswith(CHECKPOINT_PREFIX) and (path / "state.json").is_file():
-            try:
-                found.append((int(path.name[len(CHECKPOINT_PREFIX) :]), path))
-            except ValueError:
-                continue
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
-    """The newest complete checkpoint of a run, or None."""
-    found = _checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Optimizer state as safetensors-ready tensors plus JSON (no pickles)."""
-    import torch
-
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, entry in state["state"].items():
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().to("cpu").contiguous()
-            else:
-                scalars.setdefault(str(index), {})[key] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    for index, values in meta["scalars"].items():
-        state.setdefault(int(index), {}).update(values)
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _rng_states() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    import random
-
-    import numpy as np
-    import torch
-
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for index, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda_{index}"] = state
-    py_state = random.getstate()
-    np_state: tuple[Any, ...] = tuple(np.random.get_state(legacy=True))
-    meta = {
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-    }
-    return tensors, meta
-
-
-def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
-    torch.set_rng_state(tensors["torch_cpu"])
-    if torch.cuda.is_available():
-        states = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
-    version, values, gauss = meta["python"]
-    random.setstate((version, tuple(values), gauss))
-    kind, keys, *rest = meta["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-
-
 # ---------------------------------------------------------------------------
 # the loop
 
 
 def _diverged(
-    trainer: _Trainer, loss: float, step: int, last_saved: int, run_dir: Path
+    trainer: Trainer, loss: float, step: int, last_saved: int, run_dir: Path
 ) -> TrainingDivergedError:
     """The error for a non-finite loss: damaged inputs, or an optimizer that diverged."""
     cause = trainer.nonfinite_inputs()
@@ -199,7 +112,21 @@ def _diverged(
 
 
 @dataclass
-class _Trainer:
+class Trainer:
+    """One motion training's state and its dual-path step (the benches drive it directly).
+
+    Attributes:
+        settings: The resolved settings.
+        components: The base model, with the motion and spatial LoRAs injected.
+        dataset: The prepared clips (names clips in error messages).
+        spatial_adapters: The spatial LoRA names (one shared, or one per clip).
+        optimizer: Over every adapter's parameters.
+        scheduler: The learning-rate schedule.
+        accelerator: accelerate's Accelerator (device, autocast, processes).
+        latents: Per clip, its VAE latents (C, F, h, w).
+        prompts: Per clip, its prompt embedding (L, D).
+    """
+
     settings: Settings
     components: Components
     dataset: PreparedDataset
@@ -367,103 +294,35 @@ def _load_trainable_state(unet: torch.nn.Module, state: dict[str, torch.Tensor])
         tap.load_adapter_state_dict(unet, tensors, adapter)
 
 
-def _save_checkpoint(trainer: _Trainer, run_dir: Path, step: int, adapters: list[str]) -> Path:
-    from safetensors.torch import save_file
-
-    from motionsep.store import file_sha256
-
-    target = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
-    optimizer_tensors, optimizer_meta = _flatten_optimizer(trainer.optimizer.state_dict())
-    rng_tensors, rng_meta = _rng_states()
-    with atomic_folder(target, overwrite=True) as tmp:
-        save_file(
-            _trainable_state(trainer.components.unet, adapters), str(tmp / "adapters.safetensors")
-        )
-        save_file(optimizer_tensors, str(tmp / "optimizer.safetensors"))
-        save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        state = {
-            "step": step,
-            "optimizer": optimizer_meta,
-            "scheduler": {
-                k: v for k, v in trainer.scheduler.state_dict().items() if k != "lr_lambdas"
-            },
-            "rng": rng_meta,
-        }
-        state["files"] = {name: file_sha256(tmp / name) for name in CHECKPOINT_TENSOR_FILES}
-        # state.json last: a checkpoint without it is incomplete and ignored
-        (tmp / "state.json").write_text(json.dumps(state))
-    for _, old in _checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
+def _save_checkpoint(trainer: Trainer, run_dir: Path, step: int, adapters: list[str]) -> Path:
+    optimizer_tensors, optimizer_meta = runs.flatten_optimizer(trainer.optimizer.state_dict())
+    rng_tensors, rng_meta = runs.rng_states()
+    scheduler = {k: v for k, v in trainer.scheduler.state_dict().items() if k != "lr_lambdas"}
+    return runs.save_checkpoint(
+        run_dir,
+        step,
+        {
+            "adapters.safetensors": _trainable_state(trainer.components.unet, adapters),
+            "optimizer.safetensors": optimizer_tensors,
+            "rng.safetensors": rng_tensors,
+        },
+        {"optimizer": optimizer_meta, "scheduler": scheduler, "rng": rng_meta},
+    )
 
 
-CHECKPOINT_TENSOR_FILES = ("adapters.safetensors", "optimizer.safetensors", "rng.safetensors")
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    """What is wrong with a checkpoint folder, or None when it is intact.
-
-    Intact means: ``state.json`` readable, every tensor file present and
-    matching the sha256 recorded when it was written (checkpoints of older
-    versions have no record and are read instead), and every LoRA and
-    optimizer tensor finite.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from motionsep.store import file_sha256
-
-    try:
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        int(state["step"])
-        recorded = dict(state.get("files", {}))
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        return f"state.json is unreadable ({exc})"
-    for name in CHECKPOINT_TENSOR_FILES:
-        file = path / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if name in recorded and file_sha256(file) != recorded[name]:
-            return f"{name} does not match the sha256 recorded when it was written"
-    for name in ("adapters.safetensors", "optimizer.safetensors"):
-        try:
-            tensors = load_file(path / name)
-        except (SafetensorError, OSError, ValueError) as exc:
-            return f"{name} is unreadable ({exc})"
-        if any(t.is_floating_point() and not bool(t.isfinite().all()) for t in tensors.values()):
-            return f"{name} holds NaN or infinite values"
-    return None
-
-
-def intact_checkpoint(
-    run_dir: Path, log: Callable[[str], None] | None = None
-) -> tuple[int, Path] | None:
-    """The newest checkpoint of a run that :func:`checkpoint_problem` finds intact.
-
-    Each damaged newer checkpoint is passed over and reported to ``log``.
-    """
-    for step, path in reversed(_checkpoints(run_dir)):
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return step, path
-        if log is not None:
-            log(f"checkpoint {path.name} is damaged ({problem}); trying an older one")
-    return None
-
-
-def _load_checkpoint(trainer: _Trainer, path: Path) -> int:
+def _load_checkpoint(trainer: Trainer, path: Path) -> int:
     from safetensors.torch import load_file
 
     state = json.loads((path / "state.json").read_text())
     _load_trainable_state(trainer.components.unet, load_file(path / "adapters.safetensors"))
-    optimizer_state = _unflatten_optimizer(
+    optimizer_state = runs.unflatten_optimizer(
         load_file(path / "optimizer.safetensors"), state["optimizer"]
     )
     trainer.optimizer.load_state_dict(optimizer_state)
     scheduler_state = trainer.scheduler.state_dict()
     scheduler_state.update(state["scheduler"])
     trainer.scheduler.load_state_dict(scheduler_state)
-    _restore_rng(load_file(path / "rng.safetensors"), state["rng"])
+    runs.restore_rng(load_file(path / "rng.safetensors"), state["rng"])
     return int(state["step"])
 
 
@@ -498,7 +357,7 @@ def _mixed_precision(settings: Settings, device_type: str) -> str:
     return choice
 
 
-def _enable_checkpointing(unet: torch.nn.Module) -> None:
+def enable_gradient_checkpointing(unet: torch.nn.Module) -> None:
     """Gradient checkpointing per transformer (the 3D U-Net has no switch of its own)."""
     from functools import partial
 
@@ -606,7 +465,9 @@ def _train_locked(
     main = accelerator.is_main_process
     events = or_null(progress if main else None)
     run_dir = partial_dir(store, name)
-    checkpoint = intact_checkpoint(run_dir, events.log) if resume else None
+    checkpoint = (
+        runs.intact_checkpoint(run_dir, CHECKPOINT_TENSOR_FILES, events.log) if resume else None
+    )
     if resume and checkpoint is None:
         damaged = latest_checkpoint(run_dir) is not None
         raise UsageError(
@@ -669,7 +530,7 @@ def _train_locked(
         for param in tap.adapter_parameters(unet, adapter):
             param.data = param.data.float()
     if settings.train.gradient_checkpointing:
-        _enable_checkpointing(unet)
+        enable_gradient_checkpointing(unet)
     unet.train()
     events.log(
         f"motion LoRA ({lora.recipe.value}): {len(motion.adapted)} modules, "
@@ -694,7 +555,7 @@ def _train_locked(
     # is stepped by hand (accelerate would step it once per process)
     optimizer = accelerator.prepare_optimizer(optimizer)
     tensors = [dataset.load(i) for i in range(clip_count)]
-    trainer = _Trainer(
+    trainer = Trainer(
         settings=settings,
         components=components,
         dataset=dataset,
@@ -716,7 +577,7 @@ def _train_locked(
         _write_metrics(run_dir, metrics)
 
     total_steps = settings.train.steps
-    interrupted = _InterruptFlag()
+    interrupted = runs.InterruptFlag()
     started = time.monotonic()
     events.start("train", total=total_steps, unit="step")
     events.advance("train", start)
@@ -823,7 +684,7 @@ def _write_metrics(run_dir: Path, metrics: list[dict[str, Any]]) -> None:
 
 
 def _write_package(
-    trainer: _Trainer,
+    trainer: Trainer,
     name: str,
     settings: Settings,
     store: Store,
@@ -917,7 +778,7 @@ def _loss_plot(metrics: list[dict[str, Any]]) -> bytes | None:
     return buffer.getvalue()
 
 
-def _render_preview(trainer: _Trainer, target: Path) -> Path:
+def _render_preview(trainer: Trainer, target: Path) -> Path:
     """Samples one video with the motion as it is now (spatial LoRAs off, highway per recipe).
 
     Uses the first validation prompt of the settings (else the first clip's
@@ -968,31 +829,6 @@ def _render_preview(trainer: _Trainer, target: Path) -> Path:
     finally:
         unet.train(was_training)
     return video.write_video(frames[0], target, fps=sample.fps, format="mp4")
-
-
-class _InterruptFlag:
-    """Turns the first Ctrl-C into a request to checkpoint and stop."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.requested = True
-
-    @contextmanager
-    def installed(self) -> Iterator[None]:
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = signal.signal(signal.SIGINT, self._handle)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
 
 
 def resume_command_line(argv: list[str]) -> str:

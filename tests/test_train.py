@@ -281,16 +281,16 @@ def test_a_diverging_loss_stops_with_the_step_and_keeps_the_checkpoint(
         preset="tiny",
         set_options=[f"model.name={tiny_model_dir}", "train.steps=6", "train.checkpoint_every=1"],
     )
-    step = train._Trainer.step
+    step = train.Trainer.step
 
-    def blow_up_at_step_4(self: train._Trainer, number: int) -> dict[str, float]:
+    def blow_up_at_step_4(self: train.Trainer, number: int) -> dict[str, float]:
         if number == 4:  # what a far too large lr does to the weights
             with torch.no_grad():
                 for param in tap.adapter_parameters(self.components.unet, tap.MOTION_ADAPTER):
                     param.fill_(float("inf"))
         return step(self, number)
 
-    monkeypatch.setattr(train._Trainer, "step", blow_up_at_step_4)
+    monkeypatch.setattr(train.Trainer, "step", blow_up_at_step_4)
     store = Store(tmp_path)
     with pytest.raises(train.TrainingDivergedError) as info:
         train_motion([clips_dir / "dolly.mp4"], "nan", settings, store)
@@ -362,17 +362,17 @@ def test_resume_passes_over_a_damaged_checkpoint_to_the_older_one(
     straight = train_motion(clip, "m", settings, Store(tmp_path / "straight"))
 
     store = Store(tmp_path / "damaged")
-    step = train._Trainer.step
+    step = train.Trainer.step
 
-    def stop_at_step_5(self: train._Trainer, number: int) -> dict[str, float]:
+    def stop_at_step_5(self: train.Trainer, number: int) -> dict[str, float]:
         if number == 5:
             raise KeyboardInterrupt  # as Ctrl-C would, after the checkpoint of step 4
         return step(self, number)
 
-    monkeypatch.setattr(train._Trainer, "step", stop_at_step_5)
+    monkeypatch.setattr(train.Trainer, "step", stop_at_step_5)
     with pytest.raises((KeyboardInterrupt, train.TrainingInterruptedError)):
         train_motion(clip, "m", settings, store)
-    monkeypatch.setattr(train._Trainer, "step", step)
+    monkeypatch.setattr(train.Trainer, "step", step)
     newest = partial_dir(store, "m") / "checkpoints" / "step-4"
     adapters = newest / "adapters.safetensors"
     if damage == "garbage":
@@ -402,14 +402,14 @@ def test_nan_in_the_inputs_is_named_instead_of_blaming_the_learning_rate(
     settings = load_settings(
         preset="tiny", set_options=[f"model.name={tiny_model_dir}", "train.steps=3"]
     )
-    step = train._Trainer.step
+    step = train.Trainer.step
 
-    def damaged_latents(self: train._Trainer, number: int) -> dict[str, float]:
+    def damaged_latents(self: train.Trainer, number: int) -> dict[str, float]:
         if number == 0:  # what a flipped exponent bit in a latents file reads as
             self.latents[0][0, 0, 0, 0] = float("nan")
         return step(self, number)
 
-    monkeypatch.setattr(train._Trainer, "step", damaged_latents)
+    monkeypatch.setattr(train.Trainer, "step", damaged_latents)
     with pytest.raises(train.TrainingDivergedError) as info:
         train_motion([clips_dir / "dolly.mp4"], "bad", settings, Store(tmp_path))
     message = str(info.value)
@@ -427,16 +427,16 @@ def test_a_divergence_before_the_first_checkpoint_does_not_offer_resume(
         preset="tiny",
         set_options=[f"model.name={tiny_model_dir}", "train.steps=6", "train.checkpoint_every=5"],
     )
-    step = train._Trainer.step
+    step = train.Trainer.step
 
-    def blow_up(self: train._Trainer, number: int) -> dict[str, float]:
+    def blow_up(self: train.Trainer, number: int) -> dict[str, float]:
         if number == 1:
             with torch.no_grad():
                 for param in tap.adapter_parameters(self.components.unet, tap.MOTION_ADAPTER):
                     param.fill_(float("inf"))
         return step(self, number)
 
-    monkeypatch.setattr(train._Trainer, "step", blow_up)
+    monkeypatch.setattr(train.Trainer, "step", blow_up)
     with pytest.raises(train.TrainingDivergedError) as info:
         train_motion([clips_dir / "dolly.mp4"], "early", settings, Store(tmp_path))
     message = str(info.value)

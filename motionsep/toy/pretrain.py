@@ -31,20 +31,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from motionsep import runs
 from motionsep.errors import MotionsepError, UsageError
 from motionsep.model.components import tokenize
 from motionsep.progress import Progress, or_null
+from motionsep.runs import TrainingInterruptedError
 from motionsep.store import atomic_folder, atomic_write_bytes
 from motionsep.toy import world
-from motionsep.train import TrainingInterruptedError, _InterruptFlag
 
 if TYPE_CHECKING:
     import torch
 
 RECORD_FILE = "toy.json"
-STATE_FILE = "state.json"
 TENSORS_FILE = "state.safetensors"
-KEEP_CHECKPOINTS = 2
 
 
 @dataclass
@@ -494,19 +493,7 @@ def _load_vae(vae: Any, source: str) -> None:
 # checkpoints
 
 
-def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    found = []
-    for path in (run_dir / "checkpoints").glob("step-*"):
-        if (path / STATE_FILE).is_file() and path.name[5:].isdigit():
-            found.append((int(path.name[5:]), path))
-    return sorted(found)
-
-
 def _save_checkpoint(run: _Run, run_dir: Path, step: int, history: list[dict[str, Any]]) -> None:
-    from safetensors.torch import save_file
-
-    from motionsep.train import _flatten_optimizer
-
     tensors: dict[str, torch.Tensor] = {}
     for name in ("unet", "vae", "text_encoder"):
         for key, value in run.parts[name].state_dict().items():
@@ -516,30 +503,22 @@ def _save_checkpoint(run: _Run, run_dir: Path, step: int, history: list[dict[str
             tensors[f"ema.{name}.{key}"] = value.detach().cpu().contiguous()
     meta: dict[str, Any] = {}
     for label, optimizer in (("vae_opt", run.vae_opt), ("opt", run.opt)):
-        flat, info = _flatten_optimizer(optimizer.state_dict())
+        flat, info = runs.flatten_optimizer(optimizer.state_dict())
         tensors.update({f"{label}.{k}": v for k, v in flat.items()})
         meta[label] = info
-    final = run_dir / "checkpoints" / f"step-{step}"
-    with atomic_folder(final, overwrite=True) as tmp:
-        save_file(tensors, str(tmp / TENSORS_FILE))
-        state = {
-            "step": step,
-            "config": asdict(run.config),
-            "scaling_factor": run.parts["vae"].config.scaling_factor,
-            "optimizers": meta,
-            "history": history,
-        }
-        (tmp / STATE_FILE).write_text(json.dumps(state) + "\n")
-    for _, old in _checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
+    state = {
+        "config": asdict(run.config),
+        "scaling_factor": run.parts["vae"].config.scaling_factor,
+        "optimizers": meta,
+        "history": history,
+    }
+    runs.save_checkpoint(run_dir, step, {TENSORS_FILE: tensors}, state)
 
 
 def _load_checkpoint(run: _Run, path: Path) -> tuple[int, list[dict[str, Any]]]:
     from safetensors.torch import load_file
 
-    from motionsep.train import _unflatten_optimizer
-
-    state = json.loads((path / STATE_FILE).read_text())
+    state = runs.read_state(path)
     tensors = load_file(str(path / TENSORS_FILE))
     run.parts["vae"].register_to_config(scaling_factor=state["scaling_factor"])
 
@@ -553,7 +532,7 @@ def _load_checkpoint(run: _Run, path: Path) -> tuple[int, list[dict[str, Any]]]:
     for label, optimizer in (("vae_opt", run.vae_opt), ("opt", run.opt)):
         info = state["optimizers"][label]
         flat = part(f"{label}.")
-        optimizer.load_state_dict(_unflatten_optimizer(flat, info))
+        optimizer.load_state_dict(runs.unflatten_optimizer(flat, info))
     return int(state["step"]), list(state["history"])
 
 
@@ -574,12 +553,11 @@ def export_checkpoint(run_dir: Path, out: Path, force: bool = False) -> Path:
     """
     import torch
 
-    found = _checkpoints(run_dir)
-    if not found:
-        raise UsageError(f"no checkpoint in {run_dir}")
-    step, path = found[-1]
-    saved = json.loads((path / STATE_FILE).read_text())
-    config = PretrainConfig.from_dict(saved["config"])
+    found = runs.intact_checkpoint(run_dir, (TENSORS_FILE,))
+    if found is None:
+        raise UsageError(f"no intact checkpoint in {run_dir}")
+    step, path = found
+    config = PretrainConfig.from_dict(runs.read_state(path)["config"])
     run = _build_run(config, torch.device("cpu"))
     _load_checkpoint(run, path)
     record_file = run_dir / "run.json"
@@ -691,7 +669,7 @@ def pretrain(
         raise UsageError(
             f"{out} already exists", "pass --force to replace it, or choose another --out"
         )
-    existing = _checkpoints(run_dir)
+    existing = runs.list_checkpoints(run_dir)
     if resume and not existing:
         raise UsageError(
             f"no checkpoint to resume in {run_dir}",
@@ -710,8 +688,12 @@ def pretrain(
     run = _build_run(config, dev)
     step, history = 0, list[dict[str, Any]]()
     if resume:
-        _, path = existing[-1]
-        saved = json.loads((path / STATE_FILE).read_text())["config"]
+        intact = runs.intact_checkpoint(run_dir, (TENSORS_FILE,), events.log)
+        if intact is None:
+            raise UsageError(f"every checkpoint in {run_dir} is damaged", "start over with --force")
+        _, path = intact
+        # settings added since the run began count as their defaults
+        saved = asdict(PretrainConfig.from_dict(runs.read_state(path)["config"]))
         if saved != asdict(config):
             changed = sorted(k for k in saved if saved[k] != asdict(config).get(k))
             raise UsageError(
@@ -732,7 +714,7 @@ def pretrain(
     log_path = run_dir / "metrics.jsonl"
     if workers > 0:
         run.prefetch = _Prefetcher(run, workers, step)
-    interrupted = _InterruptFlag()
+    interrupted = runs.InterruptFlag()
     with _progress_tasks(events, config, step), _closing(run.prefetch), interrupted.installed():
         while step < config.total_steps:
             values = _one_step(run, step, events)
