@@ -38,12 +38,10 @@ from motionsep.errors import (
 )
 from motionsep.progress import Progress, or_null
 from motionsep.store import (
-    PARTIAL_PREFIX,
     ModelRecord,
     Store,
     atomic_folder,
     check_model,
-    lock,
     model_problems,
 )
 
@@ -709,11 +707,9 @@ def download(
         force = True
     token = token or os.environ.get("HF_TOKEN") or None
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-    final = store.model_path(store_name)
-    staging = final.parent / f"{PARTIAL_PREFIX}{final.name}"
+    staging = store.partial_model_dir(store_name)
     ctx = _Context(store_name, repo_id, revision, endpoint, token, staging)
-    lock_file = final.parent / f".{final.name}.lock"
-    with lock(lock_file, f"download of {store_name!r}"), _quiet_hub_logs():
+    with store.model_lock(store_name, f"download of {store_name!r}"), _quiet_hub_logs():
         try:
             return _download_locked(store, ctx, kind, variant, force, events)
         except MotionsepError as exc:
@@ -946,7 +942,7 @@ def import_folder(
     events = or_null(progress)
     for note in plan.notes:
         events.log(note)
-    with lock(final.parent / f".{final.name}.lock", f"import of {name!r}"):
+    with store.model_lock(name, f"import of {name!r}"):
         needed = sum((source / p).stat().st_size for p in plan.files)
         _check_free_space(final.parent, needed)
         try:

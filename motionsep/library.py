@@ -29,7 +29,7 @@ from motionsep.model.motion import (
     load_motion,
     resolve_motion,
 )
-from motionsep.store import Store, folder_size, lock, validate_motion_name
+from motionsep.store import Store, folder_size, validate_motion_name
 
 # Preview files a package may carry, in order of preference.
 PREVIEW_FILES = ("preview.mp4", "preview.gif")
@@ -160,7 +160,7 @@ def motion_lock(store: Store, name: str, action: str) -> Iterator[None]:
         StoreLockedError: naming the action and who holds the lock.
     """
     try:
-        with lock(store.motions_dir / f".{name}.lock", f"a command on motion {name!r}"):
+        with store.motion_lock(name, f"a command on motion {name!r}"):
             yield
     except StoreLockedError as exc:
         raise StoreLockedError(

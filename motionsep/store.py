@@ -210,6 +210,23 @@ class Store:
         """Where an unfinished training of motion ``name`` keeps its checkpoints."""
         return self.motions_dir / f"{PARTIAL_PREFIX}{name}"
 
+    def partial_model_dir(self, name: str) -> Path:
+        """Where an unfinished download or pretraining of model ``name`` keeps its files."""
+        return self.models_dir / f"{PARTIAL_PREFIX}{self.model_folder_name(name)}"
+
+    def motion_lock(self, name: str, what: str) -> contextlib.AbstractContextManager[None]:
+        """The lock every writer of motion ``name`` holds (training, rm, rename, import).
+
+        Args:
+            name: The motion.
+            what: The holder's action, named in the error a second holder gets.
+        """
+        return lock(self.motions_dir / f".{name}.lock", what)
+
+    def model_lock(self, name: str, what: str) -> contextlib.AbstractContextManager[None]:
+        """The lock every installer of model ``name`` holds (download, import)."""
+        return lock(self.models_dir / f".{self.model_folder_name(name)}.lock", what)
+
     def motion_leftovers(self) -> list[Leftover]:
         """Unfinished trainings and cut-off writes among the motions, sorted by path."""
         if not self.motions_dir.is_dir():

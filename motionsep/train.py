@@ -34,7 +34,7 @@ from motionsep.config import Settings
 from motionsep.errors import MotionsepError, UsageError
 from motionsep.progress import Progress, or_null
 from motionsep.runs import TrainingInterruptedError, latest_checkpoint
-from motionsep.store import Store, atomic_write_bytes, lock, validate_motion_name
+from motionsep.store import Store, atomic_write_bytes, validate_motion_name
 
 if TYPE_CHECKING:
     import torch
@@ -426,9 +426,7 @@ def train_motion(
     accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision=precision)
     with ExitStack() as stack:
         if accelerator.is_main_process:
-            stack.enter_context(
-                lock(store.motions_dir / f".{name}.lock", f"training of motion {name!r}")
-            )
+            stack.enter_context(store.motion_lock(name, f"training of motion {name!r}"))
         return _train_locked(
             inputs,
             name,

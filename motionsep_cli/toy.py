@@ -149,7 +149,7 @@ def pretrain(
     Example: motionsep toy pretrain --name toy-mine --probe-every 500
     """
     from motionsep.config import load_settings
-    from motionsep.store import PARTIAL_PREFIX, Store, validate_name
+    from motionsep.store import Store, validate_name
     from motionsep.toy.pretrain import PretrainConfig
     from motionsep.toy.pretrain import pretrain as run_pretrain
 
@@ -182,7 +182,7 @@ def pretrain(
     else:
         validate_name(name, "model name")
         target = store.model_path(name)
-        run_dir = target.parent / f"{PARTIAL_PREFIX}{target.name}"
+        run_dir = store.partial_model_dir(name)
 
         def finalize(folder: Path) -> None:
             store.write_model_record(folder, name, source="motionsep toy pretrain", revision=None)
