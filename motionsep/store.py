@@ -427,7 +427,7 @@ def lock(path: Path, what: str) -> Iterator[None]:
 
     The lock (``filelock``, an ``flock`` on POSIX) belongs to this process
     and dies with it: a run that crashed or was killed leaves nothing to
-    clean up. Who holds it (pid, host, since when) is written beside it in
+    clean up (its lock file stays behind, unlocked, and is reused). Who holds it (pid, host, since when) is written beside it in
     ``PATH.owner`` for the message a second run gets.
 
     Args:
@@ -461,4 +461,8 @@ def lock(path: Path, what: str) -> Iterator[None]:
         yield
     finally:
         owner.unlink(missing_ok=True)
+        # Unlinked while still held: a run that opens the path now makes a new
+        # file and takes that, which is safe because this one's work is done;
+        # one that opened the old file before finds it locked and says so.
+        path.unlink(missing_ok=True)
         held.release()

@@ -234,9 +234,8 @@ def test_rm_yes_removes_without_leftovers(library: Path) -> None:
     result = invoke("rm", "zoom-in", "--yes", "--json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["removed"] is True
-    # lock files may stay (the OS lock on them is gone); nothing else: no .tmp-*, no .owner
-    left = sorted(p.name for p in (library / "motions").iterdir() if p.suffix != ".lock")
-    assert left == [".partial-run", "broken", "dolly"]
+    left = sorted(p.name for p in (library / "motions").iterdir())
+    assert left == [".dolly.lock", ".partial-run", "broken", "dolly"]  # no .tmp-*, no new lock
     assert invoke("rm", "zoom-in", "--yes").exit_code == 2  # gone: not in the store
 
 

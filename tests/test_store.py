@@ -54,6 +54,7 @@ def test_lock_refuses_a_second_holder_and_releases(tmp_path: Path) -> None:
         lock(path, "training of motion 'dolly'"),
     ):
         pass
+    assert not path.exists() and not path.with_name("dolly.lock.owner").exists()
     with lock(path, "training"):  # released: the next run takes it
         pass
 
