@@ -427,8 +427,9 @@ def lock(path: Path, what: str) -> Iterator[None]:
 
     The lock (``filelock``, an ``flock`` on POSIX) belongs to this process
     and dies with it: a run that crashed or was killed leaves nothing to
-    clean up (its lock file stays behind, unlocked, and is reused). Who holds it (pid, host, since when) is written beside it in
-    ``PATH.owner`` for the message a second run gets.
+    clean up (its lock file stays behind, unlocked, and is reused). Who
+    holds it (pid, host, since when) is written beside it in ``PATH.owner``
+    for the message a second run gets.
 
     Args:
         path: The lock file (created next to the entry it guards).
