@@ -271,26 +271,33 @@ def test_a_second_training_of_the_same_name_is_locked_out(
         train_motion([clips_dir / "dolly.mp4"], "m", settings, store)
 
 
-def test_a_diverging_loss_stops_with_the_step_and_keeps_the_checkpoint(
-    clips_dir: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _blow_up_at(monkeypatch: pytest.MonkeyPatch, at: int) -> None:
+    """Makes the motion LoRA infinite before step ``at``: what a far too large lr does."""
     from motionsep import train
     from motionsep.model import tap
 
-    settings = load_settings(
-        preset="tiny",
-        set_options=[f"model.name={tiny_model_dir}", "train.steps=6", "train.checkpoint_every=1"],
-    )
     step = train.Trainer.step
 
-    def blow_up_at_step_4(self: train.Trainer, number: int) -> dict[str, float]:
-        if number == 4:  # what a far too large lr does to the weights
+    def blow_up(self: train.Trainer, number: int) -> dict[str, float]:
+        if number == at:
             with torch.no_grad():
                 for param in tap.adapter_parameters(self.components.unet, tap.MOTION_ADAPTER):
                     param.fill_(float("inf"))
         return step(self, number)
 
-    monkeypatch.setattr(train.Trainer, "step", blow_up_at_step_4)
+    monkeypatch.setattr(train.Trainer, "step", blow_up)
+
+
+def test_a_diverging_loss_stops_with_the_step_and_keeps_the_checkpoint(
+    clips_dir: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from motionsep import train
+
+    settings = load_settings(
+        preset="tiny",
+        set_options=[f"model.name={tiny_model_dir}", "train.steps=6", "train.checkpoint_every=1"],
+    )
+    _blow_up_at(monkeypatch, 4)
     store = Store(tmp_path)
     with pytest.raises(train.TrainingDivergedError) as info:
         train_motion([clips_dir / "dolly.mp4"], "nan", settings, store)
@@ -421,22 +428,12 @@ def test_a_divergence_before_the_first_checkpoint_does_not_offer_resume(
     clips_dir: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from motionsep import train
-    from motionsep.model import tap
 
     settings = load_settings(
         preset="tiny",
         set_options=[f"model.name={tiny_model_dir}", "train.steps=6", "train.checkpoint_every=5"],
     )
-    step = train.Trainer.step
-
-    def blow_up(self: train.Trainer, number: int) -> dict[str, float]:
-        if number == 1:
-            with torch.no_grad():
-                for param in tap.adapter_parameters(self.components.unet, tap.MOTION_ADAPTER):
-                    param.fill_(float("inf"))
-        return step(self, number)
-
-    monkeypatch.setattr(train.Trainer, "step", blow_up)
+    _blow_up_at(monkeypatch, 1)
     with pytest.raises(train.TrainingDivergedError) as info:
         train_motion([clips_dir / "dolly.mp4"], "early", settings, Store(tmp_path))
     message = str(info.value)
