@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any
 
@@ -67,10 +68,27 @@ def _short(value: Any) -> str:
     return str(value)
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (recursively)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
 def emit(result: Any, as_json: bool, lines: list[str] | None = None) -> None:
-    """Writes a command's result to stdout: JSON with ``--json``, else plain lines."""
+    """Writes a command's result to stdout: JSON with ``--json``, else plain lines.
+
+    Every command writes its result through here. The JSON is strict: a
+    NaN or infinite number becomes ``null`` (JSON has no such numbers), and
+    values JSON cannot hold (paths) are written as strings.
+    """
     if as_json:
-        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+        text = json.dumps(_finite(result), indent=2, default=str, allow_nan=False)
+        sys.stdout.write(text + "\n")
     else:
         for line in lines or []:
             sys.stdout.write(f"{line}\n")

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from motionsep.library import LIST_FIELDS
 from motionsep.model.interop import ExportFormat, ImportFormat
-from motionsep_cli._console import err_console
+from motionsep_cli._console import emit, err_console
 from motionsep_cli._options import ForceOption, JsonOption, ModelOption
 
 if TYPE_CHECKING:
@@ -165,18 +164,6 @@ def _stdin_is_interactive() -> bool:
     return sys.stdin.isatty()
 
 
-def _write_json(value: Any) -> None:
-    """Stable JSON on stdout: sorted keys, no NaN."""
-    sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    sys.stdout.flush()
-
-
-def _write_lines(lines: list[str]) -> None:
-    for line in lines:
-        sys.stdout.write(f"{line}\n")
-    sys.stdout.flush()
-
-
 def _size(size: int) -> str:
     if size < 1000:
         return f"{size} B"
@@ -226,13 +213,13 @@ def list_motions(as_json: JsonOption = False) -> None:
     summaries = summaries_of(store)
     _report_leftovers(store)
     if as_json:
-        _write_json([summary.to_dict() for summary in summaries])
+        emit([summary.to_dict() for summary in summaries], True)
         return
     if summaries:
         _print_table(summaries)
     else:
         err_console.print("no motions yet: `motionsep train CLIPS --name NAME` or `motions import`")
-    _write_lines([summary.name for summary in summaries])
+    emit(None, False, lines=[summary.name for summary in summaries])
 
 
 def _report_leftovers(store: Store) -> None:
@@ -279,7 +266,7 @@ def show(
         "training": meta.training,
     }
     if as_json:
-        _write_json(details)
+        emit(details, True)
         return
     base = meta.base_model
     imported = details["imported_from"]
@@ -299,7 +286,7 @@ def show(
     ]
     if imported:
         lines.append(f"imported:    {imported['source']} ({imported['format']})")
-    _write_lines(lines)
+    emit(None, False, lines=lines)
 
 
 @app.command("rm", help=RM_HELP)
@@ -329,9 +316,9 @@ def rm(
     removed = remove_motion(store, name)
     err_console.print(f"[green]removed:[/] motion {name!r}")
     if as_json:
-        _write_json({"name": name, "path": str(removed.resolve()), "removed": True})
+        emit({"name": name, "path": str(removed.resolve()), "removed": True}, True)
     else:
-        _write_lines([str(removed)])
+        emit(None, False, lines=[str(removed)])
 
 
 @app.command("rename", help=RENAME_HELP)
@@ -345,9 +332,9 @@ def rename(
     target = rename_motion(_store(), old, new)
     err_console.print(f"[green]renamed:[/] {old} -> {new}")
     if as_json:
-        _write_json({"name": new, "old_name": old, "path": str(target.resolve())})
+        emit({"name": new, "old_name": old, "path": str(target.resolve())}, True)
     else:
-        _write_lines([str(target)])
+        emit(None, False, lines=[str(target)])
 
 
 @app.command("import", help=IMPORT_HELP)
@@ -384,9 +371,9 @@ def import_(
         f"on {settings.model.name}"
     )
     if as_json:
-        _write_json(result.to_dict())
+        emit(result.to_dict(), True)
     else:
-        _write_lines([str(result.path)])
+        emit(None, False, lines=[str(result.path)])
 
 
 @app.command("export", help=EXPORT_HELP)
@@ -408,6 +395,6 @@ def export(
         f"[green]exported:[/] {package.name} ({package.metadata.recipe.value}) as {fmt.value}"
     )
     if as_json:
-        _write_json({"name": package.name, "format": fmt.value, "path": str(written.resolve())})
+        emit({"name": package.name, "format": fmt.value, "path": str(written.resolve())}, True)
     else:
-        _write_lines([str(written)])
+        emit(None, False, lines=[str(written)])
