@@ -7,3 +7,7 @@ command-line layer; long operations report through :mod:`motionsep.progress`.
 """
 
 __version__ = "0.1.0"
+
+from motionsep.store import register_builtin_model
+
+register_builtin_model("toy", "motionsep.toy.model:builtin_path")

@@ -15,12 +15,12 @@ import contextlib
 import json
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from motionsep.errors import StoreLockedError, UsageError
+from motionsep.errors import UsageError
 from motionsep.model.motion import (
     METADATA_FILE,
     MotionMetadata,
@@ -152,23 +152,6 @@ def _package_folder(store: Store, name: str) -> Path:
     return resolve_motion(store, name)
 
 
-@contextlib.contextmanager
-def motion_lock(store: Store, name: str, action: str) -> Iterator[None]:
-    """Holds ``motions/.NAME.lock`` (the lock ``train`` takes) for a change to a motion.
-
-    Raises:
-        StoreLockedError: naming the action and who holds the lock.
-    """
-    try:
-        with store.motion_lock(name, f"a command on motion {name!r}"):
-            yield
-    except StoreLockedError as exc:
-        raise StoreLockedError(
-            f"cannot {action}: {exc.message} (a training of {name!r}, or another command on it)",
-            exc.hint,
-        ) from None
-
-
 def remove_motion(store: Store, name: str) -> Path:
     """Deletes a motion package from the store.
 
@@ -183,7 +166,7 @@ def remove_motion(store: Store, name: str) -> Path:
         StoreLockedError: while a training of that name (or another command) holds its lock.
     """
     folder = _package_folder(store, name)
-    with motion_lock(store, name, f"remove motion {name!r}"):
+    with store.motion_change(name, f"remove motion {name!r}"):
         trash = folder.with_name(f".tmp-{name}-removed-{uuid.uuid4().hex[:8]}")
         folder.rename(trash)
         shutil.rmtree(trash)
@@ -221,8 +204,8 @@ def rename_motion(store: Store, old: str, new: str) -> Path:
     if target.exists():
         raise refuse()
     with (
-        motion_lock(store, old, f"rename motion {old!r}"),
-        motion_lock(store, new, f"rename to {new!r}"),
+        store.motion_change(old, f"rename motion {old!r}"),
+        store.motion_change(new, f"rename to {new!r}"),
     ):
         try:
             target.mkdir()

@@ -59,16 +59,34 @@ class ModelRecord:
         }
 
 
+_BUILTIN_MODELS: dict[str, str] = {}
+
+
+def register_builtin_model(name: str, locator: str) -> None:
+    """Names a model that ships inside a package.
+
+    Args:
+        name: The model name (``toy``).
+        locator: ``"module:function"``; the function returns the model's
+            folder. It is imported only when the name is looked up, so the
+            store depends on no model code (``motionsep/__init__.py``
+            registers the toy model).
+    """
+    _BUILTIN_MODELS[name] = locator
+
+
 def builtin_model_path(name: str) -> Path | None:
-    """The folder of a model shipped inside the package (``toy``), or None.
+    """The folder of a registered built-in model, or None (also when its files are missing).
 
     A model of the same name installed in the store takes precedence.
     """
-    if name != "toy":
-        return None
-    from motionsep.toy.model import builtin_path
+    import importlib
 
-    path = builtin_path()
+    locator = _BUILTIN_MODELS.get(name)
+    if locator is None:
+        return None
+    module, function = locator.split(":")
+    path = Path(getattr(importlib.import_module(module), function)())
     return path if (path / "model_index.json").is_file() else None
 
 
@@ -222,6 +240,23 @@ class Store:
             what: The holder's action, named in the error a second holder gets.
         """
         return lock(self.motions_dir / f".{name}.lock", what)
+
+    @contextlib.contextmanager
+    def motion_change(self, name: str, action: str) -> Iterator[None]:
+        """Holds the motion's lock (the one ``train`` takes) for a change to a finished motion.
+
+        Raises:
+            StoreLockedError: naming the action and who holds the lock.
+        """
+        try:
+            with self.motion_lock(name, f"a command on motion {name!r}"):
+                yield
+        except StoreLockedError as exc:
+            raise StoreLockedError(
+                f"cannot {action}: {exc.message} (a training of {name!r}, or another command "
+                "on it)",
+                exc.hint,
+            ) from None
 
     def model_lock(self, name: str, what: str) -> contextlib.AbstractContextManager[None]:
         """The lock every installer of model ``name`` holds (download, import)."""

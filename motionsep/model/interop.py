@@ -64,7 +64,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 from motionsep.config import Recipe
 from motionsep.errors import PackageError, UsageError
-from motionsep.library import motion_lock
 from motionsep.model import recipes, tap
 from motionsep.model.components import check_model_folder, unet_config_hash
 from motionsep.model.motion import (
@@ -745,7 +744,7 @@ def import_motion(
             }
         },
     )
-    with motion_lock(store, name, f"import motion {name!r}"):
+    with store.motion_change(name, f"import motion {name!r}"):
         save_motion(folder, converted.state, metadata, overwrite=force)
     logger.info("imported %s as motion %r (%s)", source, name, "; ".join(converted.notes))
     return ImportResult(
