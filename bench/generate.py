@@ -71,7 +71,7 @@ def _child(config: str, args: argparse.Namespace) -> None:
     import motionsep.sample as sample
     from motionsep.config import Recipe
     from motionsep.hub import install_tiny
-    from motionsep.model import motion, tap
+    from motionsep.model import lora, motion, tap
     from motionsep.model.components import load_components, load_unet, unet_config_hash
     from motionsep.store import Store
 
@@ -85,7 +85,7 @@ def _child(config: str, args: argparse.Namespace) -> None:
             unet = load_unet(model_dir)
             injection = tap.inject_motion_lora(unet, Recipe.PAPER, 4)
             with torch.no_grad():
-                for param in tap.adapter_parameters(unet, tap.MOTION_ADAPTER):
+                for param in lora.adapter_parameters(unet, tap.MOTION_ADAPTER):
                     param.normal_(std=0.2)
             metadata = motion.MotionMetadata(
                 recipe=Recipe.PAPER,
@@ -98,7 +98,7 @@ def _child(config: str, args: argparse.Namespace) -> None:
             )
             folder = Path(tmp) / "motions" / "bench"
             package = motion.load_motion(
-                motion.save_motion(folder, tap.adapter_state_dict(unet), metadata)
+                motion.save_motion(folder, lora.adapter_state_dict(unet), metadata)
             )
             del unet
         overrides: dict[str, Any] = {

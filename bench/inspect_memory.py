@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from motionsep.config import Recipe
-from motionsep.model import motion, tap
+from motionsep.model import lora, motion, tap
 from motionsep.model.attention import temporal_attention_names
 from motionsep.model.components import encode_prompts, load_components, unet_config_hash
 from motionsep.model.highway import recipe_highway
@@ -99,7 +99,7 @@ def _package(folder: Path, model_dir: Path, unet: Any, rank: int) -> motion.Moti
     torch.manual_seed(0)
     injection = tap.inject_motion_lora(unet, Recipe.PAPER, rank)
     with torch.no_grad():
-        for param in tap.adapter_parameters(unet, tap.MOTION_ADAPTER):
+        for param in lora.adapter_parameters(unet, tap.MOTION_ADAPTER):
             param.normal_(std=0.3)
     metadata = motion.MotionMetadata(
         recipe=Recipe.PAPER,
@@ -110,8 +110,8 @@ def _package(folder: Path, model_dir: Path, unet: Any, rank: int) -> motion.Moti
             id=str(model_dir), revision=None, unet_config_hash=unet_config_hash(dict(unet.config))
         ),
     )
-    state = tap.adapter_state_dict(unet)
-    tap.drop_adapter(unet, tap.MOTION_ADAPTER)
+    state = lora.adapter_state_dict(unet)
+    lora.drop_adapter(unet, tap.MOTION_ADAPTER)
     return motion.load_motion(motion.save_motion(folder / "m", state, metadata))
 
 
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             motion.apply_motion(unet, package)
             for use_motion in (False, True):
                 with contextlib.ExitStack() as stack:
-                    stack.enter_context(tap.adapter_enabled(unet, use_motion))
+                    stack.enter_context(lora.adapter_enabled(unet, use_motion))
                     highway = None
                     if use_motion:
                         highway = stack.enter_context(
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         dataclasses.replace(plan, motion_steps=plan.steps if use_motion else 0),
                         highway=highway,
                     )
-            tap.drop_adapter(unet, tap.MOTION_ADAPTER)
+            lora.drop_adapter(unet, tap.MOTION_ADAPTER)
         peak = _peak_kib()
     result = {
         "mode": args.mode,

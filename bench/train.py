@@ -49,7 +49,7 @@ def run_one(name: str, steps: int) -> dict[str, Any]:
     from diffusers import AutoencoderKL, DDIMScheduler
 
     from motionsep.config import load_settings
-    from motionsep.model import tap
+    from motionsep.model import lora, tap
     from motionsep.model.components import (
         SCHEDULER_CONFIG,
         Components,
@@ -85,7 +85,7 @@ def run_one(name: str, steps: int) -> dict[str, Any]:
     tap.inject_motion_lora(unet, settings.lora.recipe, settings.lora.rank, dropout=0.1)
     tap.inject_spatial_lora(unet, settings.lora.spatial_rank, dropout=0.1)
     for adapter in (tap.MOTION_ADAPTER, tap.SPATIAL_ADAPTER):
-        for param in tap.adapter_parameters(unet, adapter):
+        for param in lora.adapter_parameters(unet, adapter):
             param.data = param.data.float()
     if "ckpt" in name:
         enable_gradient_checkpointing(unet)
@@ -93,7 +93,7 @@ def run_one(name: str, steps: int) -> dict[str, Any]:
     params = [
         p
         for a in (tap.MOTION_ADAPTER, tap.SPATIAL_ADAPTER)
-        for p in tap.adapter_parameters(unet, a)
+        for p in lora.adapter_parameters(unet, a)
     ]
     optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(params, lr=5e-4))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda _: 1.0)

@@ -14,7 +14,7 @@ import argparse
 import logging
 
 from motionsep.config import Recipe
-from motionsep.model import tap
+from motionsep.model import lora, tap
 from motionsep.model.components import build_zeroscope_unet, count_parameters
 
 
@@ -38,7 +38,7 @@ def main() -> None:
     _row("spatial", tap.inject_spatial_lora(unet, args.rank), base)
 
 
-def _row(label: str, result: tap.LoraInjection, base: int) -> None:
+def _row(label: str, result: lora.LoraInjection, base: int) -> None:
     share = 100.0 * result.trainable_parameters / base
     print(
         f"{label:<22} {len(result.adapted):>16} {result.trainable_parameters:>17,} {share:>10.3f}%"

@@ -57,7 +57,7 @@ import numpy as np
 
 import motionsep
 from motionsep.errors import UsageError
-from motionsep.model import tap
+from motionsep.model import lora, tap
 from motionsep.progress import Progress, or_null
 
 if TYPE_CHECKING:
@@ -545,14 +545,14 @@ def inspect_attention(
     entropies: dict[str, dict[tuple[str, int], float]] = {}
     with contextlib.ExitStack() as stack:
         apply_motion(unet, motion)
-        stack.callback(tap.drop_adapter, unet, tap.MOTION_ADAPTER)
-        stack.enter_context(tap.lora_scale(unet, plan.lora_scale or 0.0))
+        stack.callback(lora.drop_adapter, unet, tap.MOTION_ADAPTER)
+        stack.enter_context(lora.lora_scale(unet, plan.lora_scale or 0.0))
         probe = stack.enter_context(_probe(unet, skips, recorded_steps, guided))
         for run in RUNS:
             probe.run = run
             with contextlib.ExitStack() as run_stack:
                 use_motion = run == "motion"
-                run_stack.enter_context(tap.adapter_enabled(unet, use_motion))
+                run_stack.enter_context(lora.adapter_enabled(unet, use_motion))
                 highway = None
                 if use_motion and plan.highway:
                     highway = run_stack.enter_context(

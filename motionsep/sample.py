@@ -10,7 +10,7 @@ diffusers' ``TextToVideoSDPipeline`` is deprecated, so motionsep owns the loop
 2. injects the motion LoRA once (and removes it again at the end), installs
    the appearance highway hooks once, then switches both per denoising step:
    motion LoRA + highway for the first ``ceil(pli * steps)`` steps, the plain
-   base model after (:func:`tap.adapter_enabled` and the highway's
+   base model after (:func:`lora.adapter_enabled` and the highway's
    ``enabled`` flag; nothing is re-injected);
 3. runs DDIM (eta 0) with classifier-free guidance in one batched U-Net call
    per step (unconditional and conditional halves concatenated), several
@@ -54,7 +54,7 @@ import numpy as np
 import motionsep
 from motionsep.config import Settings, VideoFormat, load_settings
 from motionsep.errors import PackageError, UsageError
-from motionsep.model import tap
+from motionsep.model import lora, tap
 from motionsep.model.motion import INVERSION_FILE, MotionPackage
 from motionsep.model.recipes import get_recipe
 from motionsep.progress import Progress, or_null
@@ -570,7 +570,7 @@ def denoise(
                 continue
             if highway is not None:
                 highway.enabled = use_motion
-            with tap.adapter_enabled(unet, use_motion) if motion else contextlib.nullcontext():
+            with lora.adapter_enabled(unet, use_motion) if motion else contextlib.nullcontext():
                 for index in range(first, stop):
                     t = timesteps[index]
                     model_input = torch.cat([sample, sample]) if guided else sample
@@ -772,8 +772,8 @@ def iter_videos(
     with contextlib.ExitStack() as stack:
         if motion is not None:
             apply_motion(unet, motion)
-            stack.callback(tap.drop_adapter, unet, tap.MOTION_ADAPTER)
-            stack.enter_context(tap.lora_scale(unet, plan.lora_scale or 0.0))
+            stack.callback(lora.drop_adapter, unet, tap.MOTION_ADAPTER)
+            stack.enter_context(lora.lora_scale(unet, plan.lora_scale or 0.0))
         highway = None
         if plan.highway and motion is not None:
             highway = stack.enter_context(

@@ -172,7 +172,7 @@ class Trainer:
         import torch
         import torch.nn.functional as F
 
-        from motionsep.model import tap
+        from motionsep.model import lora, tap
 
         train = self.settings.train
         unet = self.components.unet
@@ -202,13 +202,13 @@ class Trainer:
         with self._only_spatial(spatial_name), self.accelerator.autocast():
             if not skip_spatial:
                 one = slice(frame, frame + 1)
-                with tap.adapter_enabled(unet, False, tap.MOTION_ADAPTER):
+                with lora.adapter_enabled(unet, False, tap.MOTION_ADAPTER):
                     pred = unet(noisy[:, :, one], timesteps, encoder_hidden_states=prompt).sample
                     loss_spatial = F.mse_loss(pred.float(), noise[:, :, one].float())
                     losses["loss_spatial"] = float(loss_spatial.detach())
                     if math.isfinite(losses["loss_spatial"]):
                         self.accelerator.backward(loss_spatial)
-            with _frozen(tap.adapter_parameters(unet, spatial_name)):
+            with _frozen(lora.adapter_parameters(unet, spatial_name)):
                 pred = unet(noisy, timesteps, encoder_hidden_states=prompt).sample.float()
                 target = noise.float()
                 loss_plain = F.mse_loss(pred, target)
@@ -238,16 +238,16 @@ class Trainer:
     @contextmanager
     def _only_spatial(self, name: str) -> Iterator[None]:
         """Only the step's clip's spatial LoRA is on (per-clip spatial LoRAs)."""
-        from motionsep.model import tap
+        from motionsep.model import lora
 
         others = [a for a in self.spatial_adapters if a != name]
         for other in others:
-            tap.set_adapter_enabled(self.components.unet, False, other)
+            lora.set_adapter_enabled(self.components.unet, False, other)
         try:
             yield
         finally:
             for other in others:
-                tap.set_adapter_enabled(self.components.unet, True, other)
+                lora.set_adapter_enabled(self.components.unet, True, other)
 
     def _average_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Mean of every process's gradients; a skipped path contributes zeros."""
@@ -274,24 +274,24 @@ def _frozen(params: list[torch.nn.Parameter]) -> Iterator[None]:
 
 
 def _trainable_state(unet: torch.nn.Module, adapters: list[str]) -> dict[str, torch.Tensor]:
-    from motionsep.model import tap
+    from motionsep.model import lora
 
     state: dict[str, torch.Tensor] = {}
     for adapter in adapters:
-        for key, value in tap.adapter_state_dict(unet, adapter).items():
+        for key, value in lora.adapter_state_dict(unet, adapter).items():
             state[f"{adapter}::{key}"] = value.detach().to("cpu", copy=True).contiguous()
     return state
 
 
 def _load_trainable_state(unet: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    from motionsep.model import tap
+    from motionsep.model import lora
 
     by_adapter: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         adapter, name = key.split("::", 1)
         by_adapter.setdefault(adapter, {})[name] = value
     for adapter, tensors in by_adapter.items():
-        tap.load_adapter_state_dict(unet, tensors, adapter)
+        lora.load_adapter_state_dict(unet, tensors, adapter)
 
 
 def _save_checkpoint(trainer: Trainer, run_dir: Path, step: int, adapters: list[str]) -> Path:
@@ -457,7 +457,7 @@ def _train_locked(
 
     from motionsep.data import load_prepared, prepare
     from motionsep.devices import resolve_dtype
-    from motionsep.model import tap
+    from motionsep.model import lora, tap
     from motionsep.model.components import load_components
 
     main = accelerator.is_main_process
@@ -512,35 +512,39 @@ def _train_locked(
     accelerator.wait_for_everyone()
 
     unet = components.unet
-    lora = settings.lora
+    lora_settings = settings.lora
     torch.manual_seed(settings.train.seed)  # the LoRA initialisation is part of the run
-    motion = tap.inject_motion_lora(unet, lora.recipe, lora.rank, dropout=lora.dropout)
+    motion = tap.inject_motion_lora(
+        unet, lora_settings.recipe, lora_settings.rank, dropout=lora_settings.dropout
+    )
     clip_count = len(dataset.clips)
     spatial_names = (
         [tap.SPATIAL_ADAPTER]
-        if lora.shared_spatial or clip_count == 1
+        if lora_settings.shared_spatial or clip_count == 1
         else [f"{tap.SPATIAL_ADAPTER}_{i}" for i in range(clip_count)]
     )
     for spatial in spatial_names:
-        tap.inject_spatial_lora(unet, lora.spatial_rank, dropout=lora.dropout, adapter_name=spatial)
+        tap.inject_spatial_lora(
+            unet, lora_settings.spatial_rank, dropout=lora_settings.dropout, adapter_name=spatial
+        )
     adapters = [tap.MOTION_ADAPTER, *spatial_names]
     for adapter in adapters:  # trainable LoRA tensors in fp32 even when the base is fp16
-        for param in tap.adapter_parameters(unet, adapter):
+        for param in lora.adapter_parameters(unet, adapter):
             param.data = param.data.float()
     if settings.train.gradient_checkpointing:
         enable_gradient_checkpointing(unet)
     unet.train()
     events.log(
-        f"motion LoRA ({lora.recipe.value}): {len(motion.adapted)} modules, "
+        f"motion LoRA ({lora_settings.recipe.value}): {len(motion.adapted)} modules, "
         f"{motion.trainable_parameters:,} parameters; spatial LoRAs: {len(spatial_names)}"
     )
 
     optim = settings.optim
     optimizer = torch.optim.AdamW(
         [
-            {"params": tap.adapter_parameters(unet, tap.MOTION_ADAPTER), "lr": optim.lr},
+            {"params": lora.adapter_parameters(unet, tap.MOTION_ADAPTER), "lr": optim.lr},
             {
-                "params": [p for s in spatial_names for p in tap.adapter_parameters(unet, s)],
+                "params": [p for s in spatial_names for p in lora.adapter_parameters(unet, s)],
                 "lr": optim.spatial_lr,
             },
         ],
@@ -696,7 +700,7 @@ def _write_package(
     import torch
     from safetensors.torch import save
 
-    from motionsep.model import tap
+    from motionsep.model import lora
     from motionsep.model.components import unet_config_hash
     from motionsep.model.motion import (
         BaseModelRecord,
@@ -707,14 +711,14 @@ def _write_package(
 
     unet = trainer.components.unet
     adapter = {
-        k: v.detach().float().cpu().contiguous() for k, v in tap.adapter_state_dict(unet).items()
+        k: v.detach().float().cpu().contiguous() for k, v in lora.adapter_state_dict(unet).items()
     }
     record = (
         store.model_record(settings.model.name) if not Path(settings.model.name).exists() else None
     )
     metadata = MotionMetadata(
         recipe=settings.lora.recipe,
-        lora_targets=tap.adapted_modules(unet),
+        lora_targets=lora.adapted_modules(unet),
         lora_rank=settings.lora.rank,
         lora_alpha=float(settings.lora.rank),
         base_model=BaseModelRecord(
@@ -783,7 +787,7 @@ def _render_preview(trainer: Trainer, target: Path) -> Path:
     prompt), the sample settings' steps and guidance, and the training size.
     """
     from motionsep import video
-    from motionsep.model import tap
+    from motionsep.model import lora
     from motionsep.model.components import encode_prompts
     from motionsep.model.highway import recipe_highway
     from motionsep.model.recipes import get_recipe
@@ -818,7 +822,7 @@ def _render_preview(trainer: Trainer, target: Path) -> Path:
     try:
         with ExitStack() as stack:
             for spatial in trainer.spatial_adapters:
-                stack.enter_context(tap.adapter_enabled(unet, False, spatial))
+                stack.enter_context(lora.adapter_enabled(unet, False, spatial))
             highway = (
                 stack.enter_context(recipe_highway(unet, spec.name)) if spec.has_highway else None
             )

@@ -24,7 +24,7 @@ from motionsep.config import Recipe, load_settings
 from motionsep.evaluate import ABLATION_ROWS, evaluate_videos, group_key, run_ablation
 from motionsep.hub import import_folder
 from motionsep.metrics import ClipScorer
-from motionsep.model import motion, tap
+from motionsep.model import lora, motion, tap
 from motionsep.model.components import build_tiny_clip, load_unet, unet_config_hash
 from motionsep.store import Store
 from motionsep.video import write_video
@@ -215,7 +215,7 @@ def _install_motion(store_home: Path, model_dir: Path, name: str, recipe: Recipe
     torch.manual_seed(0)
     injection = tap.inject_motion_lora(unet, recipe, 4)
     with torch.no_grad():
-        for param in tap.adapter_parameters(unet, tap.MOTION_ADAPTER):
+        for param in lora.adapter_parameters(unet, tap.MOTION_ADAPTER):
             param.normal_(std=0.3)
     metadata = motion.MotionMetadata(
         recipe=recipe,
@@ -228,7 +228,7 @@ def _install_motion(store_home: Path, model_dir: Path, name: str, recipe: Recipe
         clips=[motion.ClipRecord(name="clip.mp4", sha256="0" * 64, frames=[0, 1, 2, 3])],
         settings={**TRAINED_SETTINGS, "lora": {"recipe": recipe.value, "rank": 4}},
     )
-    motion.save_motion(store_home / "motions" / name, tap.adapter_state_dict(unet), metadata)
+    motion.save_motion(store_home / "motions" / name, lora.adapter_state_dict(unet), metadata)
 
 
 def test_ablation_runs_end_to_end_and_reuses_its_videos(

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from motionsep.config import Recipe
 from motionsep.errors import IncompatibleModelError, UsageError
-from motionsep.model import motion, tap
+from motionsep.model import lora, motion, tap
 from motionsep.model.components import (
     ZEROSCOPE_UNET_CONFIG,
     Components,
@@ -82,7 +82,7 @@ def _save_package(
     torch.manual_seed(0)
     injection = tap.inject_motion_lora(unet, Recipe.PAPER, RANK)
     with torch.no_grad():
-        for param in tap.adapter_parameters(unet, tap.MOTION_ADAPTER):
+        for param in lora.adapter_parameters(unet, tap.MOTION_ADAPTER):
             param.normal_(std=0.3)
     metadata = motion.MotionMetadata(
         recipe=Recipe.PAPER,
@@ -102,7 +102,7 @@ def _save_package(
         from safetensors.torch import save
 
         extra[motion.INVERSION_FILE] = save({"inversion": inversion.contiguous()})
-    return motion.save_motion(folder, tap.adapter_state_dict(unet), metadata, extra_files=extra)
+    return motion.save_motion(folder, lora.adapter_state_dict(unet), metadata, extra_files=extra)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_same_seed_is_bit_identical_and_another_seed_differs(
     assert not torch.equal(first.latents, other.latents)
     assert not np.array_equal(first.frames, other.frames)
     # The U-Net is handed back without the motion adapter.
-    assert tap.adapter_names(components.unet) == []
+    assert lora.adapter_names(components.unet) == []
 
 
 def test_video_k_of_every_prompt_uses_seed_plus_k(
@@ -237,14 +237,14 @@ def _manual_pli(
             latents = torch.randn((1, *LATENT_SHAPE), generator=torch.Generator().manual_seed(seed))
             text = encode_prompts(components, ["", PROMPT])
             for index, t in enumerate(scheduler.timesteps):
-                tap.set_adapter_enabled(unet, index < motion_steps)
+                lora.set_adapter_enabled(unet, index < motion_steps)
                 highway.enabled = index < motion_steps
                 eps = unet(torch.cat([latents, latents]), t, encoder_hidden_states=text).sample
                 uncond, cond = eps.chunk(2)
                 eps = uncond + GUIDANCE * (cond - uncond)
                 latents = scheduler.step(eps, t, latents, eta=0.0).prev_sample
     finally:
-        tap.drop_adapter(unet, tap.MOTION_ADAPTER)
+        lora.drop_adapter(unet, tap.MOTION_ADAPTER)
     return latents[0]
 
 

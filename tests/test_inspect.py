@@ -34,7 +34,7 @@ from motionsep.inspect import (
     parse_steps,
     save_inspection,
 )
-from motionsep.model import motion, tap
+from motionsep.model import lora, motion, tap
 from motionsep.model.attention import (
     RecordingAttnProcessor,
     match_layers,
@@ -81,7 +81,7 @@ def _train_a_few_steps(unet: Any, steps: int = 4) -> None:
     # A pattern sliding one latent cell per frame: something temporal to learn.
     clip = torch.cat([torch.roll(base, shifts=f, dims=-1) for f in range(FRAMES)], dim=2)
     text = torch.randn((1, 77, 32), generator=generator)
-    params = tap.adapter_parameters(unet, tap.MOTION_ADAPTER)
+    params = lora.adapter_parameters(unet, tap.MOTION_ADAPTER)
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     for _ in range(steps):
         noise = torch.randn(clip.shape, generator=generator)
@@ -111,7 +111,7 @@ def _save_package(folder: Path, model_dir: Path, *, trained: bool) -> Path:
         ),
         settings=_trained_settings(model_dir),
     )
-    return motion.save_motion(folder, tap.adapter_state_dict(unet), metadata)
+    return motion.save_motion(folder, lora.adapter_state_dict(unet), metadata)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_recorder_gives_stock_outputs_and_restores_the_processors(tiny_model_dir
     unet = load_unet(tiny_model_dir)
     tap.inject_motion_lora(unet, Recipe.PAPER, RANK)
     with torch.no_grad():
-        for param in tap.adapter_parameters(unet, tap.MOTION_ADAPTER):
+        for param in lora.adapter_parameters(unet, tap.MOTION_ADAPTER):
             param.normal_(std=0.3)
     before = dict(unet.attn_processors)
     stock = _forward(unet)
@@ -186,7 +186,7 @@ def test_recorded_map_is_the_mean_of_diffusers_own_probabilities(tiny_model_dir:
     unet = load_unet(tiny_model_dir)
     tap.inject_motion_lora(unet, Recipe.PAPER, RANK)
     with torch.no_grad():
-        for param in tap.adapter_parameters(unet, tap.MOTION_ADAPTER):
+        for param in lora.adapter_parameters(unet, tap.MOTION_ADAPTER):
             param.normal_(std=0.3)
     layer = "up_blocks.1.temp_attentions.0.transformer_blocks.0.attn1"
     module: Any = unet.get_submodule(layer)

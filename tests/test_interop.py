@@ -24,7 +24,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from motionsep.config import Recipe
-from motionsep.model import motion, tap
+from motionsep.model import lora, motion, tap
 from motionsep.model.components import Components, load_components, load_unet, unet_config_hash
 from motionsep.model.interop import recipe_layers, unet_skeleton
 from motionsep.sample import generate_videos, generation_settings
@@ -142,7 +142,7 @@ def save_package(folder: Path, model_dir: Path, recipe: Recipe, seed: int = 0) -
     torch.manual_seed(seed)
     injection = tap.inject_motion_lora(unet, recipe, RANK)
     with torch.no_grad():
-        for param in tap.adapter_parameters(unet, tap.MOTION_ADAPTER):
+        for param in lora.adapter_parameters(unet, tap.MOTION_ADAPTER):
             param.normal_(std=0.3)
     metadata = motion.MotionMetadata(
         recipe=recipe,
@@ -153,7 +153,7 @@ def save_package(folder: Path, model_dir: Path, recipe: Recipe, seed: int = 0) -
             id=str(model_dir), revision=None, unet_config_hash=unet_config_hash(dict(unet.config))
         ),
     )
-    return motion.save_motion(folder, tap.adapter_state_dict(unet), metadata)
+    return motion.save_motion(folder, lora.adapter_state_dict(unet), metadata)
 
 
 @pytest.fixture(scope="module")

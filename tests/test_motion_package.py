@@ -16,7 +16,7 @@ from motionsep.errors import (
     PackageError,
     UsageError,
 )
-from motionsep.model import motion, tap
+from motionsep.model import lora, motion, tap
 from motionsep.model.components import TINY_UNET_CONFIG, load_unet, unet_config_hash
 from motionsep.store import Store
 
@@ -51,7 +51,7 @@ def trained(tiny_unet: nn.Module) -> tuple[nn.Module, motion.MotionMetadata]:
     """The tiny U-Net with a motion LoRA whose weights are nonzero, and its metadata."""
     torch.manual_seed(0)
     injection = tap.inject_motion_lora(tiny_unet, Recipe.PAPER, RANK)
-    for param in tap.adapter_parameters(tiny_unet, tap.MOTION_ADAPTER):
+    for param in lora.adapter_parameters(tiny_unet, tap.MOTION_ADAPTER):
         with torch.no_grad():
             param.normal_(std=0.2)
     metadata = motion.MotionMetadata(
@@ -76,7 +76,7 @@ def package(trained: tuple[nn.Module, motion.MotionMetadata], store_home: Path) 
     unet, metadata = trained
     return motion.save_motion(
         Store(store_home).motions_dir / "dolly",
-        tap.adapter_state_dict(unet),
+        lora.adapter_state_dict(unet),
         metadata,
         extra_files={
             motion.INVERSION_FILE: b"not really safetensors, only checksummed",
@@ -104,7 +104,7 @@ def test_round_trip_gives_identical_outputs(
     assert result.adapted == tuple(metadata.lora_targets)
     assert not any(p.requires_grad for p in fresh.parameters())  # inference by default
     assert torch.equal(run(fresh), run(unet))
-    with tap.adapter_enabled(fresh, False):
+    with lora.adapter_enabled(fresh, False):
         assert torch.equal(run(fresh), base)
     assert snapshot(package) == before  # loading never writes
 
@@ -164,7 +164,7 @@ def test_other_base_model_is_refused(package: Path) -> None:
     assert "'tiny'" in str(caught.value)
     assert "motionsep download tiny" in str(caught.value)
     assert caught.value.exit_code == 2
-    assert tap.adapter_names(other) == []  # nothing was injected
+    assert lora.adapter_names(other) == []  # nothing was injected
     assert snapshot(package) == before
 
 
@@ -174,10 +174,10 @@ def test_save_refuses_to_overwrite(
     unet, metadata = trained
     before = snapshot(package)
     with pytest.raises(UsageError, match="already exists"):
-        motion.save_motion(package, tap.adapter_state_dict(unet), metadata)
+        motion.save_motion(package, lora.adapter_state_dict(unet), metadata)
     assert snapshot(package) == before
 
-    motion.save_motion(package, tap.adapter_state_dict(unet), metadata, overwrite=True)
+    motion.save_motion(package, lora.adapter_state_dict(unet), metadata, overwrite=True)
     assert set(motion.load_motion(package).files) == {motion.ADAPTER_FILE}
     assert [p.name for p in package.parent.iterdir()] == ["dolly"]
 
@@ -197,7 +197,7 @@ def test_failed_save_leaves_no_package(
     with pytest.raises(OSError, match="No space left"):
         motion.save_motion(
             motions_dir / "dolly",
-            tap.adapter_state_dict(unet),
+            lora.adapter_state_dict(unet),
             metadata,
             extra_files={"preview.mp4": b"\x00" * 64},
         )
@@ -208,7 +208,7 @@ def test_adapter_must_match_recorded_targets(
     trained: tuple[nn.Module, motion.MotionMetadata], store_home: Path
 ) -> None:
     unet, metadata = trained
-    state = tap.adapter_state_dict(unet)
+    state = lora.adapter_state_dict(unet)
     state = {k: v for k, v in state.items() if not k.startswith("transformer_in.")}
     with pytest.raises(PackageError, match="recorded LoRA targets"):
         motion.save_motion(Store(store_home).motions_dir / "broken", state, metadata)

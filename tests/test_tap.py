@@ -10,7 +10,7 @@ from torch import nn
 
 from motionsep.config import Recipe
 from motionsep.errors import RecipeMismatchError
-from motionsep.model import recipes, tap
+from motionsep.model import lora, recipes, tap
 
 RANK = 4
 # Temporal transformers, found by name only (not by class, not through recipes.py).
@@ -62,7 +62,7 @@ def run(unet: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 def randomize(unet: nn.Module, adapter: str, seed: int) -> None:
     """Nonzero up weights, so the adapter changes the output."""
     torch.manual_seed(seed)
-    for param in tap.adapter_parameters(unet, adapter):
+    for param in lora.adapter_parameters(unet, adapter):
         with torch.no_grad():
             param.normal_(std=0.2)
 
@@ -72,7 +72,7 @@ def test_adapted_modules_follow_design_table(tiny_unet: nn.Module, recipe: Recip
     expected = expected_motion_modules(tiny_unet, recipe)
     result = tap.inject_motion_lora(tiny_unet, recipe, RANK)
     assert set(result.adapted) == expected
-    assert set(tap.adapted_modules(tiny_unet, tap.MOTION_ADAPTER)) == expected
+    assert set(lora.adapted_modules(tiny_unet, tap.MOTION_ADAPTER)) == expected
     assert result.trainable_parameters == sum(
         p.numel() for p in tiny_unet.parameters() if p.requires_grad
     )
@@ -90,7 +90,7 @@ def test_gaussian_init_matches_upstream(tiny_unet: nn.Module) -> None:
     rank = 8
     tap.inject_motion_lora(tiny_unet, Recipe.MOTIONDIRECTOR, rank)
     downs, ups = [], []
-    for _, layer in tap.lora_layers(tiny_unet, tap.MOTION_ADAPTER):
+    for _, layer in lora.lora_layers(tiny_unet, tap.MOTION_ADAPTER):
         downs.append(layer.lora_A[tap.MOTION_ADAPTER].weight.flatten())
         ups.append(layer.lora_B[tap.MOTION_ADAPTER].weight.flatten())
     assert torch.cat(ups).abs().max() == 0
@@ -129,8 +129,8 @@ def test_training_changes_only_lora_tensors(tiny_unet: nn.Module) -> None:
     motion = tap.inject_motion_lora(tiny_unet, Recipe.PAPER, RANK)
     spatial = tap.inject_spatial_lora(tiny_unet, RANK)
     # Both adapters take part in the forward pass of the temporal path.
-    assert tap.is_adapter_enabled(tiny_unet, tap.MOTION_ADAPTER)
-    assert tap.is_adapter_enabled(tiny_unet, tap.SPATIAL_ADAPTER)
+    assert lora.is_adapter_enabled(tiny_unet, tap.MOTION_ADAPTER)
+    assert lora.is_adapter_enabled(tiny_unet, tap.SPATIAL_ADAPTER)
     before = {name: p.detach().clone() for name, p in tiny_unet.named_parameters()}
     trainable = [p for p in tiny_unet.parameters() if p.requires_grad]
     assert sum(p.numel() for p in trainable) == (
@@ -154,10 +154,10 @@ def test_training_changes_only_lora_tensors(tiny_unet: nn.Module) -> None:
     assert any(f"lora_B.{tap.SPATIAL_ADAPTER}" in n for n in changed)
     assert not torch.equal(run(tiny_unet, inputs), before_output)
 
-    with tap.adapter_enabled(tiny_unet, False, tap.SPATIAL_ADAPTER):
+    with lora.adapter_enabled(tiny_unet, False, tap.SPATIAL_ADAPTER):
         motion_only = run(tiny_unet, inputs)
-    tap.drop_adapter(tiny_unet, tap.SPATIAL_ADAPTER)
-    assert tap.adapter_names(tiny_unet) == [tap.MOTION_ADAPTER]
+    lora.drop_adapter(tiny_unet, tap.SPATIAL_ADAPTER)
+    assert lora.adapter_names(tiny_unet) == [tap.MOTION_ADAPTER]
     assert not any(tap.SPATIAL_ADAPTER in n for n, _ in tiny_unet.named_parameters())
     spatial_module = tiny_unet.get_submodule(spatial.adapted[0])
     assert type(spatial_module) is nn.Linear  # back to the plain base layer
@@ -173,22 +173,22 @@ def test_switching_off_and_scale_zero_give_base_output(tiny_unet: nn.Module) -> 
     adapted = run(tiny_unet, inputs)
     assert not torch.equal(adapted, base)
 
-    with tap.adapter_enabled(tiny_unet, False):
-        assert not tap.is_adapter_enabled(tiny_unet)
+    with lora.adapter_enabled(tiny_unet, False):
+        assert not lora.is_adapter_enabled(tiny_unet)
         assert torch.equal(run(tiny_unet, inputs), base)
     assert torch.equal(run(tiny_unet, inputs), adapted)
 
-    with pytest.raises(RuntimeError), tap.adapter_enabled(tiny_unet, False):
+    with pytest.raises(RuntimeError), lora.adapter_enabled(tiny_unet, False):
         raise RuntimeError("a failing denoising step")
-    assert tap.is_adapter_enabled(tiny_unet)  # restored anyway
+    assert lora.is_adapter_enabled(tiny_unet)  # restored anyway
 
-    with tap.lora_scale(tiny_unet, 0.0):
-        assert tap.get_lora_scale(tiny_unet) == 0.0
+    with lora.lora_scale(tiny_unet, 0.0):
+        assert lora.get_lora_scale(tiny_unet) == 0.0
         assert torch.equal(run(tiny_unet, inputs), base)
-    assert tap.get_lora_scale(tiny_unet) == 1.0
+    assert lora.get_lora_scale(tiny_unet) == 1.0
     assert torch.equal(run(tiny_unet, inputs), adapted)
 
-    tap.set_lora_scale(tiny_unet, 0.5)
+    lora.set_lora_scale(tiny_unet, 0.5)
     half = run(tiny_unet, inputs)
     assert not torch.equal(half, adapted)
     assert not torch.equal(half, base)
@@ -196,8 +196,8 @@ def test_switching_off_and_scale_zero_give_base_output(tiny_unet: nn.Module) -> 
 
 def test_switching_keeps_trainability(tiny_unet: nn.Module) -> None:
     tap.inject_motion_lora(tiny_unet, Recipe.PAPER, RANK)
-    tap.set_adapter_trainable(tiny_unet, tap.MOTION_ADAPTER, False)
-    with tap.adapter_enabled(tiny_unet, False):
+    lora.set_adapter_trainable(tiny_unet, tap.MOTION_ADAPTER, False)
+    with lora.adapter_enabled(tiny_unet, False):
         pass
     assert not any(p.requires_grad for p in tiny_unet.parameters())
 
@@ -212,7 +212,7 @@ def test_renamed_temporal_module_is_a_mismatch(tiny_unet: nn.Module) -> None:
     assert "not adapted" in str(caught.value)
     assert "ZeroScope" in str(caught.value)
     assert caught.value.exit_code == 1
-    assert tap.adapter_names(tiny_unet) == []  # not left half-adapted
+    assert lora.adapter_names(tiny_unet) == []  # not left half-adapted
 
 
 def test_recipe_target_missing_is_a_mismatch(
@@ -241,19 +241,19 @@ def test_state_dict_round_trip(tiny_unet: nn.Module, tiny_model_dir) -> None:
     inputs = unet_inputs(seed=8)
     tap.inject_motion_lora(tiny_unet, Recipe.REFERENCE, RANK)
     randomize(tiny_unet, tap.MOTION_ADAPTER, seed=9)
-    state = tap.adapter_state_dict(tiny_unet)
+    state = lora.adapter_state_dict(tiny_unet)
     assert all(tap.MOTION_ADAPTER not in key for key in state)
-    assert len(state) == 2 * len(tap.adapted_modules(tiny_unet))
+    assert len(state) == 2 * len(lora.adapted_modules(tiny_unet))
 
     fresh = load_unet(tiny_model_dir)
     tap.inject_motion_lora(fresh, Recipe.REFERENCE, RANK)
-    tap.load_adapter_state_dict(fresh, state)
+    lora.load_adapter_state_dict(fresh, state)
     assert torch.equal(run(fresh, inputs), run(tiny_unet, inputs))
 
     other = load_unet(tiny_model_dir)
     tap.inject_motion_lora(other, Recipe.PAPER, RANK)
     with pytest.raises(RecipeMismatchError, match="unexpected tensors"):
-        tap.load_adapter_state_dict(other, state)
+        lora.load_adapter_state_dict(other, state)
 
 
 def test_layer_list_follows_injection_removal_and_replacement(tiny_unet: nn.Module) -> None:
@@ -267,17 +267,17 @@ def test_layer_list_follows_injection_removal_and_replacement(tiny_unet: nn.Modu
         ]
 
     motion = tap.inject_motion_lora(tiny_unet, Recipe.PAPER, RANK)
-    assert tap.adapted_modules(tiny_unet) == walked(tap.MOTION_ADAPTER) == list(motion.adapted)
+    assert lora.adapted_modules(tiny_unet) == walked(tap.MOTION_ADAPTER) == list(motion.adapted)
     spatial = tap.inject_spatial_lora(tiny_unet, RANK)
-    assert tap.adapted_modules(tiny_unet, tap.SPATIAL_ADAPTER) == walked(tap.SPATIAL_ADAPTER)
-    assert len(tap.adapted_modules(tiny_unet, tap.SPATIAL_ADAPTER)) == len(spatial.adapted) > 0
-    tap.drop_adapter(tiny_unet, tap.SPATIAL_ADAPTER)
-    assert tap.adapted_modules(tiny_unet, tap.SPATIAL_ADAPTER) == []
-    assert tap.adapter_names(tiny_unet) == [tap.MOTION_ADAPTER]
+    assert lora.adapted_modules(tiny_unet, tap.SPATIAL_ADAPTER) == walked(tap.SPATIAL_ADAPTER)
+    assert len(lora.adapted_modules(tiny_unet, tap.SPATIAL_ADAPTER)) == len(spatial.adapted) > 0
+    lora.drop_adapter(tiny_unet, tap.SPATIAL_ADAPTER)
+    assert lora.adapted_modules(tiny_unet, tap.SPATIAL_ADAPTER) == []
+    assert lora.adapter_names(tiny_unet) == [tap.MOTION_ADAPTER]
     # a layer put back by other code is noticed
     first = motion.adapted[0]
     parent_name, _, child = first.rpartition(".")
     parent = tiny_unet.get_submodule(parent_name)
     setattr(parent, child, tiny_unet.get_submodule(first).get_base_layer())
-    assert first not in tap.adapted_modules(tiny_unet)
-    assert tap.adapted_modules(tiny_unet) == walked(tap.MOTION_ADAPTER)
+    assert first not in lora.adapted_modules(tiny_unet)
+    assert lora.adapted_modules(tiny_unet) == walked(tap.MOTION_ADAPTER)

@@ -274,14 +274,14 @@ def test_a_second_training_of_the_same_name_is_locked_out(
 def _blow_up_at(monkeypatch: pytest.MonkeyPatch, at: int) -> None:
     """Makes the motion LoRA infinite before step ``at``: what a far too large lr does."""
     from motionsep import train
-    from motionsep.model import tap
+    from motionsep.model import lora, tap
 
     step = train.Trainer.step
 
     def blow_up(self: train.Trainer, number: int) -> dict[str, float]:
         if number == at:
             with torch.no_grad():
-                for param in tap.adapter_parameters(self.components.unet, tap.MOTION_ADAPTER):
+                for param in lora.adapter_parameters(self.components.unet, tap.MOTION_ADAPTER):
                     param.fill_(float("inf"))
         return step(self, number)
 

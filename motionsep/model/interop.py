@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from motionsep.config import Recipe
 from motionsep.errors import PackageError, UsageError
-from motionsep.model import recipes, tap
+from motionsep.model import lora, recipes
 from motionsep.model.components import check_model_folder, unet_config_hash
 from motionsep.model.motion import (
     BaseModelRecord,
@@ -863,7 +863,7 @@ def _write_peft(package: MotionPackage, out: Path) -> None:
         lora_alpha=metadata.lora_alpha,
         lora_dropout=0.0,
         target_modules=list(metadata.lora_targets),
-        init_lora_weights=tap.LORA_INIT,
+        init_lora_weights=lora.LORA_INIT,
         bias="none",
         base_model_name_or_path=metadata.base_model.id,
         revision=metadata.base_model.revision,

@@ -33,7 +33,7 @@ from motionsep.errors import (
     RecipeMismatchError,
     UsageError,
 )
-from motionsep.model import recipes, tap
+from motionsep.model import lora, recipes, tap
 from motionsep.model.components import unet_config_hash
 from motionsep.store import Store, atomic_folder, file_sha256, validate_motion_name
 
@@ -130,7 +130,7 @@ class MotionMetadata:
                 "targets": list(self.lora_targets),
                 "rank": self.lora_rank,
                 "alpha": self.lora_alpha,
-                "init": tap.LORA_INIT,
+                "init": lora.LORA_INIT,
             },
             "base_model": {
                 "id": self.base_model.id,
@@ -159,13 +159,13 @@ class MotionMetadata:
         Raises:
             KeyError, TypeError, ValueError: on a missing or malformed field.
         """
-        lora = data["lora"]
+        lora_fields = data["lora"]
         base = data["base_model"]
         return cls(
             recipe=Recipe(data["recipe"]),
-            lora_targets=[str(t) for t in lora["targets"]],
-            lora_rank=int(lora["rank"]),
-            lora_alpha=float(lora["alpha"]),
+            lora_targets=[str(t) for t in lora_fields["targets"]],
+            lora_rank=int(lora_fields["rank"]),
+            lora_alpha=float(lora_fields["alpha"]),
             base_model=BaseModelRecord(
                 id=str(base["id"]),
                 revision=base.get("revision"),
@@ -284,7 +284,7 @@ def save_motion(
 
     Args:
         folder: The package folder to create, e.g. ``store.motions_dir / "dolly"``.
-        adapter_state: The motion LoRA tensors (:func:`tap.adapter_state_dict`).
+        adapter_state: The motion LoRA tensors (:func:`lora.adapter_state_dict`).
         metadata: What to record in ``motion.json``.
         extra_files: Relative path -> source file, folder or bytes, e.g.
             ``{"inversion.safetensors": path, "preview.mp4": path}``; all are
@@ -451,7 +451,7 @@ def apply_motion(
     scale: float = 1.0,
     trainable: bool = False,
     adapter_name: str = tap.MOTION_ADAPTER,
-) -> tap.LoraInjection:
+) -> lora.LoraInjection:
     """Injects a package's motion LoRA into a base U-Net and loads its weights.
 
     The base model is checked before anything is injected, so an
@@ -478,21 +478,21 @@ def apply_motion(
     check_base_model(package, base_model_config)
     metadata = package.metadata
     try:
-        injection = tap.inject_lora(
+        injection = lora.inject_lora(
             unet,
             metadata.lora_targets,
             metadata.lora_rank,
             alpha=metadata.lora_alpha,
             adapter_name=adapter_name,
         )
-        tap.load_adapter_state_dict(unet, package.adapter_state, adapter_name)
+        lora.load_adapter_state_dict(unet, package.adapter_state, adapter_name)
     except RecipeMismatchError as exc:
         raise PackageError(
             f"motion {package.name!r} does not fit this U-Net: {exc.message}", _REPAIR_HINT
         ) from exc
-    tap.set_adapter_trainable(unet, adapter_name, trainable)
+    lora.set_adapter_trainable(unet, adapter_name, trainable)
     if scale != 1.0:
-        tap.set_lora_scale(unet, scale, adapter_name)
+        lora.set_lora_scale(unet, scale, adapter_name)
     return injection
 
 
