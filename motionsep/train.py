@@ -453,16 +453,70 @@ def _train_locked(
     progress: Progress | None,
     resume_command: str | None,
 ) -> TrainResult:
-    import torch
-
-    from motionsep.data import load_prepared, prepare
-    from motionsep.devices import resolve_dtype
-    from motionsep.model import lora, tap
-    from motionsep.model.components import load_components
-
+    """Training in phases: which run -> inputs -> adapters and optimizer -> loop -> package."""
     main = accelerator.is_main_process
     events = or_null(progress if main else None)
     run_dir = partial_dir(store, name)
+    checkpoint = _resume_point(run_dir, name, resume, force, events)
+    components, weight_dtype = _load_base(settings, store, accelerator.device, precision)
+    dataset = _inputs(inputs, settings, store, components, accelerator, events)
+    # Only now that the new run's inputs are good is an older run of this name
+    # discarded (refused above unless --force; a run with no checkpoint holds nothing).
+    if not resume and run_dir.exists() and main:
+        shutil.rmtree(run_dir)
+    accelerator.wait_for_everyone()
+    trainer, adapters = _build_trainer(
+        settings, components, dataset, accelerator, weight_dtype, events
+    )
+    start = 0
+    if checkpoint is not None:
+        start = _load_checkpoint(trainer, checkpoint[1])
+        events.log(f"resuming from step {start} ({checkpoint[1]})")
+    metrics = _read_metrics(run_dir, upto=start)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "settings.yaml").write_text(settings.to_yaml())
+        _write_metrics(run_dir, metrics)
+    started = time.monotonic()
+    command = resume_command or f"motionsep train ... --name {name} --resume"
+    _loop(trainer, run_dir, start, metrics, adapters, name, command, events)
+    seconds = time.monotonic() - started
+
+    final_loss = _mean([m["loss_temporal"] for m in metrics[-10:]])
+    package = store.motions_dir / name
+    if main:
+        training = {
+            "steps": settings.train.steps,
+            "seconds": round(seconds, 2),
+            "resumed_from": start or None,
+            "processes": accelerator.num_processes,
+            "precision": precision,
+        }
+        package = _write_package(
+            trainer, name, settings, store, dataset, metrics, run_dir, force, training, final_loss
+        )
+        shutil.rmtree(run_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return TrainResult(
+        name=name,
+        package=package,
+        steps=settings.train.steps,
+        final_loss=final_loss,
+        resumed_from=start or None,
+        seconds=seconds,
+        metrics=metrics,
+    )
+
+
+def _resume_point(
+    run_dir: Path, name: str, resume: bool, force: bool, events: Progress
+) -> tuple[int, Path] | None:
+    """The checkpoint to resume from (with ``resume``), after refusing what must be refused.
+
+    Raises:
+        UsageError: ``resume`` without an intact checkpoint; a new run over an
+            unfinished one without ``force``.
+    """
     checkpoint = (
         runs.intact_checkpoint(run_dir, CHECKPOINT_TENSOR_FILES, events.log) if resume else None
     )
@@ -482,15 +536,40 @@ def _train_locked(
             f"(checkpoint at step {unfinished[0]})",
             "continue it with --resume, or pass --force to discard it and start over",
         )
+    return checkpoint
 
-    device = accelerator.device
+
+def _load_base(
+    settings: Settings, store: Store, device: torch.device, precision: str
+) -> tuple[Components, torch.dtype]:
+    """The base model in the dtype its frozen weights train in (fp32 on the CPU)."""
+    import torch
+
+    from motionsep.devices import resolve_dtype
+    from motionsep.model.components import load_components
+
     model_dir = store.resolve_model(settings.model.name)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     if precision == "no":
         weight_dtype = resolve_dtype(settings.model.dtype, device)
         if weight_dtype != torch.float32 and device.type == "cpu":
             weight_dtype = torch.float32
-    components = load_components(model_dir, dtype=weight_dtype, device=device)
+    return load_components(model_dir, dtype=weight_dtype, device=device), weight_dtype
+
+
+def _inputs(
+    inputs: list[Path],
+    settings: Settings,
+    store: Store,
+    components: Components,
+    accelerator: Any,
+    events: Progress,
+) -> PreparedDataset:
+    """The prepared clips: one prepared dataset as given, or raw clips prepared (cached).
+
+    The main process prepares; the others then read the cache.
+    """
+    from motionsep.data import load_prepared, prepare
 
     prepared = [p for p in inputs if _is_prepared(p)]
     raw = [p for p in inputs if not _is_prepared(p)]
@@ -499,17 +578,32 @@ def _train_locked(
     if prepared:
         if len(prepared) != 1:
             raise UsageError("give one prepared dataset (its folder or manifest.json)")
-        dataset = load_prepared(prepared[0])
-    elif main:
+        return load_prepared(prepared[0])
+    dataset = None
+    if accelerator.is_main_process:
         dataset = prepare(raw, settings, store, progress=events, components=components)
     accelerator.wait_for_everyone()
-    if not prepared and not main:
+    if dataset is None:
         dataset = prepare(raw, settings, store, components=components)  # cache hits only
-    # Only now that the new run's inputs are good is an older run of this name
-    # discarded (refused above unless --force; a run with no checkpoint holds nothing).
-    if not resume and run_dir.exists() and main:
-        shutil.rmtree(run_dir)
-    accelerator.wait_for_everyone()
+    return dataset
+
+
+def _build_trainer(
+    settings: Settings,
+    components: Components,
+    dataset: PreparedDataset,
+    accelerator: Any,
+    weight_dtype: torch.dtype,
+    events: Progress,
+) -> tuple[Trainer, list[str]]:
+    """Injects the motion and spatial LoRAs, builds the optimizer, loads the clips.
+
+    Returns:
+        The trainer and the names of every adapter it trains (motion first).
+    """
+    import torch
+
+    from motionsep.model import lora, tap
 
     unet = components.unet
     lora_settings = settings.lora
@@ -538,7 +632,6 @@ def _train_locked(
         f"motion LoRA ({lora_settings.recipe.value}): {len(motion.adapted)} modules, "
         f"{motion.trainable_parameters:,} parameters; spatial LoRAs: {len(spatial_names)}"
     )
-
     optim = settings.optim
     optimizer = torch.optim.AdamW(
         [
@@ -568,19 +661,31 @@ def _train_locked(
         latents=[t["latents"].to(weight_dtype) for t in tensors],
         prompts=[t["prompt_embeds"].to(weight_dtype) for t in tensors],
     )
-    start = 0
-    if checkpoint is not None:
-        start = _load_checkpoint(trainer, checkpoint[1])
-        events.log(f"resuming from step {start} ({checkpoint[1]})")
-    metrics = _read_metrics(run_dir, upto=start)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "settings.yaml").write_text(settings.to_yaml())
-        _write_metrics(run_dir, metrics)
+    return trainer, adapters
 
+
+def _loop(
+    trainer: Trainer,
+    run_dir: Path,
+    start: int,
+    metrics: list[dict[str, Any]],
+    adapters: list[str],
+    name: str,
+    resume_command: str,
+    events: Progress,
+) -> None:
+    """Steps ``start`` .. ``train.steps``: metrics, previews, checkpoints, Ctrl-C, divergence.
+
+    Appends each step's record to ``metrics``.
+
+    Raises:
+        TrainingDivergedError: a non-finite loss.
+        TrainingInterruptedError: after Ctrl-C, once a checkpoint is written.
+    """
+    settings, accelerator = trainer.settings, trainer.accelerator
+    main = accelerator.is_main_process
     total_steps = settings.train.steps
     interrupted = runs.InterruptFlag()
-    started = time.monotonic()
     events.start("train", total=total_steps, unit="step")
     events.advance("train", start)
     last_saved = start
@@ -593,7 +698,7 @@ def _train_locked(
             record = {
                 "step": step + 1,
                 **{k: round(v, 6) for k, v in losses.items()},
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": trainer.optimizer.param_groups[0]["lr"],
                 "seconds": round(time.monotonic() - step_started, 4),
             }
             metrics.append(record)
@@ -614,46 +719,11 @@ def _train_locked(
             if interrupted.requested:
                 if main and last_saved != done:
                     _save_checkpoint(trainer, run_dir, done, adapters)
-                command = resume_command or f"motionsep train ... --name {name} --resume"
                 raise TrainingInterruptedError(
                     f"training of {name!r} interrupted at step {done}; checkpoint written",
-                    f"resume with: {command}",
+                    f"resume with: {resume_command}",
                 )
     events.finish("train")
-    seconds = time.monotonic() - started
-
-    final_loss = _mean([m["loss_temporal"] for m in metrics[-10:]])
-    package = store.motions_dir / name
-    if main:
-        package = _write_package(
-            trainer,
-            name,
-            settings,
-            store,
-            dataset,
-            metrics,
-            run_dir,
-            force,
-            {
-                "steps": total_steps,
-                "seconds": round(seconds, 2),
-                "resumed_from": start or None,
-                "processes": accelerator.num_processes,
-                "precision": precision,
-            },
-            final_loss,
-        )
-        shutil.rmtree(run_dir, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return TrainResult(
-        name=name,
-        package=package,
-        steps=total_steps,
-        final_loss=final_loss,
-        resumed_from=start or None,
-        seconds=seconds,
-        metrics=metrics,
-    )
 
 
 def _is_prepared(path: Path) -> bool:
