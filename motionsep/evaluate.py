@@ -523,7 +523,6 @@ def evaluate_videos(
             the CLIP model is not installed (with the ``motionsep download
             clip`` hint).
     """
-    from motionsep.store import Store
     from motionsep.video import find_videos
 
     events = or_null(progress)
@@ -531,41 +530,10 @@ def evaluate_videos(
     reference_paths = find_videos(list(references)) if references else []
     for path in [*paths, *reference_paths]:
         check_video(path)
-    wanted = set(METRICS if metric_names is None else metric_names)
-    skipped: dict[str, str] = {}
-    if not reference_paths:
-        for name in ("motion_fidelity", "appearance_leakage"):
-            if name in wanted:
-                skipped[name] = "no reference clips (--reference)"
-        wanted -= {"motion_fidelity", "appearance_leakage"}
-    if scorer is None and wanted & CLIP_METRICS:
-        try:
-            scorer = metrics.load_clip_scorer(
-                settings.eval.clip_model,
-                Store(settings.store.home),
-                device=settings.model.device,
-                batch_size=settings.eval.batch_size,
-            )
-        except ModelNotFoundError as exc:
-            if metric_names is not None:
-                raise
-            reason = f"no CLIP model: {exc.message}" + (f"; {exc.hint}" if exc.hint else "")
-            for name in sorted(wanted & CLIP_METRICS):
-                skipped[name] = reason
-            wanted -= CLIP_METRICS
-            events.log(
-                "no CLIP model: computing motion fidelity only "
-                f"({exc.hint or 'motionsep download clip'} adds the other metrics)"
-            )
-    if not wanted:
-        reasons = "; ".join(f"{METRIC_TITLES[n]}: {why}" for n, why in skipped.items())
-        raise UsageError(
-            f"no metric can be computed ({reasons})",
-            "pass --reference CLIPS for motion fidelity, or `motionsep download clip` for the "
-            "CLIP metrics",
-        )
+    wanted, skipped, scorer = _metrics_to_compute(
+        metric_names, bool(reference_paths), scorer, settings, events
+    )
     use_clip = scorer is not None and bool(wanted & CLIP_METRICS)
-    track = settings.eval
 
     loaded = []
     for path in reference_paths:
@@ -591,25 +559,7 @@ def evaluate_videos(
     for path, sidecar, text in zip(paths, sidecars, prompts, strict=True):
         frames = read_video(path)
         embeds = scorer.image_embeddings(frames) if use_clip and scorer is not None else None
-        fidelity: tuple[float, str] | None = None
-        leakage: tuple[float, str] | None = None
-        generated_tracks: dict[int, metrics.PointTracks] = {}
-        for ref in loaded:
-            if "motion_fidelity" in wanted:
-                count = min(len(frames), len(ref.frames))
-                if count not in generated_tracks:
-                    generated_tracks[count] = _tracks(frames, count, settings)
-                if count not in ref.tracks:
-                    ref.tracks[count] = _tracks(ref.frames, count, settings)
-                value = metrics.motion_fidelity(
-                    generated_tracks[count], ref.tracks[count], stationary_px=track.stationary_px
-                )
-                if fidelity is None or value > fidelity[0]:
-                    fidelity = (value, ref.path.name)
-            if "appearance_leakage" in wanted and embeds is not None and ref.embeds is not None:
-                leak = metrics.appearance_leakage(embeds, ref.embeds)
-                if leakage is None or leak > leakage[0]:
-                    leakage = (leak, ref.path.name)
+        fidelity, leakage = _against_references(frames, embeds, loaded, wanted, settings)
         alignment = None
         if embeds is not None and text is not None and text in text_embeds:
             alignment = metrics.text_alignment(embeds, text_embeds[text])
@@ -640,6 +590,88 @@ def evaluate_videos(
         clip_model=scorer.folder if use_clip and scorer is not None else None,
         skipped=skipped,
     )
+
+
+def _metrics_to_compute(
+    metric_names: Sequence[str] | None,
+    have_references: bool,
+    scorer: metrics.ClipScorer | None,
+    settings: Settings,
+    events: Progress,
+) -> tuple[set[str], dict[str, str], metrics.ClipScorer | None]:
+    """Which metrics run, why the others do not, and the CLIP scorer (loaded only if needed).
+
+    Raises:
+        ModelNotFoundError: a CLIP metric asked for by name with no CLIP installed.
+        UsageError: nothing at all can be computed.
+    """
+    from motionsep.store import Store
+
+    wanted = set(METRICS if metric_names is None else metric_names)
+    skipped: dict[str, str] = {}
+    if not have_references:
+        for name in ("motion_fidelity", "appearance_leakage"):
+            if name in wanted:
+                skipped[name] = "no reference clips (--reference)"
+        wanted -= {"motion_fidelity", "appearance_leakage"}
+    if scorer is None and wanted & CLIP_METRICS:
+        try:
+            scorer = metrics.load_clip_scorer(
+                settings.eval.clip_model,
+                Store(settings.store.home),
+                device=settings.model.device,
+                batch_size=settings.eval.batch_size,
+            )
+        except ModelNotFoundError as exc:
+            if metric_names is not None:
+                raise
+            reason = f"no CLIP model: {exc.message}" + (f"; {exc.hint}" if exc.hint else "")
+            for name in sorted(wanted & CLIP_METRICS):
+                skipped[name] = reason
+            wanted -= CLIP_METRICS
+            events.log(
+                "no CLIP model: computing motion fidelity only "
+                f"({exc.hint or 'motionsep download clip'} adds the other metrics)"
+            )
+    if not wanted:
+        reasons = "; ".join(f"{METRIC_TITLES[n]}: {why}" for n, why in skipped.items())
+        raise UsageError(
+            f"no metric can be computed ({reasons})",
+            "pass --reference CLIPS for motion fidelity, or `motionsep download clip` for the "
+            "CLIP metrics",
+        )
+    return wanted, skipped, scorer
+
+
+def _against_references(
+    frames: np.ndarray,
+    embeds: torch.Tensor | None,
+    loaded: list[_Reference],
+    wanted: set[str],
+    settings: Settings,
+) -> tuple[tuple[float, str] | None, tuple[float, str] | None]:
+    """(motion fidelity, leakage), each the best over the references with that reference's name."""
+    track = settings.eval
+    fidelity: tuple[float, str] | None = None
+    leakage: tuple[float, str] | None = None
+    generated_tracks: dict[int, metrics.PointTracks] = {}
+    for ref in loaded:
+        if "motion_fidelity" in wanted:
+            count = min(len(frames), len(ref.frames))
+            if count not in generated_tracks:
+                generated_tracks[count] = _tracks(frames, count, settings)
+            if count not in ref.tracks:
+                ref.tracks[count] = _tracks(ref.frames, count, settings)
+            value = metrics.motion_fidelity(
+                generated_tracks[count], ref.tracks[count], stationary_px=track.stationary_px
+            )
+            if fidelity is None or value > fidelity[0]:
+                fidelity = (value, ref.path.name)
+        if "appearance_leakage" in wanted and embeds is not None and ref.embeds is not None:
+            leak = metrics.appearance_leakage(embeds, ref.embeds)
+            if leakage is None or leak > leakage[0]:
+                leakage = (leak, ref.path.name)
+    return fidelity, leakage
 
 
 def _tracks(frames: np.ndarray, count: int, settings: Settings) -> metrics.PointTracks:

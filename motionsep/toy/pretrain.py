@@ -711,11 +711,41 @@ def pretrain(
     }
     atomic_write_bytes(run_dir / "run.json", (json.dumps(record, indent=2) + "\n").encode())
     started = time.monotonic()
-    log_path = run_dir / "metrics.jsonl"
     if workers > 0:
         run.prefetch = _Prefetcher(run, workers, step)
+    with _progress_tasks(events, config, step), _closing(run.prefetch):
+        step = _loop(run, run_dir, step, history, events, dev)
+    parts = export_parts(run)
+    final_probe = _probe(run, config, dev) if config.steps else None
+    record["seconds"] = round(time.monotonic() - started, 1)
+    record["probe"] = final_probe
+    _write_model(out, parts, record, force, finalize)
+    if remove_run:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return PretrainResult(out, step, time.monotonic() - started, final_probe)
+
+
+def _loop(
+    run: _Run,
+    run_dir: Path,
+    step: int,
+    history: list[dict[str, Any]],
+    events: Progress,
+    dev: torch.device,
+) -> int:
+    """Global steps ``step`` .. the end: metrics, probes, checkpoints, Ctrl-C, divergence.
+
+    Returns:
+        The step reached (the run's total).
+
+    Raises:
+        MotionsepError: a non-finite loss.
+        TrainingInterruptedError: after Ctrl-C, once a checkpoint is written.
+    """
+    config = run.config
+    log_path = run_dir / "metrics.jsonl"
     interrupted = runs.InterruptFlag()
-    with _progress_tasks(events, config, step), _closing(run.prefetch), interrupted.installed():
+    with interrupted.installed():
         while step < config.total_steps:
             values = _one_step(run, step, events)
             step += 1
@@ -745,14 +775,7 @@ def pretrain(
                     f"pretraining stopped at step {step}; checkpoint written to {run_dir}",
                     "continue with the same command plus --resume",
                 )
-    parts = export_parts(run)
-    final_probe = _probe(run, config, dev) if config.steps else None
-    record["seconds"] = round(time.monotonic() - started, 1)
-    record["probe"] = final_probe
-    _write_model(out, parts, record, force, finalize)
-    if remove_run:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    return PretrainResult(out, step, time.monotonic() - started, final_probe)
+    return step
 
 
 def _one_step(run: _Run, step: int, events: Progress) -> dict[str, float]:
