@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from motionsep import train
 from motionsep.config import load_settings
 from motionsep.model.motion import load_motion
 from motionsep.store import Store
@@ -439,3 +440,99 @@ def test_a_divergence_before_the_first_checkpoint_does_not_offer_resume(
     message = str(info.value)
     assert "lower --lr" in message and "no checkpoint was written yet" in message
     assert "--resume continues" not in message
+
+
+def _tiny_trainer(skip_spatial: float) -> train.Trainer:
+    """A Trainer on the tiny model's random weights, one random clip, AdamW at lr 1e-2."""
+    from accelerate import Accelerator
+    from diffusers import DDIMScheduler
+
+    from motionsep import train
+    from motionsep.model import lora, tap
+    from motionsep.model.components import SCHEDULER_CONFIG, Components, build_tiny_components
+
+    settings = load_settings(preset="tiny", set_options=[f"train.spatial_skip_prob={skip_spatial}"])
+    parts = build_tiny_components()
+    unet = parts["unet"]
+    torch.manual_seed(0)
+    tap.inject_motion_lora(unet, settings.lora.recipe, settings.lora.rank)
+    tap.inject_spatial_lora(unet, settings.lora.spatial_rank)
+    unet.train()
+    params = [
+        p
+        for a in (tap.MOTION_ADAPTER, tap.SPATIAL_ADAPTER)
+        for p in lora.adapter_parameters(unet, a)
+    ]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    accelerator = Accelerator(cpu=True)
+    components = Components(
+        unet=unet,
+        vae=parts["vae"],
+        text_encoder=None,
+        tokenizer=None,
+        scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+        path=Path(),
+    )
+    frames = settings.data.frames
+    return train.Trainer(
+        settings=settings,
+        components=components,
+        dataset=None,  # type: ignore[arg-type]
+        spatial_adapters=[tap.SPATIAL_ADAPTER],
+        optimizer=accelerator.prepare_optimizer(optimizer),
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+        accelerator=accelerator,
+        latents=[torch.randn(4, frames, 16, 16)],
+        prompts=[torch.randn(77, 32)],
+    )
+
+
+def _grads(trainer: train.Trainer, adapter: str) -> list[torch.Tensor | None]:
+    from motionsep.model import lora
+
+    unet = trainer.components.unet
+    return [
+        None if p.grad is None else p.grad.clone() for p in lora.adapter_parameters(unet, adapter)
+    ]
+
+
+def test_each_path_of_the_dual_path_step_updates_only_its_own_lora() -> None:
+    """The spatial path (one frame, motion LoRA off) trains the spatial LoRA alone; the
+    temporal path (the whole clip, spatial LoRA frozen) trains the motion LoRA alone."""
+    from motionsep.model import tap
+
+    trainer = _tiny_trainer(skip_spatial=0.0)
+    seen: list[dict[str, list[torch.Tensor | None]]] = []
+    backward = trainer.accelerator.backward
+
+    def recording_backward(loss: torch.Tensor) -> None:
+        backward(loss)
+        seen.append({a: _grads(trainer, a) for a in (tap.MOTION_ADAPTER, tap.SPATIAL_ADAPTER)})
+
+    trainer.accelerator.backward = recording_backward
+    losses = trainer.step(0)
+    assert set(losses) == {"loss", "loss_spatial", "loss_temporal"}
+    spatial_pass, temporal_pass = seen
+    assert all(g is None or not g.any() for g in spatial_pass[tap.MOTION_ADAPTER])
+    assert any(g is not None and g.any() for g in spatial_pass[tap.SPATIAL_ADAPTER])
+    assert any(g is not None and g.any() for g in temporal_pass[tap.MOTION_ADAPTER])
+    # the temporal backward adds nothing to the spatial LoRA's gradients
+    for before, after in zip(
+        spatial_pass[tap.SPATIAL_ADAPTER], temporal_pass[tap.SPATIAL_ADAPTER], strict=True
+    ):
+        assert (before is None and after is None) or torch.equal(before, after)
+
+
+def test_a_skipped_spatial_path_leaves_the_spatial_lora_as_it_was() -> None:
+    from motionsep.model import lora, tap
+
+    trainer = _tiny_trainer(skip_spatial=1.0)
+    unet = trainer.components.unet
+    spatial = [p.detach().clone() for p in lora.adapter_parameters(unet, tap.SPATIAL_ADAPTER)]
+    motion = [p.detach().clone() for p in lora.adapter_parameters(unet, tap.MOTION_ADAPTER)]
+    losses = trainer.step(0)
+    assert "loss_spatial" not in losses and losses["loss"] == losses["loss_temporal"]
+    after_spatial = lora.adapter_parameters(unet, tap.SPATIAL_ADAPTER)
+    assert all(torch.equal(a, b) for a, b in zip(spatial, after_spatial, strict=True))
+    after_motion = lora.adapter_parameters(unet, tap.MOTION_ADAPTER)
+    assert any(not torch.equal(a, b) for a, b in zip(motion, after_motion, strict=True))
