@@ -715,7 +715,6 @@ def iter_videos(
         MotionNotFoundError, ModelNotFoundError, IncompatibleModelError:
             see :func:`resolve_model`.
     """
-    import torch
 
     from motionsep.devices import resolve_device
     from motionsep.model.highway import recipe_highway
@@ -780,62 +779,104 @@ def iter_videos(
                 recipe_highway(unet, motion.metadata.recipe, plan.highway_beta, enabled=True)
             )
         for number, batch in enumerate(batches, start=1):
-            start = torch.cat(
-                [
-                    initial_latents(
-                        latent_shape,
-                        job.seed,
-                        inversion=None
-                        if inversion is None
-                        else inversion[job.video_index % len(inversion)],
-                        noise_prior=plan.noise_prior,
-                    )
-                    for job in batch
-                ]
+            yield from _generate_batch(
+                batch,
+                f"{number}/{len(batches)}",
+                _Generation(components, plan, device, offload, latent_shape, inversion, highway),
+                embeds,
+                settings.data.vae_batch_size,
+                base_record,
+                motion is not None,
+                events,
             )
-            cond = torch.cat([embeds[job.prompt] for job in batch])
-            uncond = embeds[plan.negative_prompt].expand_as(cond) if guided else None
-
-            def on_step(index: int, number: int = number) -> None:
-                events.advance("denoise", batch=f"{number}/{len(batches)}")
-
-            with _placed(unet, device, offload):
-                latents = denoise(
-                    components,
-                    start,
-                    cond,
-                    uncond,
-                    plan,
-                    highway=highway,
-                    motion=motion is not None,
-                    on_step=on_step,
-                )
-            with _placed(components.vae, device, offload):
-                frames = decode_latents(components.vae, latents, settings.data.vae_batch_size)
-            latents = latents.to("cpu")
-            for row, job in enumerate(batch):
-                record = {
-                    "prompt": job.prompt,
-                    "prompt_index": job.prompt_index,
-                    "video_index": job.video_index,
-                    "seed": job.seed,
-                    "inversion_clip": None
-                    if inversion is None
-                    else job.video_index % len(inversion),
-                    **base_record,
-                }
-                events.advance("videos", prompt=_short_prompt(job.prompt), seed=job.seed)
-                yield GeneratedVideo(
-                    prompt=job.prompt,
-                    prompt_index=job.prompt_index,
-                    video_index=job.video_index,
-                    seed=job.seed,
-                    frames=frames[row],
-                    latents=latents[row].clone(),
-                    record=record,
-                )
     events.finish("denoise")
     events.finish("videos")
+
+
+@dataclass(frozen=True)
+class _Generation:
+    """What every batch of one :func:`iter_videos` run shares."""
+
+    components: Components
+    plan: SamplingPlan
+    device: torch.device
+    offload: bool
+    latent_shape: tuple[int, ...]
+    inversion: torch.Tensor | None
+    highway: Any
+
+
+def _generate_batch(
+    batch: list[_Job],
+    label: str,
+    run: _Generation,
+    embeds: dict[str, torch.Tensor],
+    vae_batch_size: int,
+    base_record: dict[str, Any],
+    with_motion: bool,
+    events: Progress,
+) -> list[GeneratedVideo]:
+    """Denoises and decodes one batch of videos (starting noise, guidance, highway, VAE)."""
+    import torch
+
+    plan, inversion, components = run.plan, run.inversion, run.components
+    start = torch.cat(
+        [
+            initial_latents(
+                run.latent_shape,
+                job.seed,
+                inversion=None
+                if inversion is None
+                else inversion[job.video_index % len(inversion)],
+                noise_prior=plan.noise_prior,
+            )
+            for job in batch
+        ]
+    )
+    cond = torch.cat([embeds[job.prompt] for job in batch])
+    guided = plan.guidance != 1.0
+    uncond = embeds[plan.negative_prompt].expand_as(cond) if guided else None
+
+    def on_step(index: int) -> None:
+        events.advance("denoise", batch=label)
+
+    with _placed(components.unet, run.device, run.offload):
+        latents = denoise(
+            components,
+            start,
+            cond,
+            uncond,
+            plan,
+            highway=run.highway,
+            motion=with_motion,
+            on_step=on_step,
+        )
+    with _placed(components.vae, run.device, run.offload):
+        frames = decode_latents(components.vae, latents, vae_batch_size)
+    latents = latents.to("cpu")
+    videos = []
+    for row, job in enumerate(batch):
+        record = {
+            "prompt": job.prompt,
+            "prompt_index": job.prompt_index,
+            "video_index": job.video_index,
+            "seed": job.seed,
+            "inversion_clip": None if inversion is None else job.video_index % len(inversion),
+            **base_record,
+        }
+        events.advance("videos", prompt=_short_prompt(job.prompt), seed=job.seed)
+        videos.append(
+            GeneratedVideo(
+                prompt=job.prompt,
+                prompt_index=job.prompt_index,
+                video_index=job.video_index,
+                seed=job.seed,
+                frames=frames[row],
+                latents=latents[row].clone(),
+                record=record,
+            )
+        )
+    return videos
 
 
 def _latent_shape(
