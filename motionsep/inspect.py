@@ -454,26 +454,18 @@ def inspect_attention(
         MotionNotFoundError, ModelNotFoundError, IncompatibleModelError:
             see :func:`motionsep.sample.resolve_model`.
     """
-    import torch
     from diffusers import DDIMScheduler
 
-    from motionsep.data import encode_frames
     from motionsep.model.attention import (
         DEFAULT_CHUNK_ELEMENTS,
         match_layers,
-        record_temporal_attention,
     )
-    from motionsep.model.components import encode_prompts
-    from motionsep.model.highway import recipe_highway
-    from motionsep.model.motion import apply_motion
     from motionsep.model.recipes import get_recipe, highway_plan, skip_layout
     from motionsep.sample import (
         ModelRef,
         check_inversion,
-        initial_latents,
         load_generation_model,
         load_inversion,
-        motion_record,
         resolve_model,
         resolve_plan,
     )
@@ -503,11 +495,84 @@ def inspect_attention(
         events.log(f"loading {model.id} from {model.path}")
         components = load_generation_model(settings, model)
     unet = components.unet
-    device = unet.device
     scheduler = DDIMScheduler.from_config(components.scheduler.config)
     scheduler.set_timesteps(plan.steps, device="cpu")
     timesteps = [int(t) for t in scheduler.timesteps]
 
+    noise, clip_latents, cond, uncond = _starting_point(
+        prompt, settings, plan, components, latent_shape, inversion, clip
+    )
+    guided = uncond is not None
+    spec = get_recipe(motion.metadata.recipe)
+    reroute = highway_plan(unet, spec.name).reroute if spec.has_highway else frozenset()
+    skips = [skip for skip in skip_layout(unet) if skip.name in reroute]
+
+    inputs = _RunInputs(
+        components=components,
+        plan=plan,
+        layers=tuple(selected),
+        steps=tuple(recorded_steps),
+        noise=noise,
+        clip_latents=clip_latents,
+        cond=cond,
+        uncond=uncond,
+        chunk_elements=chunk_elements or DEFAULT_CHUNK_ELEMENTS,
+    )
+    maps, entropies, probe = _record_runs(inputs, motion, spec.name, skips, guided, events)
+
+    def stack_maps(run: str) -> tuple[np.ndarray, np.ndarray]:
+        grid = np.stack(
+            [np.stack([maps[run][(layer, step)] for step in recorded_steps]) for layer in selected]
+        )
+        entropy = np.array(
+            [[entropies[run][(layer, step)] for step in recorded_steps] for layer in selected]
+        )
+        return grid, entropy
+
+    base_maps, base_entropy = stack_maps("base")
+    motion_maps, motion_entropy = stack_maps("motion")
+    highway_items = _highway_items(skips, recorded_steps, timesteps, probe)
+    record = _inspection_record(plan, seed, motion, model, unet, settings)
+    return AttentionInspection(
+        prompt=prompt,
+        seed=seed,
+        mode="sample" if clip_latents is None else "video",
+        video=None if video is None else Path(video),
+        layers=tuple(selected),
+        steps=tuple(recorded_steps),
+        timesteps=tuple(timesteps[step] for step in recorded_steps),
+        base_maps=base_maps,
+        motion_maps=motion_maps,
+        base_entropy=base_entropy,
+        motion_entropy=motion_entropy,
+        highway=highway_items,
+        record=record,
+    )
+
+
+def _starting_point(
+    prompt: str,
+    settings: Settings,
+    plan: SamplingPlan,
+    components: Components,
+    latent_shape: Sequence[int],
+    inversion: torch.Tensor | None,
+    clip: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Starting noise, the clip's latents (video mode), and the prompt embeddings.
+
+    Returns:
+        (noise, clip latents or None, conditional embedding, unconditional
+        embedding or None when there is no guidance: in video mode, or at
+        guidance 1).
+    """
+    import torch
+
+    from motionsep.data import encode_frames
+    from motionsep.model.components import encode_prompts
+    from motionsep.sample import initial_latents
+
+    seed = settings.sample.seed
     noise = initial_latents(
         latent_shape,
         seed,
@@ -524,22 +589,29 @@ def inspect_attention(
     embeds = encode_prompts(components, texts).to("cpu")
     uncond, cond = (embeds[0:1], embeds[1:2]) if guided else (None, embeds[0:1])
 
-    spec = get_recipe(motion.metadata.recipe)
-    reroute = highway_plan(unet, spec.name).reroute if spec.has_highway else frozenset()
-    skips = [skip for skip in skip_layout(unet) if skip.name in reroute]
+    return noise, clip_latents, cond, uncond
 
-    inputs = _RunInputs(
-        components=components,
-        plan=plan,
-        layers=tuple(selected),
-        steps=tuple(recorded_steps),
-        noise=noise,
-        clip_latents=clip_latents,
-        cond=cond,
-        uncond=uncond,
-        chunk_elements=chunk_elements or DEFAULT_CHUNK_ELEMENTS,
-    )
-    calls = plan.steps if clip_latents is None else len(recorded_steps)
+
+def _record_runs(
+    inputs: _RunInputs,
+    motion: MotionPackage,
+    recipe: str,
+    skips: list[Any],
+    guided: bool,
+    events: Progress,
+) -> tuple[
+    dict[str, dict[tuple[str, int], np.ndarray]],
+    dict[str, dict[tuple[str, int], float]],
+    _SkipProbe,
+]:
+    """Runs the base and the motion run, recording attention maps, entropies and skips."""
+    from motionsep.model.attention import record_temporal_attention
+    from motionsep.model.highway import recipe_highway
+    from motionsep.model.motion import apply_motion
+
+    plan, unet = inputs.plan, inputs.components.unet
+    recorded_steps = list(inputs.steps)
+    calls = plan.steps if inputs.clip_latents is None else len(recorded_steps)
     events.start("attention", total=len(RUNS) * calls, unit="step")
     maps: dict[str, dict[tuple[str, int], np.ndarray]] = {}
     entropies: dict[str, dict[tuple[str, int], float]] = {}
@@ -556,7 +628,7 @@ def inspect_attention(
                 highway = None
                 if use_motion and plan.highway:
                     highway = run_stack.enter_context(
-                        recipe_highway(unet, spec.name, plan.highway_beta, enabled=True)
+                        recipe_highway(unet, recipe, plan.highway_beta, enabled=True)
                     )
                 recorder = run_stack.enter_context(
                     record_temporal_attention(
@@ -572,18 +644,14 @@ def inspect_attention(
                 entropies[run] = {key: s.mean_entropy() for key, s in recorder.stats.items()}
     events.finish("attention")
 
-    def stack_maps(run: str) -> tuple[np.ndarray, np.ndarray]:
-        grid = np.stack(
-            [np.stack([maps[run][(layer, step)] for step in recorded_steps]) for layer in selected]
-        )
-        entropy = np.array(
-            [[entropies[run][(layer, step)] for step in recorded_steps] for layer in selected]
-        )
-        return grid, entropy
+    return maps, entropies, probe
 
-    base_maps, base_entropy = stack_maps("base")
-    motion_maps, motion_entropy = stack_maps("motion")
-    highway_items = tuple(
+
+def _highway_items(
+    skips: list[Any], recorded_steps: list[int], timesteps: list[int], probe: _SkipProbe
+) -> tuple[SkipSimilarity, ...]:
+    """Per rerouted skip and recorded step: how alike the skip's two sources are, per run."""
+    return tuple(
         SkipSimilarity(
             skip=skip.name,
             spatial=_SkipProbe.modules(skip)[0],
@@ -596,7 +664,20 @@ def inspect_attention(
         for skip in skips
         for step in recorded_steps
     )
-    record = {
+
+
+def _inspection_record(
+    plan: SamplingPlan,
+    seed: int,
+    motion: MotionPackage,
+    model: ModelRef,
+    unet: Any,
+    settings: Settings,
+) -> dict[str, Any]:
+    """How an inspection was made (sampling plan, motion, model, settings), for its JSON."""
+    from motionsep.sample import motion_record
+
+    return {
         "sample": {
             **plan.to_dict(),
             "seed": seed,
@@ -608,27 +689,12 @@ def inspect_attention(
             "path": str(model.path),
             "revision": model.revision,
             "dtype": str(unet.dtype).removeprefix("torch."),
-            "device": str(device),
+            "device": str(unet.device),
         },
         "settings": settings.to_dict(),
         "motionsep_version": motionsep.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    return AttentionInspection(
-        prompt=prompt,
-        seed=seed,
-        mode="sample" if clip_latents is None else "video",
-        video=None if video is None else Path(video),
-        layers=tuple(selected),
-        steps=tuple(recorded_steps),
-        timesteps=tuple(timesteps[step] for step in recorded_steps),
-        base_maps=base_maps,
-        motion_maps=motion_maps,
-        base_entropy=base_entropy,
-        motion_entropy=motion_entropy,
-        highway=highway_items,
-        record=record,
-    )
 
 
 @dataclass(frozen=True)
