@@ -42,6 +42,7 @@ from motionsep.progress import Progress, or_null
 if TYPE_CHECKING:
     import torch
 
+    from motionsep.model.components import Components
     from motionsep.model.motion import MotionPackage
     from motionsep.store import Store
 
@@ -883,6 +884,42 @@ def run_ablation(
     for path in find_eval_videos(references) if references else []:
         check_video(path)
 
+    rows, notes = _ablation_rows(store, package, settings)
+    for note in notes:
+        events.log(note)
+
+    model = sampling.resolve_model(settings, package)
+    dtype = str(resolve_dtype(settings.model.dtype, resolve_device(settings.model.device)))
+    dtype = dtype.removeprefix("torch.")
+    seed_list = [settings.sample.seed + k for k in range(seeds)]
+    fps = settings.sample.fps
+
+    context = _AblationContext(out, model, dtype, seed_list, fps, batch_size, progress)
+    paths: list[Path] = []
+    generated = reused = 0
+    for row in rows:
+        row_paths, row_generated = _ablation_row(row, prompts, settings, package, context)
+        paths += row_paths
+        generated += row_generated
+        reused += len(row_paths) - row_generated
+
+    report = evaluate_videos(
+        paths,
+        settings,
+        references=references or None,
+        scorer=scorer,
+        metric_names=metric_names,
+        progress=progress,
+    )
+    return AblationResult(
+        report=report, rows=[r.name for r in rows], generated=generated, reused=reused, notes=notes
+    )
+
+
+def _ablation_rows(
+    store: Store, package: MotionPackage, settings: Settings
+) -> tuple[list[AblationRow], list[str]]:
+    """The ablation's rows (the MotionDirector row only when a baseline is installed) and notes."""
     notes: list[str] = []
     baseline = find_motiondirector(store, package)
     rows = [AblationRow(ABLATION_BASE, None, False, 1.0)]
@@ -898,70 +935,77 @@ def run_ablation(
         AblationRow(ABLATION_TAP_AH, package, True, 1.0),
         AblationRow(ABLATION_TAP_AH_PLI, package, True, settings.eval.ablation_pli),
     ]
-    for note in notes:
-        events.log(note)
+    return rows, notes
 
-    model = sampling.resolve_model(settings, package)
-    dtype = str(resolve_dtype(settings.model.dtype, resolve_device(settings.model.device)))
-    dtype = dtype.removeprefix("torch.")
-    seed_list = [settings.sample.seed + k for k in range(seeds)]
-    fps = settings.sample.fps
 
-    components = None
-    generated = reused = 0
-    paths: list[Path] = []
-    for row in rows:
-        row_settings = _row_settings(settings, row)
-        plan = sampling.resolve_plan(row_settings, row.motion)
-        if row.motion is not None and row.motion is not package:
-            # The baseline must share the base model's architecture; say so before generating.
-            sampling.resolve_model(row_settings, row.motion)
-        for seed in seed_list:
-            missing: list[tuple[str, str, Path]] = []
-            for text in prompts:
-                key = ablation_key(plan, row.motion, model, dtype, text, seed, fps)
-                target = out / row.slug / f"{sampling.slugify(text, 40)}-{seed}-{key[:12]}.mp4"
-                paths.append(target)
-                if _reusable(target, key):
-                    reused += 1
-                else:
-                    missing.append((text, key, target))
-            if not missing:
-                continue
-            if components is None:
-                events.log(f"loading {model.id} from {model.path}")
-                components = sampling.load_generation_model(settings, model)
-            seed_settings = row_settings.model_copy(deep=True)
-            seed_settings.sample.seed = seed
-            seed_settings.sample.num_videos = 1
-            videos = sampling.generate_videos(
-                [text for text, _, _ in missing],
-                seed_settings,
-                row.motion,
-                components=components,
-                model=model,
-                batch_size=batch_size,
-                progress=progress,
+@dataclass
+class _AblationContext:
+    """What every row of one ablation shares; ``components`` are loaded on first need."""
+
+    out: Path
+    model: sampling.ModelRef
+    dtype: str
+    seeds: list[int]
+    fps: int
+    batch_size: int
+    progress: Progress | None
+    components: Components | None = None
+
+
+def _ablation_row(
+    row: AblationRow,
+    prompts: list[str],
+    settings: Settings,
+    package: MotionPackage,
+    context: _AblationContext,
+) -> tuple[list[Path], int]:
+    """Generates the row's missing videos (each prompt and seed); reuses the rest.
+
+    Returns:
+        Every video path of the row, and how many were generated now.
+    """
+    row_settings = _row_settings(settings, row)
+    plan = sampling.resolve_plan(row_settings, row.motion)
+    if row.motion is not None and row.motion is not package:
+        # The baseline must share the base model's architecture; say so before generating.
+        sampling.resolve_model(row_settings, row.motion)
+    model, paths, generated = context.model, [], 0
+    for seed in context.seeds:
+        missing: list[tuple[str, str, Path]] = []
+        for text in prompts:
+            key = ablation_key(plan, row.motion, model, context.dtype, text, seed, context.fps)
+            name = f"{sampling.slugify(text, 40)}-{seed}-{key[:12]}.mp4"
+            target = context.out / row.slug / name
+            paths.append(target)
+            if not _reusable(target, key):
+                missing.append((text, key, target))
+        if not missing:
+            continue
+        if context.components is None:
+            or_null(context.progress).log(f"loading {model.id} from {model.path}")
+            context.components = sampling.load_generation_model(settings, model)
+        seed_settings = row_settings.model_copy(deep=True)
+        seed_settings.sample.seed = seed
+        seed_settings.sample.num_videos = 1
+        videos = sampling.generate_videos(
+            [text for text, _, _ in missing],
+            seed_settings,
+            row.motion,
+            components=context.components,
+            model=model,
+            batch_size=context.batch_size,
+            progress=context.progress,
+        )
+        for video, (_, key, target) in zip(videos, missing, strict=True):
+            record = {
+                **video.record,
+                "ablation": {"variant": row.name, "key": key, "seeds": context.seeds},
+            }
+            sampling.save_videos(
+                [dataclasses.replace(video, record=record)], target, fps=context.fps
             )
-            for video, (_, key, target) in zip(videos, missing, strict=True):
-                record = {
-                    **video.record,
-                    "ablation": {"variant": row.name, "key": key, "seeds": seed_list},
-                }
-                sampling.save_videos([dataclasses.replace(video, record=record)], target, fps=fps)
-                generated += 1
-
-    report = evaluate_videos(
-        paths,
-        settings,
-        references=references or None,
-        scorer=scorer,
-        metric_names=metric_names,
-        progress=progress,
-    )
-    return AblationResult(
-        report=report, rows=[r.name for r in rows], generated=generated, reused=reused, notes=notes
-    )
+            generated += 1
+    return paths, generated
 
 
 def _row_settings(settings: Settings, row: AblationRow) -> Settings:
