@@ -544,16 +544,11 @@ def evaluate_videos(
 
     sidecars = [read_sidecar(path) for path in paths]
     prompts = [prompt if prompt is not None else (s or {}).get("prompt") for s in sidecars]
-    missing = sum(p is None for p in prompts)
-    if missing and "text_alignment" in wanted:
-        events.log(
-            f"{missing} video(s) have no sidecar prompt and no --prompt: no text alignment for them"
-        )
-    text_embeds = {}
-    distinct = sorted({p for p in prompts if p is not None})
-    if distinct and "text_alignment" in wanted and scorer is not None:
-        embedded = scorer.text_embeddings(distinct)
-        text_embeds = {text: embedded[i] for i, text in enumerate(distinct)}
+    text_embeds = (
+        _prompt_embeddings(prompts, scorer, events)
+        if "text_alignment" in wanted and scorer is not None
+        else {}
+    )
 
     scores = []
     events.start("evaluate", total=len(paths), unit="video")
@@ -591,6 +586,22 @@ def evaluate_videos(
         clip_model=scorer.folder if use_clip and scorer is not None else None,
         skipped=skipped,
     )
+
+
+def _prompt_embeddings(
+    prompts: list[str | None], scorer: metrics.ClipScorer, events: Progress
+) -> dict[str, torch.Tensor]:
+    """CLIP text embeddings of the distinct prompts (videos without one get no CLIP-T)."""
+    missing = sum(p is None for p in prompts)
+    if missing:
+        events.log(
+            f"{missing} video(s) have no sidecar prompt and no --prompt: no text alignment for them"
+        )
+    distinct = sorted({p for p in prompts if p is not None})
+    if not distinct:
+        return {}
+    embedded = scorer.text_embeddings(distinct)
+    return {text: embedded[i] for i, text in enumerate(distinct)}
 
 
 def _metrics_to_compute(

@@ -436,8 +436,7 @@ def inspect_attention(
             (one video; the motion on every step).
         motion: A verified motion package.
         video: A clip to noise to each recorded step's timestep instead of sampling.
-        layers: ``--layers`` glob/regex or names (see
-            :func:`motionsep.model.attention.match_layers`); None: all.
+        layers: ``--layers`` glob/regex or names (:func:`~motionsep.model.attention.match_layers`).
         steps: ``--steps`` (see :func:`parse_steps`); None: first, middle, last.
         components: Loaded components to use (the motion adapter is removed
             again at the end); loaded from ``settings.model`` when None.
@@ -445,8 +444,7 @@ def inspect_attention(
         chunk_elements: Most attention-probability elements computed at once.
         progress: Receives the ``"attention"`` task (one unit per U-Net call).
 
-    Returns:
-        The recorded maps and numbers.
+    Returns the recorded maps and numbers.
 
     Raises:
         UsageError: for bad ``layers``/``steps``, a size the VAE cannot take,
@@ -454,58 +452,32 @@ def inspect_attention(
         MotionNotFoundError, ModelNotFoundError, IncompatibleModelError:
             see :func:`motionsep.sample.resolve_model`.
     """
-    from diffusers import DDIMScheduler
-
-    from motionsep.model.attention import (
-        DEFAULT_CHUNK_ELEMENTS,
-        match_layers,
-    )
-    from motionsep.model.recipes import get_recipe, highway_plan, skip_layout
-    from motionsep.sample import (
-        ModelRef,
-        check_inversion,
-        load_generation_model,
-        load_inversion,
-        resolve_model,
-        resolve_plan,
-    )
+    from motionsep.model.attention import DEFAULT_CHUNK_ELEMENTS
+    from motionsep.model.recipes import get_recipe
+    from motionsep.sample import load_generation_model, resolve_plan
 
     events = or_null(progress)
     plan = resolve_plan(settings, motion)
     seed = settings.sample.seed
     recorded_steps = parse_steps(steps, plan.steps)
-    if model is None:
-        model = (
-            resolve_model(settings, motion)
-            if components is None
-            else ModelRef(settings.model.name, components.path, settings.model.revision)
-        )
     # Everything that can be wrong with the request is checked before the
     # (for ZeroScope, slow) loading of the weights.
-    names, channels, scale = _model_facts(components, model.path)
-    selected = match_layers(names, layers)
-    latent_shape = _latent_shape(channels, scale, plan.frames, plan.width, plan.height)
-    clip = None if video is None else _read_clip(Path(video), settings, plan.width, plan.height)
-    inversion = None
-    if clip is None and plan.noise_prior > 0:
-        inversion = load_inversion(motion)
-        check_inversion(inversion, latent_shape, plan, motion.name)
+    model, selected, latent_shape, clip, inversion = _checked_request(
+        settings, motion, plan, components, model, layers, video
+    )
 
     if components is None:
         events.log(f"loading {model.id} from {model.path}")
         components = load_generation_model(settings, model)
     unet = components.unet
-    scheduler = DDIMScheduler.from_config(components.scheduler.config)
-    scheduler.set_timesteps(plan.steps, device="cpu")
-    timesteps = [int(t) for t in scheduler.timesteps]
+    timesteps = _timesteps(components, plan.steps)
 
     noise, clip_latents, cond, uncond = _starting_point(
         prompt, settings, plan, components, latent_shape, inversion, clip
     )
     guided = uncond is not None
     spec = get_recipe(motion.metadata.recipe)
-    reroute = highway_plan(unet, spec.name).reroute if spec.has_highway else frozenset()
-    skips = [skip for skip in skip_layout(unet) if skip.name in reroute]
+    skips = _rerouted_skips(unet, spec)
 
     inputs = _RunInputs(
         components=components,
@@ -520,17 +492,10 @@ def inspect_attention(
     )
     maps, entropies, probe = _record_runs(inputs, motion, spec.name, skips, guided, events)
 
-    def stack_maps(run: str) -> tuple[np.ndarray, np.ndarray]:
-        grid = np.stack(
-            [np.stack([maps[run][(layer, step)] for step in recorded_steps]) for layer in selected]
-        )
-        entropy = np.array(
-            [[entropies[run][(layer, step)] for step in recorded_steps] for layer in selected]
-        )
-        return grid, entropy
-
-    base_maps, base_entropy = stack_maps("base")
-    motion_maps, motion_entropy = stack_maps("motion")
+    base_maps, base_entropy = _stacked(maps["base"], entropies["base"], selected, recorded_steps)
+    motion_maps, motion_entropy = _stacked(
+        maps["motion"], entropies["motion"], selected, recorded_steps
+    )
     highway_items = _highway_items(skips, recorded_steps, timesteps, probe)
     record = _inspection_record(plan, seed, motion, model, unet, settings)
     return AttentionInspection(
@@ -548,6 +513,65 @@ def inspect_attention(
         highway=highway_items,
         record=record,
     )
+
+
+def _checked_request(
+    settings: Settings,
+    motion: MotionPackage,
+    plan: SamplingPlan,
+    components: Components | None,
+    model: ModelRef | None,
+    layers: str | Sequence[str] | None,
+    video: Path | str | None,
+) -> tuple[ModelRef, list[str], tuple[int, ...], torch.Tensor | None, torch.Tensor | None]:
+    """The model, the selected layers, the latent shape, the clip and the inversion, checked."""
+    from motionsep.model.attention import match_layers
+    from motionsep.sample import ModelRef, check_inversion, load_inversion, resolve_model
+
+    if model is None:
+        model = (
+            resolve_model(settings, motion)
+            if components is None
+            else ModelRef(settings.model.name, components.path, settings.model.revision)
+        )
+    names, channels, scale = _model_facts(components, model.path)
+    selected = match_layers(names, layers)
+    latent_shape = _latent_shape(channels, scale, plan.frames, plan.width, plan.height)
+    clip = None if video is None else _read_clip(Path(video), settings, plan.width, plan.height)
+    inversion = None
+    if clip is None and plan.noise_prior > 0:
+        inversion = load_inversion(motion)
+        check_inversion(inversion, latent_shape, plan, motion.name)
+    return model, selected, latent_shape, clip, inversion
+
+
+def _rerouted_skips(unet: Any, spec: Any) -> list[Any]:
+    """The U-Net skips the recipe's highway reroutes (none without a highway)."""
+    from motionsep.model.recipes import highway_plan, skip_layout
+
+    reroute = highway_plan(unet, spec.name).reroute if spec.has_highway else frozenset()
+    return [skip for skip in skip_layout(unet) if skip.name in reroute]
+
+
+def _timesteps(components: Components, steps: int) -> list[int]:
+    """The timesteps of a DDIM run of ``steps`` steps with the model's scheduler settings."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(components.scheduler.config)
+    scheduler.set_timesteps(steps, device="cpu")
+    return [int(t) for t in scheduler.timesteps]
+
+
+def _stacked(
+    maps: dict[tuple[str, int], np.ndarray],
+    entropies: dict[tuple[str, int], float],
+    layers: Sequence[str],
+    steps: Sequence[int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """One run's maps (layer, step, F, F) and entropies (layer, step) as arrays."""
+    grid = np.stack([np.stack([maps[(layer, step)] for step in steps]) for layer in layers])
+    entropy = np.array([[entropies[(layer, step)] for step in steps] for layer in layers])
+    return grid, entropy
 
 
 def _starting_point(

@@ -721,31 +721,11 @@ def iter_videos(
     from motionsep.model.motion import apply_motion
 
     prompts = list(prompts)
-    if not prompts:
-        raise UsageError(
-            "no prompt given", 'pass one or more prompts, e.g. "a wolf on a snowy mountain"'
-        )
-    if batch_size < 1:
-        raise UsageError(f"batch size must be at least 1, got {batch_size}")
+    plan, model, latent_shape, inversion = _checked_request(
+        prompts, settings, motion, components, model, batch_size
+    )
     events = or_null(progress)
-    plan = resolve_plan(settings, motion)
     sample = settings.sample
-
-    if model is None:
-        model = (
-            resolve_model(settings, motion)
-            if components is None
-            else ModelRef(settings.model.name, components.path, settings.model.revision)
-        )
-    # Everything that can be wrong with the request is checked before the
-    # (for ZeroScope, slow) loading of the weights.
-    latent_shape = _latent_shape(plan, components, model.path)
-    inversion = None
-    if plan.noise_prior > 0:
-        assert motion is not None  # resolve_plan refuses a prior without a motion
-        inversion = load_inversion(motion)
-        check_inversion(inversion, latent_shape, plan, motion.name)
-
     if components is None:
         events.log(f"loading {model.id} from {model.path}")
         components = load_generation_model(settings, model, offload=offload)
@@ -791,6 +771,42 @@ def iter_videos(
             )
     events.finish("denoise")
     events.finish("videos")
+
+
+def _checked_request(
+    prompts: list[str],
+    settings: Settings,
+    motion: MotionPackage | None,
+    components: Components | None,
+    model: ModelRef | None,
+    batch_size: int,
+) -> tuple[SamplingPlan, ModelRef, tuple[int, ...], torch.Tensor | None]:
+    """Everything that can be wrong with a request, checked before any weights load.
+
+    Returns:
+        The sampling plan, the model, the latent shape of one video and the
+        motion's inversion latents (None without a noise prior).
+    """
+    if not prompts:
+        raise UsageError(
+            "no prompt given", 'pass one or more prompts, e.g. "a wolf on a snowy mountain"'
+        )
+    if batch_size < 1:
+        raise UsageError(f"batch size must be at least 1, got {batch_size}")
+    plan = resolve_plan(settings, motion)
+    if model is None:
+        model = (
+            resolve_model(settings, motion)
+            if components is None
+            else ModelRef(settings.model.name, components.path, settings.model.revision)
+        )
+    latent_shape = _latent_shape(plan, components, model.path)
+    inversion = None
+    if plan.noise_prior > 0:
+        assert motion is not None  # resolve_plan refuses a prior without a motion
+        inversion = load_inversion(motion)
+        check_inversion(inversion, latent_shape, plan, motion.name)
+    return plan, model, latent_shape, inversion
 
 
 @dataclass(frozen=True)

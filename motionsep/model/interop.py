@@ -514,22 +514,8 @@ def read_peft_folder(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
     return config, tensors
 
 
-def convert_peft(
-    config: Mapping[str, Any],
-    tensors: Mapping[str, torch.Tensor],
-    unet: nn.Module,
-    *,
-    source: str = "the adapter",
-) -> ConvertedMotion:
-    """Checks a peft LoRA adapter against a U-Net; its modules must be one recipe's.
-
-    Raises:
-        UsageError: for an adapter type or option motionsep cannot reproduce
-            (DoRA, rsLoRA, per-module ranks, bias), unknown tensor names, modules
-            that are no recipe's, or wrong shapes.
-    """
-    import torch
-
+def _peft_rank(config: Mapping[str, Any], source: str) -> tuple[int, float]:
+    """A peft adapter config's rank and alpha, refusing what a motion LoRA cannot reproduce."""
     if config.get("peft_type") != "LORA":
         raise UsageError(
             f"{source} is a {config.get('peft_type')!r} adapter, not a LoRA",
@@ -555,6 +541,26 @@ def convert_peft(
     except (KeyError, TypeError, ValueError) as exc:
         raise UsageError(f"{source}: adapter_config.json has no valid 'r' ({exc})") from exc
 
+    return rank, alpha
+
+
+def convert_peft(
+    config: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    unet: nn.Module,
+    *,
+    source: str = "the adapter",
+) -> ConvertedMotion:
+    """Checks a peft LoRA adapter against a U-Net; its modules must be one recipe's.
+
+    Raises:
+        UsageError: for an adapter type or option motionsep cannot reproduce
+            (DoRA, rsLoRA, per-module ranks, bias), unknown tensor names, modules
+            that are no recipe's, or wrong shapes.
+    """
+    import torch
+
+    rank, alpha = _peft_rank(config, source)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     odd = []
     for key, tensor in tensors.items():
