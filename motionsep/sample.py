@@ -193,6 +193,37 @@ def read_prompts_file(path: Path | str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
+def gather_prompts(
+    prompts: Sequence[str], prompts_file: Path | str | None, settings: Settings
+) -> tuple[list[str], bool]:
+    """The prompts of a generate request: given ones, then the file's, else the preset's.
+
+    Returns:
+        The prompts, and whether they are the settings' preset prompts
+        (``sample.prompts``) because none were given.
+
+    Raises:
+        UsageError: no prompt given and the settings have none.
+    """
+    chosen = list(prompts)
+    if prompts_file is not None:
+        chosen += read_prompts_file(prompts_file)
+    if chosen:
+        return chosen, False
+    if not settings.sample.prompts:
+        raise UsageError(
+            "no prompt given",
+            'pass a prompt, e.g. motionsep generate --motion NAME "a wolf on a snowy mountain"',
+        )
+    return list(settings.sample.prompts), True
+
+
+def format_of_output(out: Path | str | None) -> VideoFormat | None:
+    """The video format an ``--out`` file name asks for (``.mp4``, ``.gif``), or None."""
+    suffix = Path(out).suffix.lower() if out is not None else ""
+    return VideoFormat(suffix[1:]) if suffix in {".mp4", ".gif"} else None
+
+
 # ---------------------------------------------------------------------------
 # the plan
 

@@ -178,18 +178,17 @@ def generate(
     config: ConfigOption = None,
     set_options: SetOption = None,
 ) -> None:
-    from motionsep.errors import UsageError
     from motionsep.sample import (
         VideoWriter,
+        format_of_output,
+        gather_prompts,
         iter_videos,
         load_motion_and_settings,
-        read_prompts_file,
         resolve_model,
     )
 
     width, height = _parse_size(size)
-    if video_format is None and out is not None and out.suffix.lower() in {".mp4", ".gif"}:
-        video_format = VideoFormat(out.suffix.lower()[1:])
+    video_format = video_format or format_of_output(out)
     overrides: dict[str, Any] = {
         "model": {"name": model},
         "sample": {
@@ -215,16 +214,8 @@ def generate(
     )
     sample = settings.sample
 
-    all_prompts = list(prompts or [])
-    if prompts_file is not None:
-        all_prompts += read_prompts_file(prompts_file)
-    if not all_prompts:
-        all_prompts = list(sample.prompts)
-        if not all_prompts:
-            raise UsageError(
-                "no prompt given",
-                'pass a prompt, e.g. motionsep generate --motion NAME "a wolf on a snowy mountain"',
-            )
+    all_prompts, from_preset = gather_prompts(prompts or [], prompts_file, settings)
+    if from_preset:
         err_console.print(f"no prompt given: using the {len(all_prompts)} preset prompt(s)")
     if package is None and highway:
         err_console.print("[yellow]note:[/] --highway has no effect with --motion none")
