@@ -16,6 +16,7 @@ from motionsep_cli import (
     inspect_attention,
     motions,
     prepare,
+    report,
     toy,
     train,
 )
@@ -42,6 +43,7 @@ for module, name in (
     (generate, "generate"),
     (evaluate, "evaluate"),
     (inspect_attention, "inspect-attention"),
+    (report, "report"),
     (config, "config"),
 ):
     function = getattr(module, module.__name__.rsplit(".", 1)[-1])

@@ -17,8 +17,10 @@ square moving diagonally on a striped white background), trains a motion on
 them with the toy preset's recipe into the store (as toy-MOTION), generates
 videos of other looks with and without it, scores them with the toy metrics
 (motion fidelity, leakage, appearance), and writes a report folder: clips/,
-videos/, frames.png, results.md, results.json. One seed: for what the recipes
-do over seeds, see `motionsep toy experiment` and the README's tables.
+videos/, frames.png, results.md, results.json, and report/index.html (the
+references and the videos playing side by side; --no-report skips it). One
+seed: for what the recipes do over seeds, see `motionsep toy experiment` and
+the README's tables.
 
 Examples:
 
@@ -38,14 +40,21 @@ def demo(
     ] = "diagonal",
     prompts: Annotated[int, typer.Option("--prompts", min=1, max=6, help="New looks.")] = 3,
     set_options: SetOption = None,
+    no_report: Annotated[
+        bool, typer.Option("--no-report", help="Skip the HTML page (report/index.html).")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
+    from motionsep.report import write_report
     from motionsep.toy.experiment import run_demo
 
     with RichProgress() as progress:
         results = run_demo(
             out, motion=motion, prompts=prompts, set_options=set_options, progress=progress
         )
+    if not no_report:
+        page = write_report(out, out / "report", force=True)
+        err_console.print(f"[green]page:[/] {page} (open it in a browser)")
     err_console.print((out / "results.md").read_text(), markup=False, soft_wrap=True)
     name = results["settings"]["name"]
     err_console.print(

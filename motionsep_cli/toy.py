@@ -356,6 +356,9 @@ def experiment(
         bool, typer.Option("--fresh", help="Redo the runs already finished in OUT.")
     ] = False,
     set_options: SetOption = None,
+    no_report: Annotated[
+        bool, typer.Option("--no-report", help="Skip the HTML page (OUT/report/index.html).")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Learn held-out motions under each recipe; measure motion, appearance and leakage.
@@ -367,7 +370,8 @@ def experiment(
     positive control row (the base model drawing motions it was pretrained
     on) shows how high the motion metrics go. Leakage is continuous: 0 is the
     prompt's look, 1 the references' look (object colour, background shade
-    and texture). Writes results.md, results.json and frames.png to OUT.
+    and texture). Writes results.md, results.json, frames.png and
+    report/index.html (seed 0's videos of every condition side by side) to OUT.
     Each finished run is kept in OUT/runs: run the same command again after a
     stop and it continues (a change of settings redoes what it touches).
     Times on 2 CPU cores: one motion, one recipe, one seed about 2 min
@@ -396,4 +400,9 @@ def experiment(
             protocol=protocol,
         )
     err_console.print((out / "results.md").read_text(), markup=False, soft_wrap=True)
+    if not no_report:
+        from motionsep.report import write_report
+
+        page = write_report(out, out / "report", force=True)
+        err_console.print(f"[green]page:[/] {page} (open it in a browser)")
     emit(results, as_json, lines=[str(out / "results.md")])

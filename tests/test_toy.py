@@ -455,6 +455,8 @@ def test_demo_trains_generates_scores_and_reports(
     assert (out / "frames.png").is_file() and (out / "results.md").is_file()
     _assert_first_row_is_the_reference(out / "frames.png", "diagonal")
     assert len(list((out / "videos" / "motion").glob("*.mp4"))) == 2
+    page = (out / "report" / "index.html").read_text()  # the videos side by side
+    assert page.count("<video") == 2 + 2 + 3  # base, motion, three reference clips
     assert (store_home / "motions" / "toy-diagonal").is_dir()  # usable by generate
 
 

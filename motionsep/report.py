@@ -1,0 +1,480 @@
+"""A static HTML page of generated videos, side by side (``motionsep report``).
+
+One self-contained folder: ``index.html`` plus the media it shows under
+``media/``, all linked relatively, no server, no network, no script from
+elsewhere. The page shows the reference clips on top (the motion that was
+asked for), then one section per group of videos, grouped the way
+``evaluate`` groups them (motion, recipe, highway, PLI, seed set), each video
+looping with its prompt, seed and scores beside it, and the groups' table of
+means (± 95 % interval over seeds where the source has one). A motion's loss
+curve is shown when the source has one.
+
+It reads three kinds of folder:
+
+- a ``toy experiment`` or ``demo`` report folder (``results.json``; the
+  experiment's videos are the frames its runs kept, written here as GIFs);
+- any folder of generated videos with their JSON sidecars (``generate``
+  output, an ``evaluate --ablation`` folder), with scores from an
+  ``evaluate --json`` file when one is given.
+
+Browsers play GIF and H.264 mp4 in yuv420p. motionsep writes its mp4 that
+way; any other video is re-encoded into the report (PNG-frame folders become
+GIFs), so every tile plays.
+
+A small inline script marks each video as it loads (``data-loaded``, size,
+duration) and says on the page how many loaded, so a broken tile is seen.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from motionsep.errors import UsageError
+from motionsep.store import atomic_folder
+
+REPORT_FILE = "index.html"
+MEDIA_DIR = "media"
+TILE_PX = 192
+"""Displayed width of a tile; small videos are scaled up without smoothing."""
+
+
+@dataclass
+class Tile:
+    """One video on the page.
+
+    Attributes:
+        media: The file in the report folder (relative to it).
+        caption: Lines under the video (prompt, seed, ...).
+        scores: Metric name -> value (None: not computed).
+    """
+
+    media: str
+    caption: list[str]
+    scores: dict[str, float | None] = field(default_factory=dict)
+
+
+@dataclass
+class Section:
+    """A group of tiles with a title."""
+
+    title: str
+    tiles: list[Tile] = field(default_factory=list)
+
+
+@dataclass
+class Table:
+    """A table of numbers: a header row and rows of cells (already formatted)."""
+
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Page:
+    """Everything the page shows."""
+
+    title: str
+    references: list[Tile] = field(default_factory=list)
+    sections: list[Section] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    images: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------
+# entry point
+
+
+def write_report(
+    source: Path,
+    out: Path | None = None,
+    *,
+    scores: Path | None = None,
+    references: Sequence[Path] = (),
+    force: bool = False,
+) -> Path:
+    """Writes the report of ``source`` and returns its ``index.html``.
+
+    Args:
+        source: A ``toy experiment``/``demo`` folder, or a folder of videos
+            with sidecars.
+        out: The report folder (default ``SOURCE/report``), written atomically.
+        scores: An ``evaluate --json`` file whose per-video scores to show.
+        references: Reference clips to show on top (a demo or experiment
+            folder brings its own).
+        force: Replace an existing report folder.
+
+    Raises:
+        UsageError: ``source`` is not a folder or holds no videos; ``out``
+            exists without ``force``.
+    """
+    source = Path(source).expanduser()
+    if not source.is_dir():
+        raise UsageError(f"{source} is not a folder", "pass the folder the videos are in")
+    out = Path(out).expanduser() if out is not None else source / "report"
+    if out.exists() and not force:
+        raise UsageError(f"{out} exists", "pass --force to replace it, or another --out")
+    with atomic_folder(out, overwrite=force) as tmp:
+        media = _Media(tmp)
+        if (source / "results.json").is_file():
+            page = _toy_page(source, media)
+        else:
+            page = _videos_page(source, media, scores)
+        page.references += [media.video(Path(p), [Path(p).name]) for p in references]
+        (tmp / REPORT_FILE).write_text(render(page), encoding="utf-8")
+    return out / REPORT_FILE
+
+
+# ---------------------------------------------------------------------------
+# media
+
+
+class _Media:
+    """Copies or converts media into the report folder, each under a fresh name."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.count = 0
+        (root / MEDIA_DIR).mkdir(parents=True, exist_ok=True)
+
+    def _name(self, stem: str, suffix: str) -> Path:
+        self.count += 1
+        safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in stem)[:60]
+        return Path(MEDIA_DIR) / f"{self.count:04d}-{safe}{suffix}"
+
+    def video(self, path: Path, caption: list[str], scores: dict[str, Any] | None = None) -> Tile:
+        """A tile of a video file or PNG-frame folder, re-encoded if a browser cannot play it."""
+        from motionsep.video import probe
+
+        if path.is_dir():
+            return self.frames(_read_any(path), path.name, caption, scores)
+        suffix = path.suffix.lower()
+        playable = suffix == ".gif"
+        if suffix == ".mp4":
+            playable = probe(path).codec == "h264" and _is_yuv420p(path)
+        if not playable:
+            return self.frames(_read_any(path), path.stem, caption, scores, fmt="mp4")
+        target = self._name(path.stem, suffix)
+        shutil.copyfile(path, self.root / target)
+        return Tile(target.as_posix(), caption, dict(scores or {}))
+
+    def frames(
+        self,
+        frames: np.ndarray,
+        stem: str,
+        caption: list[str],
+        scores: dict[str, Any] | None = None,
+        fmt: str = "gif",
+        fps: float = 8,
+    ) -> Tile:
+        """A tile of frames (F, H, W, 3) uint8, written as a GIF (or H.264 mp4)."""
+        from motionsep.video import write_video
+
+        target = self._name(stem, f".{fmt}")
+        write_video(frames, self.root / target, fps=fps, format=fmt, value_range=(0, 255))
+        return Tile(target.as_posix(), caption, dict(scores or {}))
+
+    def image(self, path: Path) -> str:
+        target = self._name(path.stem, path.suffix.lower())
+        shutil.copyfile(path, self.root / target)
+        return target.as_posix()
+
+
+def _read_any(path: Path) -> np.ndarray:
+    from motionsep.evaluate import read_video
+
+    return read_video(path)
+
+
+def _is_yuv420p(path: Path) -> bool:
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return str(stream.codec_context.pix_fmt) == "yuv420p"
+
+
+# ---------------------------------------------------------------------------
+# sources
+
+
+def _toy_page(source: Path, media: _Media) -> Page:
+    """A ``toy experiment`` or ``demo`` folder: its references, videos and table."""
+    results = json.loads((source / "results.json").read_text(encoding="utf-8"))
+    settings = results.get("settings", {})
+    demo = "protocol" not in settings
+    page = Page(title=("motionsep demo" if demo else "toy experiment") + f": {source.name}")
+    for clip_dir in sorted({p.parent for p in (source / "clips").rglob("*.mp4")}):
+        clips = sorted(clip_dir.glob("*.mp4"))
+        # the demo's clips are all shown; of an experiment's units, the first of each
+        for clip in clips if clip_dir == source / "clips" else clips[:1]:
+            caption = [clip_dir.name if clip_dir != source / "clips" else clip.name]
+            page.references.append(media.video(clip, [*caption, _caption(clip)]))
+    if demo:
+        for folder in sorted(p for p in (source / "videos").iterdir() if p.is_dir()):
+            section = Section(folder.name)
+            for video in sorted(folder.glob("*.mp4")):
+                section.tiles.append(media.video(video, [_caption(video)]))
+            page.sections.append(section)
+    else:
+        page.sections += _experiment_sections(source, media)
+    page.tables.append(_rows_table(results.get("rows", [])))
+    if (source / "frames.png").is_file():
+        page.images.append(("frames, left to right", media.image(source / "frames.png")))
+    return page
+
+
+def _experiment_sections(source: Path, media: _Media) -> list[Section]:
+    """One section per (motion, condition) of a toy experiment, seed 0's videos as GIFs."""
+    sections: dict[str, Section] = {}
+    for unit in sorted((source / "runs").glob("*.json")):
+        frames_file = unit.with_suffix(".npz")
+        if not frames_file.is_file():
+            continue
+        stored = np.load(frames_file)
+        for index, run in enumerate(json.loads(unit.read_text(encoding="utf-8"))["runs"]):
+            if run.get("seed") != 0 or f"arr_{index}" not in stored.files:
+                continue
+            label = _condition(run)
+            section = sections.setdefault(label, Section(label))
+            videos = stored[f"arr_{index}"]
+            for video, spec, score in zip(videos, run["specs"], run["scores"], strict=False):
+                big = video.repeat(4, axis=1).repeat(4, axis=2)
+                caption = [
+                    f"{spec['color']} {spec['shape']} on {spec['texture']} {spec['background']}"
+                ]
+                numbers = {
+                    "motion fidelity": score.get("motion_fidelity"),
+                    "leakage": (score.get("leakage") or {}).get("mean")
+                    if isinstance(score.get("leakage"), dict)
+                    else score.get("leakage"),
+                }
+                section.tiles.append(media.frames(big, label, caption, numbers, fps=4))
+    return list(sections.values())
+
+
+def _condition(run: dict[str, Any]) -> str:
+    motion = run.get("motion", "")
+    recipe = run.get("recipe")
+    if recipe is None:
+        return f"{motion} | base model"
+    return f"{motion} | {recipe}" + (" + highway" if run.get("highway") else "")
+
+
+def _videos_page(source: Path, media: _Media, scores: Path | None) -> Page:
+    """Any folder of videos with sidecars, grouped as ``evaluate`` groups them."""
+    from motionsep.evaluate import METRIC_TITLES, find_eval_videos, group_key, read_sidecar
+
+    by_path: dict[str, dict[str, Any]] = {}
+    groups_table: list[dict[str, Any]] = []
+    if scores is not None:
+        report = json.loads(Path(scores).read_text(encoding="utf-8"))
+        by_path = {str(Path(v["path"]).resolve()): v for v in report.get("videos", [])}
+        groups_table = list(report.get("groups", []))
+    page = Page(title=f"videos: {source.name}")
+    sections: dict[str, Section] = {}
+    for path in find_eval_videos([source]):
+        if "report" in path.relative_to(source).parts[:1]:
+            continue
+        sidecar = read_sidecar(path)
+        label = group_key(sidecar).label
+        numbers = {
+            METRIC_TITLES[name]: value
+            for name, value in by_path.get(str(path.resolve()), {}).items()
+            if name in METRIC_TITLES
+        }
+        tile = media.video(path, [_caption(path)], numbers)
+        sections.setdefault(label, Section(label)).tiles.append(tile)
+    page.sections = list(sections.values())
+    if groups_table:
+        names = list(METRIC_TITLES)
+        page.tables.append(
+            Table(
+                "groups (mean ± std over videos)",
+                ["group", "videos", *(METRIC_TITLES[n] for n in names)],
+                [
+                    [
+                        str(g.get("label") or _group_label(g)),
+                        str(g.get("count", "")),
+                        *(_mean_std(g["mean"].get(n), g["std"].get(n)) for n in names),
+                    ]
+                    for g in groups_table
+                ],
+            )
+        )
+    if not page.sections:
+        raise UsageError(f"{source} holds no videos", "pass a folder that generate wrote into")
+    return page
+
+
+def _group_label(group: dict[str, Any]) -> str:
+    parts = [str(group.get(k)) for k in ("motion", "recipe") if group.get(k)]
+    if group.get("highway"):
+        parts.append("highway")
+    return " + ".join(parts) or "base model"
+
+
+def _caption(video: Path) -> str:
+    from motionsep.evaluate import read_sidecar
+
+    sidecar = read_sidecar(video) or {}
+    prompt = sidecar.get("prompt")
+    seed = sidecar.get("seed")
+    if prompt is None:
+        return video.name
+    return f"{prompt} (seed {seed})" if seed is not None else str(prompt)
+
+
+def _rows_table(rows: list[dict[str, Any]]) -> Table:
+    """The toy results' rows: fidelity, leakage, colour; Δ columns against the base model."""
+    header = ["motion", "condition", "seeds", "motion fidelity", "Δ fidelity vs base"]
+    header += ["leakage", "Δ leakage vs base", "colour right"]
+    body = []
+    for row in rows:
+        paired = row.get("vs_base") or {}
+        body.append(
+            [
+                str(row.get("motion", "")),
+                str(row.get("condition", "")),
+                str(row.get("seeds", "")),
+                _interval(row.get("motion_fidelity")),
+                _interval(paired.get("motion_fidelity")),
+                _interval(row.get("leakage")),
+                _interval(paired.get("leakage")),
+                _interval(row.get("color")),
+            ]
+        )
+    return Table("results (mean ± 95 % interval over seeds)", header, body)
+
+
+def _interval(value: Any) -> str:
+    if isinstance(value, dict):
+        mean, ci = value.get("mean"), value.get("ci95")
+        if mean is None:
+            return "-"
+        return f"{mean:.2f}" + (f" ± {ci:.2f}" if ci is not None else "")
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _mean_std(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.3g}" + (f" ± {std:.2g}" if std is not None else "")
+
+
+# ---------------------------------------------------------------------------
+# HTML
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+h1 { font-size: 1.3em; } h2 { font-size: 1.05em; margin-top: 1.6em; }
+.grid { display: flex; flex-wrap: wrap; gap: 12px; }
+figure { margin: 0; width: %(px)dpx; }
+figure video, figure img.media { width: %(px)dpx; image-rendering: pixelated; background: #eee; }
+figcaption { font-size: 0.8em; line-height: 1.3; }
+.scores { color: #555; }
+table { border-collapse: collapse; font-size: 0.85em; }
+td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+td:first-child, th:first-child, td:nth-child(2) { text-align: left; }
+#status { font-size: 0.85em; color: #555; }
+"""
+
+_SCRIPT = """
+(function () {
+  var media = document.querySelectorAll('video');
+  var status = document.getElementById('status');
+  function update() {
+    var done = document.querySelectorAll('video[data-loaded="1"]').length;
+    var bad = document.querySelectorAll('video[data-loaded="error"]').length;
+    status.textContent = done + ' of ' + media.length + ' videos loaded' +
+      (bad ? ', ' + bad + ' failed' : '');
+  }
+  media.forEach(function (v) {
+    function loaded() {
+      v.dataset.loaded = '1';
+      v.dataset.width = v.videoWidth;
+      v.dataset.height = v.videoHeight;
+      v.dataset.duration = v.duration;
+      update();
+    }
+    if (v.readyState >= 1) { loaded(); }
+    v.addEventListener('loadedmetadata', loaded);
+    v.addEventListener('error', function () { v.dataset.loaded = 'error'; update(); });
+  });
+  update();
+})();
+"""
+
+
+def render(page: Page) -> str:
+    """The page as one HTML document (links relative to the report folder)."""
+    parts = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(page.title)}</title>",
+        f"<style>{_STYLE % {'px': TILE_PX}}</style></head><body>",
+        f"<h1>{html.escape(page.title)}</h1>",
+        '<p id="status">videos not loaded yet</p>',
+    ]
+    parts += [f"<p>{html.escape(note)}</p>" for note in page.notes]
+    if page.references:
+        parts.append('<h2>reference clips: the motion that was asked for</h2><div class="grid">')
+        parts += [_tile(tile) for tile in page.references]
+        parts.append("</div>")
+    for section in page.sections:
+        count = len(section.tiles)
+        parts.append(
+            f'<h2 class="group">{html.escape(section.title)} ({count} video{"s" * (count != 1)})'
+            '</h2><div class="grid">'
+        )
+        parts += [_tile(tile) for tile in section.tiles]
+        parts.append("</div>")
+    for table in page.tables:
+        parts.append(_table(table))
+    for title, image in page.images:
+        parts.append(
+            f"<h2>{html.escape(title)}</h2>"
+            f'<img src="{html.escape(image)}" alt="{html.escape(title)}">'
+        )
+    parts.append(f"<script>{_SCRIPT}</script></body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _tile(tile: Tile) -> str:
+    source = html.escape(tile.media)
+    if tile.media.endswith(".mp4"):
+        media = f'<video src="{source}" autoplay loop muted playsinline></video>'
+    else:
+        media = f'<img class="media" src="{source}" alt="">'
+    lines = [html.escape(line) for line in tile.caption]
+    shown = [
+        f"{html.escape(name)} {value:.3g}"
+        for name, value in tile.scores.items()
+        if isinstance(value, (int, float)) and math.isfinite(value)
+    ]
+    if shown:
+        lines.append(f'<span class="scores">{" · ".join(shown)}</span>')
+    return f"<figure>{media}<figcaption>{'<br>'.join(lines)}</figcaption></figure>"
+
+
+def _table(table: Table) -> str:
+    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in table.header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
+        for row in table.rows
+    )
+    return (
+        f"<h2>{html.escape(table.title)}</h2>"
+        f'<table class="groups"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    )
