@@ -225,6 +225,11 @@ class TrainSettings(_Section):
     preview_every: int = Field(
         0, ge=0, le=MAX_STEPS, description="Render a preview video every N steps; 0: never."
     )
+    report_to: Literal["none", "tensorboard", "wandb"] = Field(
+        "none",
+        description="Experiment tracker (through accelerate): losses per path, lr, steps/s "
+        "every step, previews, the settings as hyperparameters; logs in $MOTIONSEP_HOME/logs/NAME.",
+    )
     num_processes: int = Field(
         1, ge=1, le=1024, description="Data-parallel processes (accelerate)."
     )

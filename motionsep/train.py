@@ -423,7 +423,14 @@ def train_motion(
         )
     device_type = resolve_device(settings.model.device).type
     precision = _mixed_precision(settings, device_type)
-    accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision=precision)
+    tracker = settings.train.report_to
+    _check_tracker(tracker)
+    accelerator = Accelerator(
+        cpu=device_type == "cpu",
+        mixed_precision=precision,
+        log_with=None if tracker == "none" else tracker,
+        project_dir=str(store.home / "logs" / name) if tracker != "none" else None,
+    )
     with ExitStack() as stack:
         if accelerator.is_main_process:
             stack.enter_context(store.motion_lock(name, f"training of motion {name!r}"))
@@ -685,6 +692,10 @@ def _loop(
     settings, accelerator = trainer.settings, trainer.accelerator
     main = accelerator.is_main_process
     total_steps = settings.train.steps
+    tracking = settings.train.report_to != "none"
+    if tracking:
+        accelerator.init_trackers(name, config=_hyperparameters(settings))
+        events.log(f"{settings.train.report_to} logs: {accelerator.project_dir}")
     interrupted = runs.InterruptFlag()
     events.start("train", total=total_steps, unit="step")
     events.advance("train", start)
@@ -705,12 +716,21 @@ def _loop(
             if main:
                 with (run_dir / METRICS_FILE).open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
+            if tracking:
+                seconds = max(record["seconds"], 1e-9)
+                logged = {f"train/{k}": v for k, v in losses.items()}
+                logged |= {"train/lr": record["lr"], "train/steps_per_second": 1.0 / seconds}
+                accelerator.log(logged, step=step + 1)
             done = step + 1
             events.advance("train", 1, loss=losses["loss_temporal"])
             every = settings.train.preview_every
             if main and every and (done % every == 0 or done == total_steps):
-                preview = _render_preview(trainer, run_dir / "previews" / f"step-{done}.mp4")
+                preview, frames = _render_preview(
+                    trainer, run_dir / "previews" / f"step-{done}.mp4"
+                )
                 events.log(f"preview: {preview}")
+                if tracking:
+                    _log_preview(accelerator, frames, done)
             if done % settings.train.checkpoint_every == 0 or done == total_steps:
                 if main:
                     _save_checkpoint(trainer, run_dir, done, adapters)
@@ -723,6 +743,8 @@ def _loop(
                     f"training of {name!r} interrupted at step {done}; checkpoint written",
                     f"resume with: {resume_command}",
                 )
+    if tracking:
+        accelerator.end_training()
     events.finish("train")
 
 
@@ -850,11 +872,47 @@ def _loss_plot(metrics: list[dict[str, Any]]) -> bytes | None:
     return buffer.getvalue()
 
 
-def _render_preview(trainer: Trainer, target: Path) -> Path:
+def _check_tracker(kind: str) -> None:
+    """Refuses a tracker whose package is missing, saying how to install it."""
+    import importlib.util
+
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(kind)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise UsageError(
+            f"--report-to {kind} needs the {package} package, which is not installed",
+            f"pip install 'motionsep[{package}]', or train with --report-to none",
+        )
+
+
+def _hyperparameters(settings: Settings) -> dict[str, Any]:
+    """The settings as flat ``section.key`` values a tracker takes (lists as text)."""
+    flat: dict[str, Any] = {}
+    for section, values in settings.to_dict().items():
+        for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
+            name = f"{section}.{key}" if key else section
+            ok = value is None or isinstance(value, (bool, int, float, str))
+            flat[name] = value if ok and value is not None else str(value)
+    return flat
+
+
+def _log_preview(accelerator: Any, frames: Any, step: int) -> None:
+    """A preview's frames, left to right in one image, to the tracker."""
+    import numpy as np
+
+    strip = np.concatenate(list(frames), axis=1)  # (H, F * W, 3)
+    for tracker in accelerator.trackers:
+        if hasattr(tracker, "log_images"):
+            tracker.log_images({"preview": strip[None]}, step=step, dataformats="NHWC")
+
+
+def _render_preview(trainer: Trainer, target: Path) -> tuple[Path, Any]:
     """Samples one video with the motion as it is now (spatial LoRAs off, highway per recipe).
 
     Uses the first validation prompt of the settings (else the first clip's
     prompt), the sample settings' steps and guidance, and the training size.
+
+    Returns:
+        The video file and its frames, uint8 (F, H, W, 3).
     """
     from motionsep import video
     from motionsep.model import lora
@@ -900,7 +958,8 @@ def _render_preview(trainer: Trainer, target: Path) -> Path:
         frames = decode_latents(components.vae, clean, data.vae_batch_size)
     finally:
         unet.train(was_training)
-    return video.write_video(frames[0], target, fps=sample.fps, format="mp4")
+    written = video.write_video(frames[0], target, fps=sample.fps, format="mp4")
+    return written, frames[0]
 
 
 def resume_command_line(argv: list[str]) -> str:

@@ -84,6 +84,15 @@ def train(
     preview_every: Annotated[
         int | None, typer.Option("--preview-every", help="Render a preview every N steps.")
     ] = None,
+    report_to: Annotated[
+        str | None,
+        typer.Option(
+            "--report-to",
+            help="tensorboard, wandb or none: losses per path, lr and steps/s every step, "
+            "previews, the settings; logs in $MOTIONSEP_HOME/logs/NAME "
+            "(pip install 'motionsep[tensorboard]').",
+        ),
+    ] = None,
     model: ModelOption = None,
     preset: PresetOption = None,
     config: ConfigOption = None,
@@ -105,6 +114,7 @@ def train(
             "seed": seed,
             "num_processes": num_processes,
             "preview_every": preview_every,
+            "report_to": report_to,
         },
     }
     settings = settings_from_cli(preset, config, set_options, overrides)

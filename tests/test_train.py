@@ -536,3 +536,54 @@ def test_a_skipped_spatial_path_leaves_the_spatial_lora_as_it_was() -> None:
     assert all(torch.equal(a, b) for a, b in zip(spatial, after_spatial, strict=True))
     after_motion = lora.adapter_parameters(unet, tap.MOTION_ADAPTER)
     assert any(not torch.equal(a, b) for a, b in zip(motion, after_motion, strict=True))
+
+
+def test_report_to_tensorboard_logs_losses_per_path_lr_speed_and_previews(
+    clips_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    settings = load_settings(
+        preset="tiny",
+        set_options=[
+            f"model.name={tiny_model_dir}",
+            "train.steps=4",
+            "train.preview_every=2",
+            "train.report_to=tensorboard",
+            "train.spatial_skip_prob=0",
+        ],
+    )
+    store = Store(tmp_path)
+    train_motion([clips_dir / "dolly.mp4"], "tracked", settings, store)
+    events = sorted((tmp_path / "logs" / "tracked").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    scalars: dict[str, list[int]] = {}
+    images: list[str] = []
+    for file in events:
+        run = EventAccumulator(str(file), size_guidance={"images": 0, "scalars": 0})
+        run.Reload()
+        for tag in run.Tags()["scalars"]:
+            scalars[tag] = [event.step for event in run.Scalars(tag)]
+        images += run.Tags()["images"]
+    for tag in ("train/loss_temporal", "train/loss_spatial", "train/lr", "train/steps_per_second"):
+        assert scalars.get(tag) == [1, 2, 3, 4], tag
+    assert "preview" in images
+
+
+def test_a_missing_tracker_package_is_named_with_its_install_command(
+    clips_dir: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    from motionsep.errors import UsageError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    settings = load_settings(
+        preset="tiny", set_options=[f"model.name={tiny_model_dir}", "train.report_to=wandb"]
+    )
+    with pytest.raises(UsageError, match=r"motionsep\[wandb\]"):
+        train_motion([clips_dir / "dolly.mp4"], "w", settings, Store(tmp_path))
+    assert not (tmp_path / "motions").exists() or not any((tmp_path / "motions").iterdir())
