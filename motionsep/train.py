@@ -888,7 +888,7 @@ def _hyperparameters(settings: Settings) -> dict[str, Any]:
     """The settings as flat ``section.key`` values a tracker takes (lists as text)."""
     flat: dict[str, Any] = {}
     for section, values in settings.to_dict().items():
-        for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
+        for key, value in values.items() if isinstance(values, dict) else [("", values)]:
             name = f"{section}.{key}" if key else section
             ok = value is None or isinstance(value, (bool, int, float, str))
             flat[name] = value if ok and value is not None else str(value)

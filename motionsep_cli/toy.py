@@ -120,6 +120,14 @@ def pretrain(
             "--trail-opacity", help="Opacity of the motion trail behind the object (0: none)."
         ),
     ] = None,
+    conv_skip: Annotated[
+        float | None,
+        typer.Option(
+            "--conv-skip",
+            help="Share of U-Net steps trained with every temporal convolution bypassed "
+            "(stochastic depth: the temporal attention must carry motion alone there).",
+        ),
+    ] = None,
     vae_from: Annotated[
         str | None,
         typer.Option(
@@ -167,6 +175,7 @@ def pretrain(
         "attribute_dropout": attribute_dropout,
         "vae_from": vae_from,
         "trail_opacity": trail_opacity,
+        "conv_skip": conv_skip,
     }
     config = PretrainConfig.from_dict({k: v for k, v in values.items() if v is not None})
     # the equivalent command line, rebuilt from the parsed options

@@ -22,7 +22,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
 
@@ -136,8 +136,10 @@ def _return_input(
 
 
 @contextmanager
-def bypass_temporal_convs(unet: nn.Module) -> Iterator[list[str]]:
-    """Makes every ``TemporalConvLayer`` of ``unet`` return its input unchanged inside the block.
+def bypass_temporal_convs(
+    unet: nn.Module, names: Sequence[str] | None = None
+) -> Iterator[list[str]]:
+    """Makes every ``TemporalConvLayer`` of ``unet`` (or those ``names``) return its input.
 
     A ``TemporalConvLayer`` returns ``input + conv stack(input)`` in the
     input's layout, so replacing its output by its input removes the temporal
@@ -149,8 +151,8 @@ def bypass_temporal_convs(unet: nn.Module) -> Iterator[list[str]]:
     Raises:
         IncompatibleModelError: if ``unet`` has no temporal convolution.
     """
-    names = temporal_conv_names(unet)
-    if not names:
+    names = temporal_conv_names(unet) if names is None else list(names)
+    if not names and not temporal_conv_names(unet):
         raise IncompatibleModelError(
             f"{type(unet).__name__} has no temporal convolution to bypass",
             "pass a UNet3DConditionModel (ZeroScope / ModelScope layout)",

@@ -74,6 +74,7 @@ class PretrainConfig:
     attribute_dropout: float = 0.0
     vae_from: str = ""
     trail_opacity: float = world.TRAIL_OPACITY
+    conv_skip: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -112,6 +113,8 @@ class PretrainConfig:
             problems.append(
                 f"trail_opacity must be in [0, {world.TRAIL_OPACITY}] (got {self.trail_opacity})"
             )
+        if not 0 <= self.conv_skip < 1:
+            problems.append(f"conv_skip must be in [0, 1) (got {self.conv_skip})")
         if self.vae_from and self.vae_steps:
             problems.append("vae_from takes a trained VAE: set vae_steps to 0")
         if problems:
@@ -271,7 +274,8 @@ class _Run:
         for group in self.opt.param_groups:
             group["lr"] = cfg.lr * _warmup_cosine(step, cfg.steps, cfg.warmup)
         text = text_encoder(ids)[0]
-        prediction = unet(noisy, timesteps, encoder_hidden_states=text).sample
+        with self.conv_skipped(cfg.vae_steps + step):
+            prediction = unet(noisy, timesteps, encoder_hidden_states=text).sample
         loss = self.weighted_loss(prediction, noise, masks, timesteps)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -280,6 +284,22 @@ class _Run:
         self.opt.step()
         self.update_ema(step)
         return {"loss": loss.item()}
+
+    def conv_skipped(self, step: int) -> contextlib.AbstractContextManager[Any]:
+        """Bypasses every temporal convolution in a share ``conv_skip`` of the steps.
+
+        Stochastic depth on the temporal convolutions: in those steps the
+        U-Net has only its temporal attention to carry anything from frame
+        to frame, so the attention must learn to. The exported model has all
+        its layers; what the attention learned is measured by ``toy probe
+        --attention`` with the convolutions in place.
+        """
+        from motionsep.model.ablations import bypass_temporal_convs
+
+        draw = np.random.default_rng([self.config.seed, step, 9]).random()
+        if draw < self.config.conv_skip:
+            return bypass_temporal_convs(self.parts["unet"])
+        return contextlib.nullcontext()
 
     def timesteps(self, step: int, size: int) -> torch.Tensor:
         """Training timesteps: uniform, but a share ``noisy_share`` drawn from ``noisy_from`` up.
