@@ -644,6 +644,34 @@ def test_pretraining_can_take_a_trained_vae_wider_heads_and_harder_clips(tmp_pat
         )
 
 
+def test_conv_skip_bypasses_every_temporal_convolution_in_its_share_of_steps() -> None:
+    import contextlib
+
+    import torch
+
+    from motionsep.errors import UsageError
+    from motionsep.model.ablations import temporal_conv_names
+    from motionsep.toy.pretrain import PretrainConfig, _build_run
+
+    run = _build_run(PretrainConfig(vae_steps=0, conv_skip=0.5), torch.device("cpu"))
+    unet = run.parts["unet"]
+    skipped = [not isinstance(run.conv_skipped(s), contextlib.nullcontext) for s in range(200)]
+    assert 70 < sum(skipped) < 130  # about half, drawn from (seed, step)
+    assert skipped == [  # the same steps on a rerun (resume sees the same)
+        not isinstance(run.conv_skipped(s), contextlib.nullcontext) for s in range(200)
+    ]
+    step = skipped.index(True)
+    layer = unet.get_submodule(temporal_conv_names(unet)[0])
+    probe = torch.randn(2 * 4, layer.in_dim, 2, 2)
+    with torch.no_grad(), run.conv_skipped(step):
+        assert torch.equal(layer(probe, num_frames=4), probe)  # bypassed inside the block
+    with torch.no_grad():
+        layer.conv4[-1].weight.fill_(0.1)  # make the layer do something
+        assert not torch.equal(layer(probe, num_frames=4), probe)  # and back afterwards
+    with pytest.raises(UsageError, match="conv_skip"):
+        PretrainConfig(conv_skip=1.0)
+
+
 def test_an_unfinished_run_exports_its_newest_checkpoint(tmp_path: Path) -> None:
     from motionsep.model.components import load_components
     from motionsep.toy.pretrain import PretrainConfig, export_checkpoint, pretrain
