@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -218,6 +219,30 @@ def pretrain(
         )
     )
     emit(result.to_dict(), as_json, lines=[str(result.folder)])
+
+
+@app.command("snapshot")
+def snapshot(
+    run: Annotated[Path, typer.Argument(help="The run folder of a pretraining (NAME.partial).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
+    force: ForceOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Write the newest intact checkpoint of an unfinished pretraining as a model folder.
+
+    The averaged U-Net and text encoder and the VAE, as the end of the run
+    would write them; toy.json records the run's settings and the step. Use it
+    to probe a run while it goes on (the run is not touched).
+
+    Example: motionsep toy snapshot models/.partial-toy-mine --out snap && motionsep toy
+    probe --attention --model snap
+    """
+    from motionsep.toy.pretrain import export_checkpoint
+
+    folder = export_checkpoint(run, out, force=force)
+    step = json.loads((folder / "toy.json").read_text())["exported_from"]["step"]
+    err_console.print(f"[green]snapshot[/] of step {step}: {folder}")
+    emit({"model": str(folder), "step": step}, as_json, lines=[str(folder)])
 
 
 @app.command("probe")

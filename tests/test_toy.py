@@ -680,7 +680,16 @@ def test_an_unfinished_run_exports_its_newest_checkpoint(tmp_path: Path) -> None
     config = PretrainConfig(vae_steps=1, steps=2, batch=2, vae_batch=4, probe_count=1)
     with pytest.raises(TrainingInterruptedError):
         pretrain(tmp_path / "m", tmp_path / "run", config, progress=_StopAt(2))
-    export_checkpoint(tmp_path / "run", tmp_path / "snapshot")
+    made = CliRunner().invoke(
+        app, ["toy", "snapshot", str(tmp_path / "run"), "--out", str(tmp_path / "snapshot")]
+    )
+    assert made.exit_code == 0, made.output
+    assert made.stdout.strip() == str(tmp_path / "snapshot")
+    again = CliRunner().invoke(
+        app, ["toy", "snapshot", str(tmp_path / "run"), "--out", str(tmp_path / "snapshot")]
+    )
+    assert again.exit_code == 2  # an existing folder is kept without --force
+    export_checkpoint(tmp_path / "run", tmp_path / "snapshot", force=True)
     record = json.loads((tmp_path / "snapshot" / "toy.json").read_text())
     assert record["exported_from"]["step"] == 2
     components = load_components(tmp_path / "snapshot")  # a complete model folder
