@@ -261,6 +261,12 @@ class SampleSettings(_Section):
         0, ge=0, le=MAX_SEED, description="Seed of the first video; video k uses seed + k."
     )
     num_videos: int = Field(1, ge=1, le=MAX_VIDEOS, description="Videos per prompt.")
+    batch_size: int = Field(
+        4, ge=1, le=1024, description="Videos denoised together (each takes two U-Net rows)."
+    )
+    offload: bool = Field(
+        False, description="Keep each model part on the CPU except while it is used (small GPUs)."
+    )
     fps: int = Field(8, ge=1, le=120, description="Frame rate of written videos.")
     format: VideoFormat = Field(VideoFormat.MP4, description="mp4, gif or png (one PNG per frame).")
     prompts: list[str] = Field(

@@ -838,7 +838,7 @@ def run_ablation(
     out: Path | str,
     seeds: int = 1,
     references: Iterable[str | Path] | None = None,
-    batch_size: int = sampling.DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
     scorer: metrics.ClipScorer | None = None,
     metric_names: Sequence[str] | None = None,
     progress: Progress | None = None,
@@ -865,7 +865,7 @@ def run_ablation(
         out: Folder of the videos.
         seeds: Videos per prompt and row.
         references: Reference clips for motion fidelity and leakage.
-        batch_size: Videos denoised together.
+        batch_size: Videos denoised together (None: ``sample.batch_size``).
         scorer: A loaded CLIP to use instead of ``settings.eval.clip_model``.
         metric_names: As :func:`evaluate_videos`.
         progress: Receives generation's and evaluation's tasks.
@@ -905,7 +905,8 @@ def run_ablation(
     seed_list = [settings.sample.seed + k for k in range(seeds)]
     fps = settings.sample.fps
 
-    context = _AblationContext(out, model, dtype, seed_list, fps, batch_size, progress)
+    batch = settings.sample.batch_size if batch_size is None else batch_size
+    context = _AblationContext(out, model, dtype, seed_list, fps, batch, progress)
     paths: list[Path] = []
     generated = reused = 0
     for row in rows:

@@ -67,7 +67,6 @@ if TYPE_CHECKING:
     from motionsep.model.highway import AppearanceHighway
 
 INVERSION_KEY = "inversion"
-DEFAULT_BATCH_SIZE = 4
 SIDECAR_SUFFIX = ".json"
 
 # Settings of a motion's training run that describe the machine it ran on,
@@ -709,8 +708,8 @@ def iter_videos(
     *,
     components: Components | None = None,
     model: ModelRef | None = None,
-    offload: bool = False,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    offload: bool | None = None,
+    batch_size: int | None = None,
     progress: Progress | None = None,
 ) -> Iterator[GeneratedVideo]:
     """Generates ``settings.sample.num_videos`` videos of every prompt, yielding each when done.
@@ -731,10 +730,11 @@ def iter_videos(
         model: The resolved model (:func:`resolve_model`); found from the
             settings when None.
         offload: Keep each component on the CPU except while it is used
-            (small GPUs); slower.
+            (small GPUs); slower. None: ``sample.offload``.
         batch_size: Videos denoised together (each takes two U-Net rows with
             guidance). Grouping does not change a video's starting noise;
-            results agree across batch sizes to float rounding.
+            results agree across batch sizes to float rounding. None:
+            ``sample.batch_size``.
         progress: Receives the ``"videos"`` and ``"denoise"`` tasks.
 
     Yields:
@@ -752,6 +752,8 @@ def iter_videos(
     from motionsep.model.motion import apply_motion
 
     prompts = list(prompts)
+    offload = settings.sample.offload if offload is None else offload
+    batch_size = settings.sample.batch_size if batch_size is None else batch_size
     plan, model, latent_shape, inversion = _checked_request(
         prompts, settings, motion, components, model, batch_size
     )

@@ -136,11 +136,14 @@ def evaluate(
         ),
     ] = None,
     batch_size: Annotated[
-        int,
+        int | None,
         typer.Option(
-            "--batch-size", help="Videos denoised together.", min=1, rich_help_panel=_ABLATION
+            "--batch-size",
+            help="Videos denoised together (sample.batch_size, default 4).",
+            min=1,
+            rich_help_panel=_ABLATION,
         ),
-    ] = 4,
+    ] = None,
     preset: PresetOption = None,
     config: ConfigOption = None,
     set_options: SetOption = None,
@@ -212,7 +215,7 @@ def _ablation(
     seeds: int,
     out: Path | None,
     reference: list[Path] | None,
-    batch_size: int,
+    batch_size: int | None,
     overrides: dict[str, Any],
     preset: str | None,
     config: Path | None,

@@ -164,15 +164,20 @@ def generate(
     ] = None,
     model: ModelOption = None,
     offload: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--offload", help="Move each model part to the GPU only while used (small GPUs)."
+            "--offload/--no-offload",
+            help="Move each model part to the GPU only while used (small GPUs; sample.offload).",
         ),
-    ] = False,
+    ] = None,
     batch_size: Annotated[
-        int,
-        typer.Option("--batch-size", help="Videos denoised together; 1 for small GPUs.", min=1),
-    ] = 4,
+        int | None,
+        typer.Option(
+            "--batch-size",
+            help="Videos denoised together; 1 for small GPUs (sample.batch_size, default 4).",
+            min=1,
+        ),
+    ] = None,
     as_json: JsonOption = False,
     preset: PresetOption = None,
     config: ConfigOption = None,
@@ -207,6 +212,8 @@ def generate(
             "noise_prior": noise_prior,
             "format": video_format,
             "fps": fps,
+            "offload": offload,
+            "batch_size": batch_size,
         },
     }
     package, settings = load_motion_and_settings(
@@ -237,8 +244,6 @@ def generate(
                 settings,
                 package,
                 model=ref,
-                offload=offload,
-                batch_size=batch_size,
                 progress=progress,
             )
             for video in videos:
