@@ -225,6 +225,9 @@ def pretrain(
 def snapshot(
     run: Annotated[Path, typer.Argument(help="The run folder of a pretraining (NAME.partial).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
+    step: Annotated[
+        int | None, typer.Option("--step", help="That step's checkpoint (default: the newest).")
+    ] = None,
     force: ForceOption = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -239,7 +242,7 @@ def snapshot(
     """
     from motionsep.toy.pretrain import export_checkpoint
 
-    folder = export_checkpoint(run, out, force=force)
+    folder = export_checkpoint(run, out, force=force, step=step)
     step = json.loads((folder / "toy.json").read_text())["exported_from"]["step"]
     err_console.print(f"[green]snapshot[/] of step {step}: {folder}")
     emit({"model": str(folder), "step": step}, as_json, lines=[str(folder)])
@@ -340,6 +343,8 @@ def _attention_gate(components: Any, count: int | None, seed: int, as_json: bool
         f"uniform_attention_loss_ratio: {ratio:.3f} ({verdict} the bar {UNIFORM_BAR}; "
         "near 1: the temporal attention is not used)",
         f"no_temporal_conv_loss_ratio: {result['no_temporal_conv_loss_ratio']:.3f}",
+        f"no_temporal_mixing_loss_ratio: {result['no_temporal_mixing_loss_ratio']:.3f} "
+        "(both: what frame-to-frame information beyond the mean of the frames is worth)",
         f"loss: {result['loss']:.5f} (intact; {result['clips']} clips at timesteps "
         + ", ".join(str(t) for t in result["timesteps"])
         + ")",

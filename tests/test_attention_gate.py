@@ -162,7 +162,12 @@ def test_attention_gate_command_reports_both_ratios_reproducibly(store_home: Pat
     first = CliRunner().invoke(app, [*args, "--json"])
     assert first.exit_code == 0, first.output
     report = json.loads(first.stdout)
-    for key in ("uniform_attention_loss_ratio", "no_temporal_conv_loss_ratio", "loss"):
+    for key in (
+        "uniform_attention_loss_ratio",
+        "no_temporal_conv_loss_ratio",
+        "no_temporal_mixing_loss_ratio",
+        "loss",
+    ):
         assert math.isfinite(report[key]) and report[key] > 0, key
     assert report["uniform_attention_loss_ratio"] == pytest.approx(
         report["uniform_attention_loss"] / report["loss"]
@@ -172,8 +177,10 @@ def test_attention_gate_command_reports_both_ratios_reproducibly(store_home: Pat
     assert len(report["layers"]) == 34  # attn1 and attn2 of 17 temporal transformers
     assert report["max_entropy"] == pytest.approx(math.log(8))
     assert 0 < report["mean_entropy"] <= report["max_entropy"]
-    # the shipped model leans on its temporal convolutions
+    # the shipped model leans on its temporal convolutions; with the attention made uniform
+    # as well, nothing but the mean of the frames passes between them: worse still
     assert report["no_temporal_conv_loss_ratio"] > 1.2
+    assert report["no_temporal_mixing_loss_ratio"] >= report["no_temporal_conv_loss_ratio"] * 0.95
 
     again = CliRunner().invoke(app, [*args, "--json"])
     assert json.loads(again.stdout) == report

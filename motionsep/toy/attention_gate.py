@@ -47,7 +47,12 @@ GATE_BATCH = 16
 UNIFORM_BAR = 1.25
 """The uniform-attention loss ratio a toy model whose attention carries motion should reach."""
 
-_CONDITIONS = ("loss", "uniform_attention_loss", "no_temporal_conv_loss")
+_CONDITIONS = (
+    "loss",
+    "uniform_attention_loss",
+    "no_temporal_conv_loss",
+    "no_temporal_mixing_loss",
+)
 
 
 def attention_gate(
@@ -72,7 +77,9 @@ def attention_gate(
         A JSON-ready dict: ``loss`` (intact), ``uniform_attention_loss``,
         ``no_temporal_conv_loss`` (means over clips and timesteps), their
         ratios to ``loss`` (``uniform_attention_loss_ratio``,
-        ``no_temporal_conv_loss_ratio``), the same per timestep
+        ``no_temporal_conv_loss_ratio``; ``no_temporal_mixing_loss_ratio``
+        with both at once, where frames see each other only through the
+        mean of all frames), the same per timestep
         (``per_timestep``, with that timestep's mean entropy), ``layers``
         (``{name, entropy}`` per temporal attention, in forward order),
         ``mean_entropy`` (mean over layers, nats), ``max_entropy``
@@ -189,7 +196,16 @@ def _ablated_losses(
         uniform = losses()
     with bypass_temporal_convs(unet):
         no_conv = losses()
-    return {"loss": intact, "uniform_attention_loss": uniform, "no_temporal_conv_loss": no_conv}
+        with uniform_temporal_attention(unet):
+            # frames see only the mean of all frames: what the world asks of frame-to-frame
+            # information beyond that mean
+            no_mixing = losses()
+    return {
+        "loss": intact,
+        "uniform_attention_loss": uniform,
+        "no_temporal_conv_loss": no_conv,
+        "no_temporal_mixing_loss": no_mixing,
+    }
 
 
 def _summarize(
@@ -235,4 +251,5 @@ def _ratios(losses: dict[str, Any]) -> dict[str, float]:
     return {
         "uniform_attention_loss_ratio": losses["uniform_attention_loss"] / losses["loss"],
         "no_temporal_conv_loss_ratio": losses["no_temporal_conv_loss"] / losses["loss"],
+        "no_temporal_mixing_loss_ratio": losses["no_temporal_mixing_loss"] / losses["loss"],
     }

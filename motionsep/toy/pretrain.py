@@ -560,8 +560,10 @@ def _load_checkpoint(run: _Run, path: Path) -> tuple[int, list[dict[str, Any]]]:
 # export
 
 
-def export_checkpoint(run_dir: Path, out: Path, force: bool = False) -> Path:
-    """Writes the newest checkpoint of an unfinished run as a model folder.
+def export_checkpoint(
+    run_dir: Path, out: Path, force: bool = False, step: int | None = None
+) -> Path:
+    """Writes the newest intact checkpoint (or that of ``step``) of a run as a model folder.
 
     The averaged U-Net and text encoder and the VAE are saved as the end of
     a run would save them, and ``toy.json`` records the run's command and
@@ -573,9 +575,15 @@ def export_checkpoint(run_dir: Path, out: Path, force: bool = False) -> Path:
     """
     import torch
 
-    found = runs.intact_checkpoint(run_dir, (TENSORS_FILE,))
+    if step is None:
+        found = runs.intact_checkpoint(run_dir, (TENSORS_FILE,))
+    else:
+        chosen = dict(runs.list_checkpoints(run_dir)).get(step)
+        found = None if chosen is None else (step, chosen)
     if found is None:
-        raise UsageError(f"no intact checkpoint in {run_dir}")
+        kept = ", ".join(str(n) for n, _ in runs.list_checkpoints(run_dir)) or "none"
+        what = "intact checkpoint" if step is None else f"checkpoint of step {step}"
+        raise UsageError(f"no {what} in {run_dir} (kept: {kept})")
     step, path = found
     config = PretrainConfig.from_dict(runs.read_state(path)["config"])
     run = _build_run(config, torch.device("cpu"))
