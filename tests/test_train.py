@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -587,3 +588,46 @@ def test_a_missing_tracker_package_is_named_with_its_install_command(
     with pytest.raises(UsageError, match=r"motionsep\[wandb\]"):
         train_motion([clips_dir / "dolly.mp4"], "w", settings, Store(tmp_path))
     assert not (tmp_path / "motions").exists() or not any((tmp_path / "motions").iterdir())
+
+
+def test_the_temporal_loss_is_the_plain_loss_plus_the_debiased_term_by_hand() -> None:
+    """loss_temporal = MSE(pred, noise) + MSE(a*pred - b*pred[f], a*noise - b*noise[f]) for the
+    step's anchor frame f, recomputed here from the U-Net's own input and output; the base
+    weights never change."""
+    import math
+
+    from motionsep.model import lora, tap
+
+    trainer = _tiny_trainer(skip_spatial=1.0)  # the temporal path alone
+    unet = trainer.components.unet
+    base = {n: p.detach().clone() for n, p in unet.named_parameters() if "lora_" not in n}
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def keep(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        seen.append((args[0].detach(), args[1].detach(), output.sample.detach().float()))
+
+    handle = unet.register_forward_hook(keep, with_kwargs=True)
+    try:
+        losses = trainer.step(0)
+    finally:
+        handle.remove()
+    ((noisy, timestep, pred),) = seen
+    alphas = trainer.components.scheduler.alphas_cumprod[timestep].view(-1, 1, 1, 1, 1)
+    latents = trainer.latents[0].unsqueeze(0).float()
+    noise = (noisy.float() - alphas.sqrt() * latents) / (1 - alphas).sqrt()
+    a, b = trainer.settings.train.debias_alpha, trainer.settings.train.debias_beta
+    plain = float(((pred - noise) ** 2).mean())
+    by_anchor = [
+        plain
+        + float(
+            ((a * pred - b * pred[:, :, f : f + 1]) - (a * noise - b * noise[:, :, f : f + 1]))
+            .pow(2)
+            .mean()
+        )
+        for f in range(noise.shape[2])
+    ]
+    assert any(math.isclose(losses["loss_temporal"], v, rel_tol=1e-4) for v in by_anchor)
+    assert not math.isclose(losses["loss_temporal"], plain, rel_tol=1e-3)
+    after = {n: p for n, p in unet.named_parameters() if "lora_" not in n}
+    assert all(torch.equal(base[n], after[n]) for n in base)  # the base model never trains
+    assert lora.adapter_parameters(unet, tap.MOTION_ADAPTER)  # (the LoRA did, above)
