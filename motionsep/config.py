@@ -256,7 +256,14 @@ class SampleSettings(_Section):
     pli: float | None = Field(
         None, gt=0, le=1, description="Phased LoRA integration: motion for this fraction of steps."
     )
-    noise_prior: float = Field(0.0, ge=0, le=1, description="Weight of the stored inversion noise.")
+    noise_prior: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Weight of the motion's stored inversion in the starting noise; null: the "
+        "recipe's (reference: 0.2, as the authors' inference script; others 0), used only when "
+        "the motion stores an inversion (train with data.inversion=true).",
+    )
     seed: int = Field(
         0, ge=0, le=MAX_SEED, description="Seed of the first video; video k uses seed + k."
     )

@@ -246,6 +246,8 @@ class SamplingPlan:
         motion_steps: Steps (the first ones) that use the motion LoRA and the
             highway; 0 without a motion.
         noise_prior: Weight p of the stored inversion in the initial latent.
+        noise_prior_source: Where ``noise_prior`` came from: ``"setting"``,
+            ``"recipe"``, or why the recipe's default was not used.
     """
 
     steps: int
@@ -261,6 +263,7 @@ class SamplingPlan:
     pli: float | None
     motion_steps: int
     noise_prior: float
+    noise_prior_source: str = "setting"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (what sidecars record under ``sample``)."""
@@ -280,6 +283,7 @@ class SamplingPlan:
             "pli": self.pli,
             "motion_steps": self.motion_steps,
             "noise_prior": self.noise_prior,
+            "noise_prior_source": self.noise_prior_source,
         }
 
 
@@ -312,10 +316,10 @@ def resolve_plan(settings: Settings, package: MotionPackage | None) -> SamplingP
         "height": sample.height,
         "frames": sample.frames,
         "negative_prompt": sample.negative_prompt,
-        "noise_prior": sample.noise_prior,
+        "noise_prior": sample.noise_prior or 0.0,
     }
     if package is None:
-        if sample.noise_prior > 0:
+        if (sample.noise_prior or 0.0) > 0:
             raise UsageError(
                 "the noise prior needs a motion: it mixes in the motion's stored inversion",
                 "pass --motion NAME, or --noise-prior 0 with --motion none",
@@ -330,6 +334,7 @@ def resolve_plan(settings: Settings, package: MotionPackage | None) -> SamplingP
             motion_steps=0,
         )
     spec = get_recipe(package.metadata.recipe)
+    common["noise_prior"], common["noise_prior_source"] = _noise_prior(sample, spec, package)
     highway = spec.has_highway if sample.highway is None else sample.highway
     # A recipe without a highway (motiondirector) has no skips to reroute even
     # when asked for one: record the truth, not the request.
@@ -347,6 +352,22 @@ def resolve_plan(settings: Settings, package: MotionPackage | None) -> SamplingP
         pli=pli,
         motion_steps=pli_steps(pli, sample.steps),
     )
+
+
+def _noise_prior(sample: Any, spec: Any, package: MotionPackage) -> tuple[float, str]:
+    """The noise prior's weight and where it came from (setting, recipe, or why not)."""
+    from motionsep.model.motion import INVERSION_FILE
+
+    if sample.noise_prior is not None:
+        return sample.noise_prior, "setting"
+    if spec.noise_prior == 0:
+        return 0.0, "recipe"
+    if INVERSION_FILE not in package.files:
+        return 0.0, (
+            f"the {spec.name.value} recipe's {spec.noise_prior:g} is not used: the motion stores "
+            "no inversion (train with --set data.inversion=true)"
+        )
+    return spec.noise_prior, "recipe"
 
 
 # ---------------------------------------------------------------------------

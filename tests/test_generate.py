@@ -17,7 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from motionsep.config import Recipe
+from motionsep.config import Recipe, load_settings
 from motionsep.errors import IncompatibleModelError, UsageError
 from motionsep.model import lora, motion, tap
 from motionsep.model.components import (
@@ -77,15 +77,16 @@ def _save_package(
     inversion: torch.Tensor | None = None,
     base_id: str | None = None,
     unet_hash: str | None = None,
+    recipe: Recipe = Recipe.PAPER,
 ) -> Path:
     unet = load_unet(model_dir)
     torch.manual_seed(0)
-    injection = tap.inject_motion_lora(unet, Recipe.PAPER, RANK)
+    injection = tap.inject_motion_lora(unet, recipe, RANK)
     with torch.no_grad():
         for param in lora.adapter_parameters(unet, tap.MOTION_ADAPTER):
             param.normal_(std=0.3)
     metadata = motion.MotionMetadata(
-        recipe=Recipe.PAPER,
+        recipe=recipe,
         lora_targets=list(injection.adapted),
         lora_rank=injection.rank,
         lora_alpha=injection.alpha,
@@ -562,3 +563,32 @@ def test_twenty_runs_of_one_generate_command_write_the_same_video(
         )  # fmt: skip
         digests.append(hashlib.sha256(target.read_bytes()).hexdigest())
     assert len(set(digests)) == 1, f"{len(set(digests))} different videos from 20 runs"
+
+
+def test_the_reference_recipe_starts_from_its_inversion_as_the_authors_script_does(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from motionsep.sample import resolve_plan
+
+    inversion = torch.randn((CLIPS, *LATENT_SHAPE), generator=torch.Generator().manual_seed(5))
+    with_inversion = motion.load_motion(
+        _save_package(
+            tmp_path / "ref", tiny_model_dir, inversion=inversion, recipe=Recipe.REFERENCE
+        )
+    )
+    without = motion.load_motion(
+        _save_package(tmp_path / "bare", tiny_model_dir, recipe=Recipe.REFERENCE)
+    )
+    settings = load_settings(preset="tiny")
+    plan = resolve_plan(settings, with_inversion)
+    assert (plan.noise_prior, plan.noise_prior_source) == (0.2, "recipe")
+    assert plan.to_dict()["noise_prior"] == 0.2  # what the sidecar records
+    bare = resolve_plan(settings, without)
+    assert bare.noise_prior == 0.0 and "stores no inversion" in bare.noise_prior_source
+    zero = load_settings(preset="tiny", set_options=["sample.noise_prior=0"])
+    chosen = resolve_plan(zero, with_inversion)
+    assert (chosen.noise_prior, chosen.noise_prior_source) == (0.0, "setting")
+    paper = motion.load_motion(
+        _save_package(tmp_path / "paper", tiny_model_dir, inversion=inversion)
+    )
+    assert resolve_plan(settings, paper).noise_prior == 0.0  # other recipes: none

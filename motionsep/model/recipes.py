@@ -61,6 +61,8 @@ class RecipeSpec:
             that block's resnets.
         pli: Default fraction of denoising steps that use the motion LoRA and
             the highway (None: all steps).
+        noise_prior: Default weight of the motion's stored inversion in the
+            starting noise (0: none).
     """
 
     name: Recipe
@@ -71,6 +73,7 @@ class RecipeSpec:
     beta_on: Literal["rerouted", "consumers"]
     beta_consumers: tuple[tuple[int, int | None], ...] = ()
     pli: float | None = None
+    noise_prior: float = 0.0
 
     @property
     def has_highway(self) -> bool:
@@ -98,6 +101,8 @@ RECIPES: dict[Recipe, RecipeSpec] = {
         beta=1.1,
         beta_on="consumers",
         beta_consumers=((1, None), (2, 0)),
+        # the authors' inference script starts from 0.2 of the clip's inversion
+        noise_prior=0.2,
     ),
     Recipe.MOTIONDIRECTOR: RecipeSpec(
         name=Recipe.MOTIONDIRECTOR,
