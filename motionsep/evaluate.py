@@ -99,12 +99,16 @@ def parse_metrics(names: Iterable[str] | None) -> tuple[str, ...] | None:
 def find_eval_videos(paths: Iterable[str | Path]) -> list[Path]:
     """Expands files and folders into videos: video files and PNG-frame folders.
 
+    The media of a ``motionsep report`` page inside a folder (``report/``
+    beside ``index.html``) are copies, not videos of their own, and are left out.
+
     Raises:
         VideoError: for a missing path or a folder without videos.
     """
+    from motionsep.report import is_report_media
     from motionsep.video import find_videos
 
-    return find_videos(paths, frame_folders=True)
+    return [p for p in find_videos(paths, frame_folders=True) if not is_report_media(p)]
 
 
 def check_video(path: Path) -> None:

@@ -99,7 +99,7 @@ def write_report(
     source: Path,
     out: Path | None = None,
     *,
-    scores: Path | None = None,
+    scores: Path | dict[str, Any] | None = None,
     references: Sequence[Path] = (),
     force: bool = False,
 ) -> Path:
@@ -109,14 +109,15 @@ def write_report(
         source: A ``toy experiment``/``demo`` folder, or a folder of videos
             with sidecars.
         out: The report folder (default ``SOURCE/report``), written atomically.
-        scores: An ``evaluate --json`` file whose per-video scores to show.
+        scores: An ``evaluate --json`` file (or its content) whose per-video
+            scores and groups to show.
         references: Reference clips to show on top (a demo or experiment
             folder brings its own).
-        force: Replace an existing report folder.
+        force: Replace an existing report folder (never a folder that is not one).
 
     Raises:
         UsageError: ``source`` is not a folder or holds no videos; ``out``
-            exists without ``force``.
+            exists without ``force``, or is something else than a report.
     """
     source = Path(source).expanduser()
     if not source.is_dir():
@@ -124,6 +125,11 @@ def write_report(
     out = Path(out).expanduser() if out is not None else source / "report"
     if out.exists() and not force:
         raise UsageError(f"{out} exists", "pass --force to replace it, or another --out")
+    if out.exists() and not (out / REPORT_FILE).is_file():
+        raise UsageError(
+            f"{out} exists and is not a report page; it is left as it is",
+            "pass another --out (or --no-report)",
+        )
     with atomic_folder(out, overwrite=force) as tmp:
         media = _Media(tmp)
         if (source / "results.json").is_file():
@@ -133,6 +139,12 @@ def write_report(
         page.references += [media.video(Path(p), [Path(p).name]) for p in references]
         (tmp / REPORT_FILE).write_text(render(page), encoding="utf-8")
     return out / REPORT_FILE
+
+
+def is_report_media(path: Path) -> bool:
+    """Whether ``path`` is one of a report page's copies (``.../media/`` beside ``index.html``)."""
+    parent = Path(path).parent
+    return parent.name == MEDIA_DIR and (parent.parent / REPORT_FILE).is_file()
 
 
 # ---------------------------------------------------------------------------
@@ -271,21 +283,23 @@ def _condition(run: dict[str, Any]) -> str:
     return f"{motion} | {recipe}" + (" + highway" if run.get("highway") else "")
 
 
-def _videos_page(source: Path, media: _Media, scores: Path | None) -> Page:
+def _videos_page(source: Path, media: _Media, scores: Path | dict[str, Any] | None) -> Page:
     """Any folder of videos with sidecars, grouped as ``evaluate`` groups them."""
-    from motionsep.evaluate import METRIC_TITLES, find_eval_videos, group_key, read_sidecar
+    from motionsep.evaluate import METRIC_TITLES, group_key, read_sidecar
 
     by_path: dict[str, dict[str, Any]] = {}
     groups_table: list[dict[str, Any]] = []
     if scores is not None:
-        report = json.loads(Path(scores).read_text(encoding="utf-8"))
+        report = (
+            scores
+            if isinstance(scores, dict)
+            else json.loads(Path(scores).read_text(encoding="utf-8"))
+        )
         by_path = {str(Path(v["path"]).resolve()): v for v in report.get("videos", [])}
         groups_table = list(report.get("groups", []))
     page = Page(title=f"videos: {source.name}")
     sections: dict[str, Section] = {}
-    for path in find_eval_videos([source]):
-        if "report" in path.relative_to(source).parts[:1]:
-            continue
+    for path in _all_videos(source):
         sidecar = read_sidecar(path)
         label = group_key(sidecar).label
         numbers = {
@@ -315,6 +329,21 @@ def _videos_page(source: Path, media: _Media, scores: Path | None) -> Page:
     if not page.sections:
         raise UsageError(f"{source} holds no videos", "pass a folder that generate wrote into")
     return page
+
+
+def _all_videos(source: Path) -> list[Path]:
+    """Every video in ``source`` and its subfolders (an ablation keeps one folder per row)."""
+    from motionsep.errors import VideoError
+    from motionsep.evaluate import find_eval_videos
+
+    found: dict[Path, None] = {}
+    for folder in [source, *sorted(p for p in source.rglob("*") if p.is_dir())]:
+        try:
+            videos = find_eval_videos([folder])
+        except VideoError:
+            continue
+        found.update({video.resolve(): None for video in videos if video.resolve() != folder})
+    return list(found)
 
 
 def _group_label(group: dict[str, Any]) -> str:

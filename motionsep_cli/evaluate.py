@@ -144,6 +144,15 @@ def evaluate(
             rich_help_panel=_ABLATION,
         ),
     ] = None,
+    no_report: Annotated[
+        bool,
+        typer.Option(
+            "--no-report",
+            help="Skip the HTML page (FOLDER/report/index.html when VIDEOS is one folder, or "
+            "the ablation's --out).",
+            rich_help_panel=_OUTPUT,
+        ),
+    ] = False,
     preset: PresetOption = None,
     config: ConfigOption = None,
     set_options: SetOption = None,
@@ -201,12 +210,33 @@ def evaluate(
         if as_json:
             emit(report.to_dict(), True)
     _show(report, title="ablation" if ablation else "evaluation")
+    folder = _report_folder(videos, report)
+    if not no_report and folder is not None:
+        from motionsep.report import write_report
+
+        scores, refs = report.to_dict(), reference or []
+        page = write_report(folder, folder / "report", scores=scores, references=refs, force=True)
+        err_console.print(f"[green]page:[/] {page} (open it in a browser)")
     if csv_file is not None:
         err_console.print(f"wrote {report.write_csv(csv_file)}")
     if plot_file is not None:
         err_console.print(f"wrote {report.plot(plot_file)}")
     if not as_json:
         emit(None, False, lines=_summary_lines(report))
+
+
+def _report_folder(videos: list[Path] | None, report: EvaluationReport) -> Path | None:
+    """Where the HTML page goes: VIDEOS when it is one folder, or the ablation's folder."""
+    import os
+
+    if videos:
+        return videos[0] if len(videos) == 1 and videos[0].is_dir() else None
+    # the ablation: its rows are folders of one output folder
+    return (
+        Path(os.path.commonpath([v.path.resolve() for v in report.videos]))
+        if report.videos
+        else None
+    )
 
 
 def _ablation(

@@ -153,7 +153,7 @@ def test_every_group_and_video_is_on_a_self_contained_page(outputs: Path, tmp_pa
     assert (Path(moved) / "index.html").is_file()
 
 
-def test_report_refuses_to_overwrite_and_names_an_empty_folder(
+def test_report_refuses_to_overwrite_what_is_not_its_own_and_names_an_empty_folder(
     outputs: Path, tmp_path: Path
 ) -> None:
     runner = CliRunner()
@@ -163,6 +163,11 @@ def test_report_refuses_to_overwrite_and_names_an_empty_folder(
     again = runner.invoke(app, ["report", str(outputs)])
     assert again.exit_code == 2 and "--force" in again.stderr
     assert runner.invoke(app, ["report", str(outputs), "--force"]).exit_code == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    kept = runner.invoke(app, ["report", str(outputs), "--out", str(mine), "--force"])
+    assert kept.exit_code == 2 and (mine / "notes.txt").read_text() == "keep me"
     empty = tmp_path / "empty"
     empty.mkdir()
     nothing = runner.invoke(app, ["report", str(empty)])
@@ -221,3 +226,19 @@ def test_a_real_browser_loads_every_video_with_its_size_and_length(
         profile=tmp_path / "p2",
     )
     assert shot.stat().st_size > 10_000
+
+
+def test_evaluate_writes_the_page_into_the_folder_and_does_not_evaluate_it_again(
+    outputs: Path, store_home: Path, tmp_path: Path
+) -> None:
+    runner = CliRunner()
+    reference = str(tmp_path / "reference.mp4")
+    args = ["evaluate", str(outputs), "--reference", reference, "--metrics", "motion", "--json"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.stderr
+    assert (outputs / "report" / "index.html").is_file()
+    again = runner.invoke(app, args)  # the page's media are not videos to score
+    assert again.exit_code == 0, again.stderr
+    assert len(json.loads(again.stdout)["videos"]) == 4
+    skipped = runner.invoke(app, [*args[:-1], "--no-report"])
+    assert skipped.exit_code == 0
