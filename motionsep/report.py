@@ -6,8 +6,9 @@ elsewhere. The page shows the reference clips on top (the motion that was
 asked for), then one section per group of videos, grouped the way
 ``evaluate`` groups them (motion, recipe, highway, PLI, seed set), each video
 looping with its prompt, seed and scores beside it, and the groups' table of
-means (± 95 % interval over seeds where the source has one). A motion's loss
-curve is shown when the source has one.
+means (± 95 % interval over seeds where the source has one). The training
+loss curve of each motion the videos name (from the store) and any
+``inspect-attention`` maps in the folder are shown below.
 
 It reads three kinds of folder:
 
@@ -243,6 +244,8 @@ def _toy_page(source: Path, media: _Media) -> Page:
     page.tables.append(_rows_table(results.get("rows", [])))
     if (source / "frames.png").is_file():
         page.images.append(("frames, left to right", media.image(source / "frames.png")))
+    if demo and settings.get("name"):
+        page.images += _motion_images([str(settings["name"])], media)
     return page
 
 
@@ -299,9 +302,13 @@ def _videos_page(source: Path, media: _Media, scores: Path | dict[str, Any] | No
         groups_table = list(report.get("groups", []))
     page = Page(title=f"videos: {source.name}")
     sections: dict[str, Section] = {}
+    motions: list[str] = []
     for path in _all_videos(source):
         sidecar = read_sidecar(path)
         label = group_key(sidecar).label
+        name = ((sidecar or {}).get("motion") or {}).get("name")
+        if name and name not in motions:
+            motions.append(str(name))
         numbers = {
             METRIC_TITLES[name]: value
             for name, value in by_path.get(str(path.resolve()), {}).items()
@@ -310,6 +317,8 @@ def _videos_page(source: Path, media: _Media, scores: Path | dict[str, Any] | No
         tile = media.video(path, [_caption(path)], numbers)
         sections.setdefault(label, Section(label)).tiles.append(tile)
     page.sections = list(sections.values())
+    page.images += _motion_images(motions, media)
+    page.images += _attention_images(source, media)
     if groups_table:
         names = list(METRIC_TITLES)
         page.tables.append(
@@ -331,6 +340,32 @@ def _videos_page(source: Path, media: _Media, scores: Path | dict[str, Any] | No
     return page
 
 
+def _motion_images(names: list[str], media: _Media) -> list[tuple[str, str]]:
+    """The loss curve of each named motion that is in the store and has one."""
+    from motionsep.config import load_settings
+    from motionsep.store import Store
+
+    motions_dir = Store(load_settings().store.home).motions_dir
+    found = []
+    for name in names:
+        curve = motions_dir / name / "loss.png"
+        if curve.is_file():
+            found.append((f"training loss of motion {name}", media.image(curve)))
+    return found
+
+
+def _attention_images(source: Path, media: _Media) -> list[tuple[str, str]]:
+    """``inspect-attention`` maps (base.png, motion.png, difference.png) found in ``source``."""
+    found = []
+    for summary in sorted(source.rglob("summary.json")):
+        for name in ("base", "motion", "difference"):
+            image = summary.parent / f"{name}.png"
+            if image.is_file():
+                title = f"temporal attention, {name}: {summary.parent.name}"
+                found.append((title, media.image(image)))
+    return found
+
+
 def _all_videos(source: Path) -> list[Path]:
     """Every video in ``source`` and its subfolders (an ablation keeps one folder per row)."""
     from motionsep.errors import VideoError
@@ -342,8 +377,19 @@ def _all_videos(source: Path) -> list[Path]:
             videos = find_eval_videos([folder])
         except VideoError:
             continue
-        found.update({video.resolve(): None for video in videos if video.resolve() != folder})
+        found.update(
+            {
+                video.resolve(): None
+                for video in videos
+                if video.resolve() != folder and not _is_attention_maps(video)
+            }
+        )
     return list(found)
+
+
+def _is_attention_maps(path: Path) -> bool:
+    """An ``inspect-attention`` folder (its PNGs are maps, not the frames of a video)."""
+    return path.is_dir() and (path / "summary.json").is_file()
 
 
 def _group_label(group: dict[str, Any]) -> str:

@@ -129,7 +129,18 @@ def _parse(text: str) -> _Page:
     return page
 
 
-def test_every_group_and_video_is_on_a_self_contained_page(outputs: Path, tmp_path: Path) -> None:
+def test_every_group_and_video_is_on_a_self_contained_page(
+    outputs: Path, tmp_path: Path, store_home: Path
+) -> None:
+    from PIL import Image
+
+    curve = store_home / "motions" / "slide" / "loss.png"  # the motion the sidecars name
+    curve.parent.mkdir(parents=True)
+    Image.new("RGB", (40, 20), "white").save(curve)
+    maps = outputs / "attention" / "slide-a-cat-0"  # what inspect-attention writes
+    maps.mkdir(parents=True)
+    (maps / "summary.json").write_text("{}")
+    Image.new("RGB", (30, 30), "gray").save(maps / "difference.png")
     page_file = write_report(
         outputs,
         tmp_path / "report",
@@ -147,7 +158,10 @@ def test_every_group_and_video_is_on_a_self_contained_page(outputs: Path, tmp_pa
         if source.endswith(".mp4"):
             assert probe(media).codec == "h264"  # the mpeg4 reference was re-encoded
     assert [row[0] for row in page.rows if row] == [HIGHWAY, PLAIN]
-    assert "0.91" in page_file.read_text()  # a video's score beside it
+    text = page_file.read_text()
+    assert "0.91" in text  # a video's score beside it
+    assert "training loss of motion slide" in text
+    assert "temporal attention, difference: slide-a-cat-0" in text
     # the page and its media are one folder: moved elsewhere, nothing breaks
     moved = shutil.move(str(page_file.parent), str(tmp_path / "elsewhere"))
     assert (Path(moved) / "index.html").is_file()
