@@ -140,7 +140,8 @@ def generate(
         float | None,
         typer.Option(
             "--noise-prior",
-            help="Weight p of the motion's stored inversion in the starting noise (0-1).",
+            help="Weight p of the motion's stored inversion in the starting noise (0-1; default: "
+            "the recipe's, 0.2 for reference when the motion stores an inversion, else 0).",
             rich_help_panel=_SAMPLING,
         ),
     ] = None,
