@@ -1073,7 +1073,7 @@ class VideoWriter:
         self.out = Path(out).expanduser()
         self.fps = fps
         self.suffix = "" if self.fmt is VideoFormat.PNG else f".{self.fmt.value}"
-        self.single = self.out.suffix.lower() in {".mp4", ".gif"}
+        self.single = format_of_output(self.out) is not None
         self.saved: list[SavedVideo] = []
         self._taken: set[Path] = set()
         if self.single:
