@@ -167,14 +167,12 @@ class _Media:
 
     def video(self, path: Path, caption: list[str], scores: dict[str, Any] | None = None) -> Tile:
         """A tile of a video file or PNG-frame folder, re-encoded if a browser cannot play it."""
-        from motionsep.video import probe
-
         if path.is_dir():
             return self.frames(_read_any(path), path.name, caption, scores)
         suffix = path.suffix.lower()
         playable = suffix == ".gif"
         if suffix == ".mp4":
-            playable = probe(path).codec == "h264" and _is_yuv420p(path)
+            playable = _is_h264_yuv420p(path)
         if not playable:
             return self.frames(_read_any(path), path.stem, caption, scores, fmt="mp4")
         target = self._name(path.stem, suffix)
@@ -209,12 +207,13 @@ def _read_any(path: Path) -> np.ndarray:
     return read_video(path)
 
 
-def _is_yuv420p(path: Path) -> bool:
+def _is_h264_yuv420p(path: Path) -> bool:
+    """Whether every browser plays this mp4 (H.264 in yuv420p), read from one open."""
     import av
 
     with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        return str(stream.codec_context.pix_fmt) == "yuv420p"
+        context = container.streams.video[0].codec_context
+        return context.name == "h264" and str(context.pix_fmt) == "yuv420p"
 
 
 # ---------------------------------------------------------------------------
