@@ -14,18 +14,26 @@ if TYPE_CHECKING:
 def resolve_device(setting: str) -> torch.device:
     """``auto`` picks CUDA, then Apple MPS, then the CPU; others are checked.
 
+    In a process started with several others (``--num-processes``,
+    torchrun), ``auto`` and ``cuda`` mean this process's own GPU,
+    ``cuda:LOCAL_RANK``.
+
     Raises:
         UsageError: if the named device is not available here.
     """
+    import os
+
     import torch
 
+    local_rank = os.environ.get("LOCAL_RANK")
+    own_gpu = f"cuda:{local_rank}" if local_rank is not None else "cuda"
     if setting == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device(own_gpu)
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(setting)
+    device = torch.device(own_gpu if setting == "cuda" else setting)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(
             f"model.device is {setting!r} but this torch has no CUDA device",

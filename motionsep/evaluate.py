@@ -37,6 +37,7 @@ from motionsep import metrics
 from motionsep import sample as sampling
 from motionsep.config import Recipe, Settings
 from motionsep.errors import ModelNotFoundError, UsageError, VideoError
+from motionsep.launch import SINGLE, Shard
 from motionsep.progress import Progress, or_null
 
 if TYPE_CHECKING:
@@ -845,8 +846,9 @@ def run_ablation(
     batch_size: int | None = None,
     scorer: metrics.ClipScorer | None = None,
     metric_names: Sequence[str] | None = None,
+    shard: Shard | None = None,
     progress: Progress | None = None,
-) -> AblationResult:
+) -> AblationResult | None:
     """Generates the paper's ablation over prompts and seeds, then evaluates it.
 
     Rows (:data:`ABLATION_ROWS`): the base model alone; the MotionDirector
@@ -872,7 +874,14 @@ def run_ablation(
         batch_size: Videos denoised together (None: ``sample.batch_size``).
         scorer: A loaded CLIP to use instead of ``settings.eval.clip_model``.
         metric_names: As :func:`evaluate_videos`.
+        shard: This process's share when several processes split the
+            generation (:func:`motionsep.launch.current_shard`): batch i of
+            the missing videos is this process's when ``i % count == rank``;
+            the main process then scores every video.
         progress: Receives generation's and evaluation's tasks.
+
+    Returns:
+        The result; None in the other processes of a shared run.
 
     Raises:
         UsageError: for a motiondirector motion, no prompts, or fewer than one seed.
@@ -911,13 +920,16 @@ def run_ablation(
 
     batch = settings.sample.batch_size if batch_size is None else batch_size
     context = _AblationContext(out, model, dtype, seed_list, fps, batch, progress)
-    paths: list[Path] = []
-    generated = reused = 0
-    for row in rows:
-        row_paths, row_generated = _ablation_row(row, prompts, settings, package, context)
-        paths += row_paths
-        generated += row_generated
-        reused += len(row_paths) - row_generated
+    paths, batches = _ablation_work(rows, prompts, settings, package, context)
+    shard = shard or SINGLE
+    shard.barrier()  # every process has listed the missing videos before any is written
+    for work in shard.take(batches):
+        _generate_ablation_batch(work, context)
+    shard.barrier()  # every process's videos are written before any is scored
+    if not shard.is_main:
+        return None
+    generated = sum(len(work.videos) for work in batches)
+    reused = len(paths) - generated
 
     report = evaluate_videos(
         paths,
@@ -968,60 +980,76 @@ class _AblationContext:
     components: Components | None = None
 
 
-def _ablation_row(
-    row: AblationRow,
+@dataclass(frozen=True)
+class _AblationBatch:
+    """Missing videos of one row and seed that are denoised together: (prompt, key, target)."""
+
+    row: AblationRow
+    settings: Settings
+    seed: int
+    videos: list[tuple[str, str, Path]]
+
+
+def _ablation_work(
+    rows: list[AblationRow],
     prompts: list[str],
     settings: Settings,
     package: MotionPackage,
     context: _AblationContext,
-) -> tuple[list[Path], int]:
-    """Generates the row's missing videos (each prompt and seed); reuses the rest.
+) -> tuple[list[Path], list[_AblationBatch]]:
+    """Every video path of the ablation, and the batches of those still to generate.
 
-    Returns:
-        Every video path of the row, and how many were generated now.
+    A video whose file and sidecar (with its key) exist is reused. The
+    missing videos of each row and seed are cut into batches of
+    ``context.batch_size`` in prompt order, the batches one process would
+    denoise, so processes that share the batches make the same videos.
     """
-    row_settings = _row_settings(settings, row)
-    plan = sampling.resolve_plan(row_settings, row.motion)
-    if row.motion is not None and row.motion is not package:
-        # The baseline must share the base model's architecture; say so before generating.
-        sampling.resolve_model(row_settings, row.motion)
-    model, paths, generated = context.model, [], 0
-    for seed in context.seeds:
-        missing: list[tuple[str, str, Path]] = []
-        for text in prompts:
-            key = ablation_key(plan, row.motion, model, context.dtype, text, seed, context.fps)
-            name = f"{sampling.slugify(text, 40)}-{seed}-{key[:12]}.mp4"
-            target = context.out / row.slug / name
-            paths.append(target)
-            if not _reusable(target, key):
-                missing.append((text, key, target))
-        if not missing:
-            continue
-        if context.components is None:
-            or_null(context.progress).log(f"loading {model.id} from {model.path}")
-            context.components = sampling.load_generation_model(settings, model)
-        seed_settings = row_settings.model_copy(deep=True)
-        seed_settings.sample.seed = seed
-        seed_settings.sample.num_videos = 1
-        videos = sampling.generate_videos(
-            [text for text, _, _ in missing],
-            seed_settings,
-            row.motion,
-            components=context.components,
-            model=model,
-            batch_size=context.batch_size,
-            progress=context.progress,
-        )
-        for video, (_, key, target) in zip(videos, missing, strict=True):
-            record = {
-                **video.record,
-                "ablation": {"variant": row.name, "key": key, "seeds": context.seeds},
-            }
-            sampling.save_videos(
-                [dataclasses.replace(video, record=record)], target, fps=context.fps
-            )
-            generated += 1
-    return paths, generated
+    model, paths, batches = context.model, [], []
+    for row in rows:
+        row_settings = _row_settings(settings, row)
+        plan = sampling.resolve_plan(row_settings, row.motion)
+        if row.motion is not None and row.motion is not package:
+            # The baseline must share the base model's architecture; say so before generating.
+            sampling.resolve_model(row_settings, row.motion)
+        for seed in context.seeds:
+            missing: list[tuple[str, str, Path]] = []
+            for text in prompts:
+                key = ablation_key(plan, row.motion, model, context.dtype, text, seed, context.fps)
+                name = f"{sampling.slugify(text, 40)}-{seed}-{key[:12]}.mp4"
+                target = context.out / row.slug / name
+                paths.append(target)
+                if not _reusable(target, key):
+                    missing.append((text, key, target))
+            seed_settings = row_settings.model_copy(deep=True)
+            seed_settings.sample.seed = seed
+            seed_settings.sample.num_videos = 1
+            for start in range(0, len(missing), context.batch_size):
+                chunk = missing[start : start + context.batch_size]
+                batches.append(_AblationBatch(row, seed_settings, seed, chunk))
+    return paths, batches
+
+
+def _generate_ablation_batch(batch: _AblationBatch, context: _AblationContext) -> int:
+    """Generates and writes one batch of ablation videos; how many it wrote."""
+    if context.components is None:
+        or_null(context.progress).log(f"loading {context.model.id} from {context.model.path}")
+        context.components = sampling.load_generation_model(batch.settings, context.model)
+    videos = sampling.generate_videos(
+        [text for text, _, _ in batch.videos],
+        batch.settings,
+        batch.row.motion,
+        components=context.components,
+        model=context.model,
+        batch_size=context.batch_size,
+        progress=context.progress,
+    )
+    for video, (_, key, target) in zip(videos, batch.videos, strict=True):
+        record = {
+            **video.record,
+            "ablation": {"variant": batch.row.name, "key": key, "seeds": context.seeds},
+        }
+        sampling.save_videos([dataclasses.replace(video, record=record)], target, fps=context.fps)
+    return len(videos)
 
 
 def _row_settings(settings: Settings, row: AblationRow) -> Settings:

@@ -54,6 +54,7 @@ import numpy as np
 import motionsep
 from motionsep.config import Settings, VideoFormat, load_settings
 from motionsep.errors import PackageError, UsageError
+from motionsep.launch import SINGLE, Shard
 from motionsep.model import lora, tap
 from motionsep.model.motion import INVERSION_FILE, MotionPackage
 from motionsep.model.recipes import get_recipe
@@ -731,6 +732,7 @@ def iter_videos(
     model: ModelRef | None = None,
     offload: bool | None = None,
     batch_size: int | None = None,
+    shard: Shard | None = None,
     progress: Progress | None = None,
 ) -> Iterator[GeneratedVideo]:
     """Generates ``settings.sample.num_videos`` videos of every prompt, yielding each when done.
@@ -756,10 +758,16 @@ def iter_videos(
             guidance). Grouping does not change a video's starting noise;
             results agree across batch sizes to float rounding. None:
             ``sample.batch_size``.
+        shard: This process's share when several processes split the work
+            (:func:`motionsep.launch.current_shard`): the batches are formed
+            as in one process and batch i is this process's when
+            ``i % shard.count == shard.rank``, so each video is made once,
+            with the same batch mates, whichever process makes it.
         progress: Receives the ``"videos"`` and ``"denoise"`` tasks.
 
     Yields:
-        One :class:`GeneratedVideo` per (prompt, k), prompts in order.
+        One :class:`GeneratedVideo` per (prompt, k) of this process's share,
+        prompts in order.
 
     Raises:
         UsageError: for no prompts, a bad batch size, or a noise prior the
@@ -798,10 +806,11 @@ def iter_videos(
         components, [plan.negative_prompt, *prompts] if guided else prompts, device, offload
     )
     batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
+    numbered = (shard or SINGLE).take(list(enumerate(batches, start=1)))
     base_record = _base_record(settings, plan, motion, model, unet.dtype, device)
 
-    events.start("videos", total=len(jobs), unit="video")
-    events.start("denoise", total=len(batches) * plan.steps, unit="step")
+    events.start("videos", total=sum(len(b) for _, b in numbered), unit="video")
+    events.start("denoise", total=len(numbered) * plan.steps, unit="step")
     with contextlib.ExitStack() as stack:
         if motion is not None:
             apply_motion(unet, motion)
@@ -812,7 +821,7 @@ def iter_videos(
             highway = stack.enter_context(
                 recipe_highway(unet, motion.metadata.recipe, plan.highway_beta, enabled=True)
             )
-        for number, batch in enumerate(batches, start=1):
+        for number, batch in numbered:
             yield from _generate_batch(
                 batch,
                 f"{number}/{len(batches)}",
@@ -1076,6 +1085,7 @@ class VideoWriter:
         self.single = format_of_output(self.out) is not None
         self.saved: list[SavedVideo] = []
         self._taken: set[Path] = set()
+        self._reserved: dict[tuple[int, int], tuple[Path, str, int]] = {}
         if self.single:
             if count != 1:
                 raise UsageError(
@@ -1102,12 +1112,48 @@ class VideoWriter:
         self._taken.add(candidate)
         return candidate
 
+    def reserve(self, prompts: Sequence[str], num_videos: int, seed: int) -> list[dict[str, Any]]:
+        """Names every video of a run up front (video k of each prompt has seed ``seed + k``).
+
+        Several processes sharing one run each reserve the same names from
+        the same folder before any of them writes (:meth:`write` then uses
+        them), so a video's name does not depend on which process made it
+        or when.
+
+        Returns:
+            What :meth:`SavedVideo.to_dict` will say of each video, in the
+            order of the prompts and then k.
+        """
+        planned = []
+        for p, prompt in enumerate(prompts):
+            for k in range(num_videos):
+                seed_k = video_seed(seed, k)
+                target = self.target(prompt, seed_k)
+                self._reserved[(p, k)] = (target, prompt, seed_k)
+                planned.append(
+                    {
+                        "path": str(target),
+                        "sidecar": str(sidecar_path(target)),
+                        "prompt": prompt,
+                        "seed": seed_k,
+                        "video_index": k,
+                    }
+                )
+        return planned
+
     def write(self, video: GeneratedVideo) -> SavedVideo:
         """Writes one video and then its sidecar; returns where they went."""
         from motionsep.store import atomic_write_bytes
         from motionsep.video import write_video
 
-        target = self.target(video.prompt, video.seed)
+        reserved = self._reserved.get((video.prompt_index, video.video_index))
+        target = reserved[0] if reserved else self.target(video.prompt, video.seed)
+        if reserved and (target.exists() or sidecar_path(target).exists()):
+            raise UsageError(
+                f"{target} was written by someone else while this run was making it "
+                "(another run writing to the same folder?); it was left as it is",
+                "pass another --out",
+            )
         target.parent.mkdir(parents=True, exist_ok=True)
         write_video(video.frames, target, fps=self.fps, format=self.fmt.value)
         sidecar = sidecar_path(target)

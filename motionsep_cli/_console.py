@@ -24,7 +24,8 @@ err_console = Console(stderr=True, highlight=False)
 class RichProgress:
     """Renders the library's progress events (motionsep.progress.Progress) with rich."""
 
-    def __init__(self, console: Console | None = None) -> None:
+    def __init__(self, console: Console | None = None, enabled: bool = True) -> None:
+        """``enabled=False``: show nothing (the other processes of a launched run)."""
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -34,6 +35,7 @@ class RichProgress:
             TimeRemainingColumn(),
             console=console or err_console,
             transient=False,
+            disable=not enabled,
         )
         self._tasks: dict[str, TaskID] = {}
 
@@ -59,7 +61,8 @@ class RichProgress:
             self._progress.update(task_id, total=self._progress.tasks[task_id].completed)
 
     def log(self, message: str) -> None:
-        self._progress.console.print(message)
+        if not self._progress.disable:
+            self._progress.console.print(message)
 
 
 def _short(value: Any) -> str:

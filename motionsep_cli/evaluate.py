@@ -144,6 +144,16 @@ def evaluate(
             rich_help_panel=_ABLATION,
         ),
     ] = None,
+    num_processes: Annotated[
+        int,
+        typer.Option(
+            "--num-processes",
+            min=1,
+            help="Processes (GPUs) to share the ablation's videos (whole batches each; the "
+            "same files as one process); the first one scores them.",
+            rich_help_panel=_ABLATION,
+        ),
+    ] = 1,
     no_report: Annotated[
         bool,
         typer.Option(
@@ -174,7 +184,12 @@ def evaluate(
                 "--ablation needs --motion NAME and --prompts-file FILE",
                 "e.g. motionsep evaluate --ablation --motion dolly --prompts-file prompts.txt",
             )
-        report = _ablation(
+        from motionsep.launch import in_distributed_run, relaunch
+
+        if num_processes > 1 and not in_distributed_run():
+            err_console.print(f"launching {num_processes} processes")
+            raise SystemExit(relaunch(num_processes))
+        shared = _ablation(
             motion,
             prompts_file,
             seeds,
@@ -188,6 +203,9 @@ def evaluate(
             as_json,
             metric_names,
         )
+        if shared is None:
+            return  # another process of the run scores and reports
+        report = shared
     else:
         if not videos:
             raise UsageError(
@@ -252,9 +270,12 @@ def _ablation(
     set_options: list[str] | None,
     as_json: bool,
     metric_names: tuple[str, ...] | None,
-) -> EvaluationReport:
+) -> EvaluationReport | None:
+    """Runs the ablation; None in the processes of a shared run that do not score it."""
+    from motionsep.devices import resolve_device
     from motionsep.errors import UsageError
     from motionsep.evaluate import run_ablation
+    from motionsep.launch import current_shard
     from motionsep.sample import load_motion_and_settings, read_prompts_file
 
     package, settings = load_motion_and_settings(
@@ -264,11 +285,14 @@ def _ablation(
         raise UsageError("--ablation needs a learned motion", "pass --motion NAME")
     prompts = read_prompts_file(prompts_file)
     target = out if out is not None else Path("outputs") / f"ablation-{package.name}"
-    err_console.print(
-        f"ablation of motion {package.name} ({package.metadata.recipe.value}): "
-        f"{len(prompts)} prompt(s) x {seeds} seed(s) into {target}"
-    )
-    with RichProgress() as progress:
+    shard = current_shard(resolve_device(settings.model.device).type)
+    if shard.is_main:
+        err_console.print(
+            f"ablation of motion {package.name} ({package.metadata.recipe.value}): "
+            f"{len(prompts)} prompt(s) x {seeds} seed(s) into {target}"
+            + (f", {shard.count} processes" if shard.count > 1 else "")
+        )
+    with RichProgress(enabled=shard.is_main) as progress:
         result = run_ablation(
             package,
             prompts,
@@ -278,8 +302,11 @@ def _ablation(
             references=reference,
             batch_size=batch_size,
             metric_names=metric_names,
+            shard=shard,
             progress=progress,
         )
+    if result is None:
+        return None
     err_console.print(f"generated {result.generated} video(s), reused {result.reused}")
     if as_json:
         emit(result.to_dict(), True)

@@ -179,11 +179,22 @@ def generate(
             min=1,
         ),
     ] = None,
+    num_processes: Annotated[
+        int,
+        typer.Option(
+            "--num-processes",
+            min=1,
+            help="Processes (GPUs) to share the videos: whole batches each, every video written "
+            "once, the same files as one process. Or start under `accelerate launch`/torchrun.",
+        ),
+    ] = 1,
     as_json: JsonOption = False,
     preset: PresetOption = None,
     config: ConfigOption = None,
     set_options: SetOption = None,
 ) -> None:
+    from motionsep.devices import resolve_device
+    from motionsep.launch import current_shard, in_distributed_run, relaunch
     from motionsep.sample import (
         VideoWriter,
         format_of_output,
@@ -193,6 +204,9 @@ def generate(
         resolve_model,
     )
 
+    if num_processes > 1 and not in_distributed_run():
+        err_console.print(f"launching {num_processes} processes")
+        raise SystemExit(relaunch(num_processes))
     width, height = _parse_size(size)
     video_format = video_format or format_of_output(out)
     overrides: dict[str, Any] = {
@@ -222,42 +236,61 @@ def generate(
     )
     sample = settings.sample
 
+    shard = current_shard(resolve_device(settings.model.device).type)
+    say = err_console.print if shard.is_main else _quiet
+
     all_prompts, from_preset = gather_prompts(prompts or [], prompts_file, settings)
     if from_preset:
-        err_console.print(f"no prompt given: using the {len(all_prompts)} preset prompt(s)")
+        say(f"no prompt given: using the {len(all_prompts)} preset prompt(s)")
     if package is None and highway:
-        err_console.print("[yellow]note:[/] --highway has no effect with --motion none")
+        say("[yellow]note:[/] --highway has no effect with --motion none")
     target = out if out is not None else Path("outputs")
     total = len(all_prompts) * sample.num_videos
     # Fail on a bad --out before spending minutes on denoising.
     writer = VideoWriter(target, sample.format, sample.fps, count=total)
+    planned = None
+    if shard.count > 1:
+        # every process names every video before any process writes one
+        planned = writer.reserve(all_prompts, sample.num_videos, sample.seed)
+        shard.barrier()
     ref = resolve_model(settings, package)
     what = f"motion {package.name} ({package.metadata.recipe.value})" if package else "no motion"
-    err_console.print(
+    say(
         f"generating {total} video(s) with {what} on "
         f"{ref.id}: {sample.frames} frames {sample.width}x{sample.height}, "
         f"{sample.steps} steps, guidance {sample.guidance:g}"
+        + (f", {shard.count} processes" if shard.count > 1 else "")
     )
     try:
-        with RichProgress() as progress:
+        with RichProgress(enabled=shard.is_main) as progress:
             videos = iter_videos(
                 all_prompts,
                 settings,
                 package,
                 model=ref,
+                shard=shard,
                 progress=progress,
             )
             for video in videos:
                 writer.write(video)  # each video is kept the moment it is done
     except KeyboardInterrupt:
         err_console.print(
-            f"interrupted: {len(writer.saved)} of {total} video(s) were written, each complete "
-            "with its sidecar"
+            f"interrupted: {len(writer.saved)} of {total} video(s) were written"
+            + (f" by process {shard.rank}" if shard.count > 1 else "")
+            + ", each complete with its sidecar"
         )
-        _emit_saved(writer.saved, as_json)
+        _emit_saved([item.to_dict() for item in writer.saved], as_json)
         raise
-    _emit_saved(writer.saved, as_json)
+    shard.barrier()
+    if planned is None:
+        _emit_saved([item.to_dict() for item in writer.saved], as_json)
+    elif shard.is_main:
+        _emit_saved(planned, as_json)
 
 
-def _emit_saved(saved: list[Any], as_json: bool) -> None:
-    emit([item.to_dict() for item in saved], as_json, lines=[str(item.path) for item in saved])
+def _quiet(*_: Any, **__: Any) -> None:
+    """Where the other processes' messages go (only the main process talks)."""
+
+
+def _emit_saved(saved: list[dict[str, Any]], as_json: bool) -> None:
+    emit(saved, as_json, lines=[item["path"] for item in saved])

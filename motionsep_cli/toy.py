@@ -115,6 +115,14 @@ def pretrain(
             help="Leave the object, colour and background out of captions this often (each).",
         ),
     ] = None,
+    motion_dropout: Annotated[
+        float | None,
+        typer.Option(
+            "--motion-dropout",
+            help="Leave the motion phrase out of captions this often (the frames must then "
+            "tell each other which way the object moves).",
+        ),
+    ] = None,
     trail_opacity: Annotated[
         float | None,
         typer.Option(
@@ -177,6 +185,7 @@ def pretrain(
         "vae_from": vae_from,
         "trail_opacity": trail_opacity,
         "conv_skip": conv_skip,
+        "motion_dropout": motion_dropout,
     }
     config = PretrainConfig.from_dict({k: v for k, v in values.items() if v is not None})
     # the equivalent command line, rebuilt from the parsed options

@@ -102,6 +102,7 @@ def train(
     ] = False,
     as_json: JsonOption = False,
 ) -> None:
+    from motionsep.launch import in_distributed_run, is_main_process, relaunch
     from motionsep.store import Store
     from motionsep.train import resume_command_line, train_motion
 
@@ -118,18 +119,19 @@ def train(
         },
     }
     settings = settings_from_cli(preset, config, set_options, overrides)
-    if settings.train.num_processes > 1 and not _in_distributed_run():
-        raise SystemExit(_relaunch(settings.train.num_processes))
+    if settings.train.num_processes > 1 and not in_distributed_run():
+        err_console.print(f"launching {settings.train.num_processes} processes")
+        raise SystemExit(relaunch(settings.train.num_processes))
     store = Store(settings.store.home)
     command = resume_command_line(sys.argv[1:])
-    if _is_main_process():
+    if is_main_process():
         if verbose:
             err_console.print("[bold]settings[/]")
             err_console.print(settings.to_yaml().rstrip(), markup=False, highlight=False)
         else:
             for line in _summary(settings, clips, name, store, command):
                 err_console.print(line, markup=False, highlight=False, soft_wrap=True)
-    if _is_main_process():
+    if is_main_process():
         with RichProgress() as progress:
             result = train_motion(
                 clips,
@@ -143,7 +145,7 @@ def train(
             )
     else:
         result = train_motion(clips, name, settings, store, resume=resume, force=force)
-    if _is_main_process():
+    if is_main_process():
         loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
         err_console.print(
             f"[green]trained[/] {result.name}: {result.steps} steps in {result.seconds:.1f}s, "
@@ -170,36 +172,3 @@ def _summary(
         f"  resume   {command}",
         "  (--verbose prints every setting; `motionsep config` shows them without training)",
     ]
-
-
-def _in_distributed_run() -> bool:
-    import os
-
-    return "LOCAL_RANK" in os.environ or "RANK" in os.environ
-
-
-def _is_main_process() -> bool:
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _relaunch(processes: int) -> int:
-    """Runs this same command under torch.distributed.run with N processes."""
-    import os
-    import subprocess
-
-    err_console.print(f"launching {processes} processes (torch.distributed.run)")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={processes}",
-        "-m",
-        "motionsep_cli",
-        *sys.argv[1:],
-    ]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.call(command, env=env)

@@ -317,3 +317,43 @@ def test_cli_usage_errors(clip_store: Path) -> None:
     assert _cli().exit_code == 2
     assert "--motion" in _cli("--ablation").stderr
     assert "do not pass VIDEOS" in _cli("--ablation", "x.mp4").stderr
+
+
+@pytest.mark.slow
+def test_ablation_shared_by_two_processes_writes_the_same_files_as_one(
+    clip_store: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """evaluate --ablation --num-processes 2 (torchrun): the same videos, scored once."""
+    import os
+    import subprocess
+    import sys
+
+    _install_motion(clip_store, tiny_model_dir, "zoom", Recipe.PAPER)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cup\na red car\na dog\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOTIONSEP_")}
+    env.update(MOTIONSEP_HOME=str(clip_store), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+    def run(out: Path, *extra: str) -> dict[str, Any]:
+        command = [
+            sys.executable, "-m", "motionsep_cli", "evaluate", "--ablation", "--motion", "zoom",
+            "--prompts-file", str(prompts), "--out", str(out), "--batch-size", "2",
+            "--set", "sample.steps=1", "--no-report", "--json", *extra,
+        ]  # fmt: skip
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)  # one JSON document: only the first process prints
+
+    alone = run(tmp_path / "one")
+    shared = run(tmp_path / "two", "--num-processes", "2")
+    assert shared["generated"] == alone["generated"] == 12 and shared["reused"] == 0
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.mp4"))
+    assert len(files) == 12
+    assert files == sorted(
+        p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.mp4")
+    )
+    for name in files:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    assert [Path(v["path"]).name for v in shared["videos"]] == [
+        Path(v["path"]).name for v in alone["videos"]
+    ]

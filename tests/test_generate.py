@@ -592,3 +592,47 @@ def test_the_reference_recipe_starts_from_its_inversion_as_the_authors_script_do
         _save_package(tmp_path / "paper", tiny_model_dir, inversion=inversion)
     )
     assert resolve_plan(settings, paper).noise_prior == 0.0  # other recipes: none
+
+
+def test_two_processes_write_exactly_the_files_one_process_writes(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """--num-processes 2 splits a prompts file's batches; same names, same frames, once each."""
+    import os
+    import subprocess
+    import sys
+
+    from motionsep.video import read_frames
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red car\na blue boat\n# a comment\na green tree\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOTIONSEP_")}
+    # one thread in every process: the sharded run's processes get one each
+    env.update(MOTIONSEP_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+    def run(out: Path, *extra: str) -> list[str]:
+        command = [
+            sys.executable, "-m", "motionsep_cli", "generate", "--motion", "none",
+            "--model", str(tiny_model_dir), "--prompts-file", str(prompts), "--out", str(out),
+            "--size", "16x16", "--frames", "2", "--steps", "2", "-n", "2", "--batch-size", "2",
+            *extra,
+        ]  # fmt: skip
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    one = run(tmp_path / "one")
+    two = run(tmp_path / "two", "--num-processes", "2")
+    assert [Path(p).name for p in two] == [Path(p).name for p in one]  # printed once, in order
+    assert len(one) == 6
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == names  # nothing extra, no -2
+    for name in names:
+        a, b = tmp_path / "one" / name, tmp_path / "two" / name
+        if name.endswith(".mp4"):
+            assert np.array_equal(read_frames(a), read_frames(b)), name
+            assert a.read_bytes() == b.read_bytes(), name
+        else:
+            left, right = json.loads(a.read_text()), json.loads(b.read_text())
+            left.pop("created"), right.pop("created")
+            assert left == right, name

@@ -119,10 +119,28 @@ def test_partial_captions_leave_out_what_they_drop() -> None:
     )
     assert world.partial_prompt(spec, False, True, False) == "moving right"
     assert world.partial_prompt(spec, True, True, False) == "an orange circle moving right"
-    for keep in np.ndindex(2, 2, 2):
+    assert world.partial_prompt(spec, True, True, True, keep_motion=False) == (
+        "an orange circle on a striped gray background"
+    )
+    for keep in np.ndindex(2, 2, 2, 2):
         assert set(world.partial_prompt(spec, *map(bool, keep)).split()) <= set(world.vocabulary())
     unnamed = world.ClipSpec("magenta", "circle", "gray", "dotted", "up")
     assert world.partial_prompt(unnamed, True, True, True) == "moving up"
+    assert world.partial_prompt(unnamed, True, True, True, keep_motion=False) == ""
+
+
+def test_motion_dropout_drops_only_the_motion_phrase_and_keeps_the_other_captions() -> None:
+    from motionsep.toy.pretrain import clip_batch
+
+    frames, _, plain = clip_batch(3, 5, 16, attribute_dropout=0.2)
+    again, _, dropped = clip_batch(3, 5, 16, attribute_dropout=0.2, motion_dropout=0.5)
+    assert np.array_equal(frames, again)
+    phrases = tuple(world.MOTION_PHRASES.values())
+    changed = [(a, b) for a, b in zip(plain, dropped, strict=True) if a != b]
+    assert changed and len(changed) < len(plain)
+    for full, short in changed:
+        assert any(p in full for p in phrases) and not any(p in short for p in phrases)
+        assert set(short.split()) <= set(full.split())
 
 
 def test_a_fainter_trail_keeps_the_object_and_fades_only_the_trail() -> None:

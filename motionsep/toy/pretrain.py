@@ -75,6 +75,7 @@ class PretrainConfig:
     vae_from: str = ""
     trail_opacity: float = world.TRAIL_OPACITY
     conv_skip: float = 0.0
+    motion_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -113,6 +114,8 @@ class PretrainConfig:
             problems.append(
                 f"trail_opacity must be in [0, {world.TRAIL_OPACITY}] (got {self.trail_opacity})"
             )
+        if not 0 <= self.motion_dropout < 1:
+            problems.append(f"motion_dropout must be in [0, 1) (got {self.motion_dropout})")
         if not 0 <= self.conv_skip < 1:
             problems.append(f"conv_skip must be in [0, 1) (got {self.conv_skip})")
         if self.vae_from and self.vae_steps:
@@ -157,6 +160,7 @@ def clip_batch(
     speed_jitter: float = 0.0,
     attribute_dropout: float = 0.0,
     trail_opacity: float = world.TRAIL_OPACITY,
+    motion_dropout: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Frames (B, F, H, W, 3) uint8, object-and-trail masks (B, F, H, W) and captions.
 
@@ -166,19 +170,21 @@ def clip_batch(
     ``attribute_dropout`` leaves the object phrase, the colour word and the
     background phrase each out of the caption with that probability
     (:func:`motionsep.toy.world.partial_prompt`); ``trail_opacity`` is the
-    motion trail's.
+    motion trail's; ``motion_dropout`` leaves the motion phrase out that
+    often (its own random stream, so the other captions stay as they were).
     """
     clips = list(
         world.batch(seed, step, size, speed_jitter=speed_jitter, trail_opacity=trail_opacity)
     )
     frames = np.stack([c.frames for c in clips])
     masks = np.stack([np.maximum(c.masks, c.trails) for c in clips])
-    if not attribute_dropout:
+    if not attribute_dropout and not motion_dropout:
         return frames, masks, [c.spec.prompt for c in clips]
     keep = np.random.default_rng([seed, step, 8]).random((size, 3)) >= attribute_dropout
+    keep_motion = np.random.default_rng([seed, step, 10]).random(size) >= motion_dropout
     captions = [
-        world.partial_prompt(c.spec, bool(k[0]), bool(k[1]), bool(k[2]))
-        for c, k in zip(clips, keep, strict=True)
+        world.partial_prompt(c.spec, bool(k[0]), bool(k[1]), bool(k[2]), bool(m))
+        for c, k, m in zip(clips, keep, keep_motion, strict=True)
     ]
     return frames, masks, captions
 
@@ -215,7 +221,13 @@ class _Run:
         """Renders the clips of global step ``step`` here (the prefetcher's workers call it too)."""
         cfg = self.config
         return clip_batch(
-            cfg.seed, step, size, cfg.speed_jitter, cfg.attribute_dropout, cfg.trail_opacity
+            cfg.seed,
+            step,
+            size,
+            cfg.speed_jitter,
+            cfg.attribute_dropout,
+            cfg.trail_opacity,
+            cfg.motion_dropout,
         )
 
     def batch_size(self, step: int) -> int:
@@ -432,6 +444,7 @@ class _Prefetcher:
                 cfg.speed_jitter,
                 cfg.attribute_dropout,
                 cfg.trail_opacity,
+                cfg.motion_dropout,
             )
             self.next += 1
         future = self.pending.pop(step, None)

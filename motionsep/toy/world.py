@@ -179,20 +179,26 @@ def prompt_for(color: str, shape: str, background: str, texture: str, motion: st
 
 
 def partial_prompt(
-    spec: ClipSpec, keep_object: bool, keep_color: bool, keep_background: bool
+    spec: ClipSpec,
+    keep_object: bool,
+    keep_color: bool,
+    keep_background: bool,
+    keep_motion: bool = True,
 ) -> str:
     """The caption of ``spec`` with some of its look left out.
 
     ``keep_object=False`` drops the whole noun phrase (``moving right on a
     striped gray background``), ``keep_color=False`` the colour word
     (``a circle moving right ...``), ``keep_background=False`` the
-    background phrase (``a red circle moving right``). Pretraining on such
+    background phrase (``a red circle moving right``), ``keep_motion=False``
+    the motion phrase (``a red circle on a striped gray background``: the
+    frames alone then tell which way the object moves). Pretraining on such
     captions teaches the model what to draw when a caption leaves part of
     the look open, which is what a reference clip captioned by its motion
     alone asks for.
     """
     if not spec.named:
-        return motion_caption(spec.motion)
+        return motion_caption(spec.motion) if keep_motion else ""
     words = []
     if keep_object:
         if keep_color:
@@ -200,7 +206,8 @@ def partial_prompt(
         else:
             words.append("a")
         words.append(spec.shape)
-    words.append(MOTION_PHRASES[spec.motion])
+    if keep_motion:
+        words.append(MOTION_PHRASES[spec.motion])
     if keep_background:
         words.append(f"on a {spec.texture} {spec.background} background")
     return " ".join(words)
