@@ -171,6 +171,7 @@ class Trainer:
         """One optimizer step; returns the losses of this process."""
         import torch
         import torch.nn.functional as F
+        from torch.profiler import record_function  # labels for bench/profile_train.py
 
         from motionsep.model import lora, tap
 
@@ -202,13 +203,19 @@ class Trainer:
         with self._only_spatial(spatial_name), self.accelerator.autocast():
             if not skip_spatial:
                 one = slice(frame, frame + 1)
-                with lora.adapter_enabled(unet, False, tap.MOTION_ADAPTER):
+                with (
+                    lora.adapter_enabled(unet, False, tap.MOTION_ADAPTER),
+                    record_function("motionsep.spatial_path"),
+                ):
                     pred = unet(noisy[:, :, one], timesteps, encoder_hidden_states=prompt).sample
                     loss_spatial = F.mse_loss(pred.float(), noise[:, :, one].float())
                     losses["loss_spatial"] = float(loss_spatial.detach())
                     if math.isfinite(losses["loss_spatial"]):
                         self.accelerator.backward(loss_spatial)
-            with _frozen(lora.adapter_parameters(unet, spatial_name)):
+            with (
+                _frozen(lora.adapter_parameters(unet, spatial_name)),
+                record_function("motionsep.temporal_path"),
+            ):
                 pred = unet(noisy, timesteps, encoder_hidden_states=prompt).sample.float()
                 target = noise.float()
                 loss_plain = F.mse_loss(pred, target)
@@ -224,15 +231,16 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     return losses
                 self.accelerator.backward(loss_temporal)
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if self.accelerator.num_processes > 1:
-            self._average_gradients(params)
-        max_norm = self.settings.optim.max_grad_norm
-        if max_norm is not None:
-            self.accelerator.clip_grad_norm_(params, max_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with record_function("motionsep.optimizer"):
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            if self.accelerator.num_processes > 1:
+                self._average_gradients(params)
+            max_norm = self.settings.optim.max_grad_norm
+            if max_norm is not None:
+                self.accelerator.clip_grad_norm_(params, max_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return losses
 
     @contextmanager
