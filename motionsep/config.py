@@ -341,6 +341,101 @@ _FILE_LAYERS: contextvars.ContextVar[tuple[dict[str, Any], ...]] = contextvars.C
 )
 
 
+TOY_TRAIL_OPACITY = 0.42
+"""Opacity of the toy world's motion trail (``motionsep.toy.world.TRAIL_OPACITY``)."""
+
+
+class PretrainSettings(_Section):
+    """Pretraining a toy base model (``toy pretrain``): the schedule, the world's levers."""
+
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of every clip, noise and init.")
+    vae_steps: int = Field(800, description="VAE training steps (0 with pretrain.vae_from).")
+    vae_batch: int = Field(32, description="Frames per VAE step.")
+    vae_lr: float = Field(1e-3, description="VAE learning rate.")
+    steps: int = Field(4000, description="U-Net and text-encoder steps.")
+    batch: int = Field(16, description="Clips per U-Net step.")
+    lr: float = Field(5e-4, description="U-Net and text-encoder learning rate.")
+    warmup: int = Field(100, ge=0, description="Linear warm-up steps of the learning rate.")
+    text_dropout: float = Field(0.1, description="Captions dropped (for guidance).")
+    object_weight: float = Field(3.0, description="Extra loss weight on the object and trail.")
+    min_snr_gamma: float = Field(5.0, description="Min-SNR loss weighting gamma.")
+    x0_weight_floor: float = Field(0.5, description="Least loss weight at the noisiest steps.")
+    noisy_share: float = Field(0.5, description="Share of timesteps drawn from noisy_from up.")
+    noisy_from: int = Field(600, description="Start of the noisy timestep range.")
+    train_text_encoder: bool = Field(False, description="Train the text encoder too.")
+    ema_decay: float = Field(0.995, description="Decay of the exported weight average.")
+    checkpoint_every: int = Field(200, description="Checkpoint every N steps.")
+    probe_every: int = Field(0, ge=0, description="Held-in probe every N U-Net steps; 0: never.")
+    probe_count: int = Field(56, description="Videos per probe.")
+    head_width: int = Field(
+        4, description="Width of each attention head (diffusers' attention_head_dim; ZeroScope 64)."
+    )
+    speed_jitter: float = Field(0.0, description="Vary each clip's speed by up to this share.")
+    attribute_dropout: float = Field(
+        0.0, description="Leave object, colour and background out of captions this often (each)."
+    )
+    vae_from: str = Field(
+        "", description="Take the VAE of this toy model folder ('toy': the built-in one)."
+    )
+    trail_opacity: float = Field(
+        TOY_TRAIL_OPACITY, description="Opacity of the motion trail behind the object (0: none)."
+    )
+    conv_skip: float = Field(
+        0.0, description="Share of U-Net steps with every temporal convolution bypassed."
+    )
+    motion_dropout: float = Field(
+        0.0, description="Leave the motion phrase out of captions this often."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PretrainSettings:
+        problems = _pretrain_problems(self)
+        if problems:
+            raise ValueError("bad pretraining settings: " + "; ".join(problems))
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        return self.vae_steps + self.steps
+
+
+def _pretrain_problems(cfg: PretrainSettings) -> list[str]:
+    """Each rule a set of pretraining settings breaks, in words."""
+    problems = []
+    for name in ("vae_steps", "steps"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"{name} must be >= 0 (got {getattr(cfg, name)})")
+    for name in ("vae_batch", "batch", "checkpoint_every", "probe_count"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"{name} must be >= 1 (got {getattr(cfg, name)})")
+    for name in ("vae_lr", "lr", "min_snr_gamma"):
+        if not getattr(cfg, name) > 0:
+            problems.append(f"{name} must be > 0 (got {getattr(cfg, name)})")
+    unit = ("text_dropout", "ema_decay", "speed_jitter", "attribute_dropout", "motion_dropout")
+    for name in (*unit, "conv_skip"):
+        if not 0 <= getattr(cfg, name) < 1:
+            problems.append(f"{name} must be in [0, 1) (got {getattr(cfg, name)})")
+    if cfg.object_weight < 0:
+        problems.append(f"object_weight must be >= 0 (got {cfg.object_weight})")
+    if not 0 <= cfg.x0_weight_floor <= cfg.min_snr_gamma:
+        problems.append(
+            f"x0_weight_floor must be in [0, min_snr_gamma] (got {cfg.x0_weight_floor})"
+        )
+    if not 0 <= cfg.noisy_share <= 1:
+        problems.append(f"noisy_share must be in [0, 1] (got {cfg.noisy_share})")
+    if not 0 <= cfg.noisy_from < 1000:
+        problems.append(f"noisy_from must be in [0, 1000) (got {cfg.noisy_from})")
+    if cfg.head_width < 1 or 32 % cfg.head_width:
+        problems.append(f"head_width must divide 32 (got {cfg.head_width})")
+    if not 0 <= cfg.trail_opacity <= TOY_TRAIL_OPACITY:
+        problems.append(
+            f"trail_opacity must be in [0, {TOY_TRAIL_OPACITY}] (got {cfg.trail_opacity})"
+        )
+    if cfg.vae_from and cfg.vae_steps:
+        problems.append("vae_from takes a trained VAE: set vae_steps to 0")
+    return problems
+
+
 class Settings(BaseSettings):
     """Every setting of motionsep, one section per concern."""
 
@@ -360,6 +455,7 @@ class Settings(BaseSettings):
     sample: SampleSettings = Field(default_factory=SampleSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    pretrain: PretrainSettings = Field(default_factory=PretrainSettings)
 
     @classmethod
     def settings_customise_sources(

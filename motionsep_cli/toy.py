@@ -9,7 +9,14 @@ from typing import Annotated, Any
 import typer
 
 from motionsep_cli._console import RichProgress, emit, err_console
-from motionsep_cli._options import ForceOption, JsonOption, SetOption
+from motionsep_cli._options import (
+    ConfigOption,
+    ForceOption,
+    JsonOption,
+    PresetOption,
+    SetOption,
+    settings_from_cli,
+)
 
 HELP = """The toy world: a small world where motion customization runs on a CPU and can be scored.
 
@@ -154,6 +161,9 @@ def pretrain(
     ] = False,
     force: ForceOption = False,
     as_json: JsonOption = False,
+    preset: PresetOption = None,
+    config: ConfigOption = None,
+    set_options: SetOption = None,
 ) -> None:
     """Pretrain a toy base model from scratch on the toy world (about 2 h on 2 CPU cores).
 
@@ -165,9 +175,8 @@ def pretrain(
 
     Example: motionsep toy pretrain --name toy-mine --probe-every 500
     """
-    from motionsep.config import load_settings
     from motionsep.store import Store, validate_name
-    from motionsep.toy.pretrain import PretrainConfig
+    from motionsep.toy.pretrain import PretrainConfig, command_line
     from motionsep.toy.pretrain import pretrain as run_pretrain
 
     values = {
@@ -187,15 +196,11 @@ def pretrain(
         "conv_skip": conv_skip,
         "motion_dropout": motion_dropout,
     }
-    config = PretrainConfig.from_dict({k: v for k, v in values.items() if v is not None})
-    # the equivalent command line, rebuilt from the parsed options
-    command = ["motionsep", "toy", "pretrain"]
-    command += ["--out", str(out)] if out is not None else ["--name", name]
-    for key, value in values.items():
-        if value is not None:
-            command += [f"--{key.replace('_', '-')}", str(value)]
-    command += ["--device", device, "--workers", str(workers)]
-    store = Store(load_settings().store.home)
+    settings = settings_from_cli(preset, config, set_options, {"pretrain": values})
+    run_config = PretrainConfig.from_settings(settings.pretrain)
+    where = ["--out", str(out)] if out is not None else ["--name", name]
+    command = command_line(where, run_config, device, workers)
+    store = Store(settings.store.home)
     if out is not None:
         target, run_dir, finalize = out, out.with_name(out.name + ".partial"), None
     else:
@@ -210,7 +215,7 @@ def pretrain(
         result = run_pretrain(
             target,
             run_dir,
-            config,
+            run_config,
             resume=resume,
             force=force,
             device=device,

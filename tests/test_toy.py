@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 from pathlib import Path
@@ -805,3 +806,29 @@ def test_motiondirector_learns_diagonal_over_seeds_paired_with_the_base(tmp_path
     gain = row["vs_base"]["motion_fidelity"]
     assert len(gain["per_seed"]) == 3
     assert gain["mean"] - gain["ci95"] > 0, gain
+
+
+def test_pretraining_settings_take_every_layer_and_the_recorded_command_repeats_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from motionsep.config import load_settings
+    from motionsep.errors import UsageError
+    from motionsep.toy.pretrain import PretrainConfig, command_line
+
+    monkeypatch.setenv("MOTIONSEP_PRETRAIN__SPEED_JITTER", "0.3")
+    settings = load_settings(
+        overrides={"pretrain": {"head_width": 8, "steps": 50}},
+        set_options=["pretrain.head_width=16", "pretrain.motion_dropout=0.5"],
+    )
+    config = PretrainConfig.from_settings(settings.pretrain)
+    assert (config.head_width, config.steps) == (16, 50)  # --set beats the flag
+    assert (config.speed_jitter, config.motion_dropout) == (0.3, 0.5)  # env and --set
+    command = command_line(["--name", "mine"], config, "cpu", 0)
+    assert command[:5] == ["motionsep", "toy", "pretrain", "--name", "mine"]
+    monkeypatch.delenv("MOTIONSEP_PRETRAIN__SPEED_JITTER")
+    sets = [value for flag, value in itertools.pairwise(command) if flag == "--set"]
+    assert len(sets) == 4  # only what differs from the defaults
+    again = PretrainConfig.from_settings(load_settings(set_options=sets).pretrain)
+    assert again == config  # the recorded command alone runs the same settings
+    with pytest.raises(UsageError, match="head_width must divide 32"):
+        load_settings(set_options=["pretrain.head_width=5"])

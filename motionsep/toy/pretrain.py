@@ -25,13 +25,15 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from motionsep import runs
+from motionsep.config import PretrainSettings
 from motionsep.errors import MotionsepError, UsageError
 from motionsep.model.components import tokenize
 from motionsep.progress import Progress, or_null
@@ -46,91 +48,53 @@ RECORD_FILE = "toy.json"
 TENSORS_FILE = "state.safetensors"
 
 
-@dataclass
-class PretrainConfig:
-    """Settings of a pretraining run (all recorded in the run and the model)."""
+class PretrainConfig(PretrainSettings):
+    """Settings of a pretraining run (all recorded in the run and the model).
 
-    seed: int = 0
-    vae_steps: int = 800
-    vae_batch: int = 32
-    vae_lr: float = 1e-3
-    steps: int = 4000
-    batch: int = 16
-    lr: float = 5e-4
-    warmup: int = 100
-    text_dropout: float = 0.1
-    object_weight: float = 3.0
-    min_snr_gamma: float = 5.0
-    x0_weight_floor: float = 0.5
-    noisy_share: float = 0.5
-    noisy_from: int = 600
-    train_text_encoder: bool = False
-    ema_decay: float = 0.995
-    checkpoint_every: int = 200
-    probe_every: int = 0
-    probe_count: int = 56
-    head_width: int = 4
-    speed_jitter: float = 0.0
-    attribute_dropout: float = 0.0
-    vae_from: str = ""
-    trail_opacity: float = world.TRAIL_OPACITY
-    conv_skip: float = 0.0
-    motion_dropout: float = 0.0
+    The ``pretrain`` section of the settings (:class:`motionsep.config.PretrainSettings`:
+    presets, config files, ``MOTIONSEP_PRETRAIN__*``, ``--set pretrain.KEY=V``
+    and the command's flags, in the usual order); built directly, a bad value
+    is a :class:`UsageError`.
+    """
 
-    def __post_init__(self) -> None:
-        problems = []
-        for name in ("vae_steps", "steps"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
-        for name in ("vae_batch", "batch", "checkpoint_every", "probe_count"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("vae_lr", "lr"):
-            if not getattr(self, name) > 0:
-                problems.append(f"{name} must be > 0 (got {getattr(self, name)})")
-        if not 0 <= self.text_dropout < 1:
-            problems.append(f"text_dropout must be in [0, 1) (got {self.text_dropout})")
-        if self.object_weight < 0:
-            problems.append(f"object_weight must be >= 0 (got {self.object_weight})")
-        if not self.min_snr_gamma > 0:
-            problems.append(f"min_snr_gamma must be > 0 (got {self.min_snr_gamma})")
-        if not 0 <= self.x0_weight_floor <= self.min_snr_gamma:
-            problems.append(
-                f"x0_weight_floor must be in [0, min_snr_gamma] (got {self.x0_weight_floor})"
-            )
-        if not 0 <= self.noisy_share <= 1:
-            problems.append(f"noisy_share must be in [0, 1] (got {self.noisy_share})")
-        if not 0 <= self.noisy_from < 1000:
-            problems.append(f"noisy_from must be in [0, 1000) (got {self.noisy_from})")
-        if not 0 <= self.ema_decay < 1:
-            problems.append(f"ema_decay must be in [0, 1) (got {self.ema_decay})")
-        if self.head_width < 1 or 32 % self.head_width:
-            problems.append(f"head_width must divide 32 (got {self.head_width})")
-        if not 0 <= self.speed_jitter < 1:
-            problems.append(f"speed_jitter must be in [0, 1) (got {self.speed_jitter})")
-        if not 0 <= self.attribute_dropout < 1:
-            problems.append(f"attribute_dropout must be in [0, 1) (got {self.attribute_dropout})")
-        if not 0 <= self.trail_opacity <= world.TRAIL_OPACITY:
-            problems.append(
-                f"trail_opacity must be in [0, {world.TRAIL_OPACITY}] (got {self.trail_opacity})"
-            )
-        if not 0 <= self.motion_dropout < 1:
-            problems.append(f"motion_dropout must be in [0, 1) (got {self.motion_dropout})")
-        if not 0 <= self.conv_skip < 1:
-            problems.append(f"conv_skip must be in [0, 1) (got {self.conv_skip})")
-        if self.vae_from and self.vae_steps:
-            problems.append("vae_from takes a trained VAE: set vae_steps to 0")
-        if problems:
-            raise UsageError("bad pretraining settings: " + "; ".join(problems))
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise UsageError(_validation_message(exc)) from None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PretrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        """From recorded settings; keys this version does not know are left out."""
+        return cls(**{k: v for k, v in values.items() if k in cls.model_fields})
 
-    @property
-    def total_steps(self) -> int:
-        return self.vae_steps + self.steps
+    @classmethod
+    def from_settings(cls, settings: PretrainSettings) -> PretrainConfig:
+        return cls(**settings.model_dump())
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def command_line(where: list[str], config: PretrainConfig, device: str, workers: int) -> list[str]:
+    """The command that runs ``config`` again: ``where`` (``--name N`` or ``--out DIR``), then
+    ``--set pretrain.KEY=VALUE`` for every setting off its default, whichever layer set it.
+    """
+    defaults = PretrainSettings().model_dump(mode="json")
+    command = ["motionsep", "toy", "pretrain", *where]
+    for key, value in config.to_dict().items():
+        if value != defaults[key]:
+            command += ["--set", f"pretrain.{key}={value}"]
+    return [*command, "--device", device, "--workers", str(workers)]
+
+
+def _validation_message(exc: ValidationError) -> str:
+    """pydantic's first complaint, in plain words."""
+    error = exc.errors()[0]
+    if error["type"] == "value_error":
+        return str(error["ctx"]["error"])
+    where = ".".join(str(part) for part in error["loc"])
+    return f"bad pretraining settings: {where}: {error['msg']}"
 
 
 @dataclass
@@ -540,7 +504,7 @@ def _save_checkpoint(run: _Run, run_dir: Path, step: int, history: list[dict[str
         tensors.update({f"{label}.{k}": v for k, v in flat.items()})
         meta[label] = info
     state = {
-        "config": asdict(run.config),
+        "config": run.config.to_dict(),
         "scaling_factor": run.parts["vae"].config.scaling_factor,
         "optimizers": meta,
         "history": history,
@@ -604,7 +568,7 @@ def export_checkpoint(
     record_file = run_dir / "run.json"
     record: dict[str, Any] = json.loads(record_file.read_text()) if record_file.is_file() else {}
     record.update(
-        {"config": asdict(config), "exported_from": {"checkpoint": str(path), "step": step}}
+        {"config": config.to_dict(), "exported_from": {"checkpoint": str(path), "step": step}}
     )
     _write_model(out, export_parts(run), record, force, None)
     return out
@@ -734,9 +698,9 @@ def pretrain(
             raise UsageError(f"every checkpoint in {run_dir} is damaged", "start over with --force")
         _, path = intact
         # settings added since the run began count as their defaults
-        saved = asdict(PretrainConfig.from_dict(runs.read_state(path)["config"]))
-        if saved != asdict(config):
-            changed = sorted(k for k in saved if saved[k] != asdict(config).get(k))
+        saved = PretrainConfig.from_dict(runs.read_state(path)["config"]).to_dict()
+        if saved != config.to_dict():
+            changed = sorted(k for k in saved if saved[k] != config.to_dict().get(k))
             raise UsageError(
                 f"the run in {run_dir} used other settings ({', '.join(changed)})",
                 "resume with the same settings, or start over with --force",
@@ -746,7 +710,7 @@ def pretrain(
         run.parts["vae"].eval().requires_grad_(False)
     record: dict[str, Any] = {
         "command": command if command is not None else sys.argv,
-        "config": asdict(config),
+        "config": config.to_dict(),
         "device": device,
         "torch": torch.__version__,
     }

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from motionsep.config import TOY_TRAIL_OPACITY
+
 SIZE = 32
 """Frame width and height in pixels."""
 
@@ -319,7 +321,7 @@ def trajectory(
 TRAIL_LAGS = (0.5, 1.0, 1.5, 2.0, 2.5)
 """How far back (in frames) the motion trail samples the object's path."""
 
-TRAIL_OPACITY = 0.42
+TRAIL_OPACITY = TOY_TRAIL_OPACITY
 """Opacity of the trail right behind the object; it fades linearly along the lags.
 
 The trail is motion blur, as a camera with a slow shutter records it: faint
