@@ -79,69 +79,15 @@ def environment() -> dict[str, Any]:
 
 
 def build_trainer(model: str) -> tuple[Any, Any]:
-    """The real Trainer on in-memory components (see bench/train.py), both paths every step."""
-    import torch
-    from accelerate import Accelerator
-    from diffusers import DDIMScheduler
+    """bench/train.py's trainer of ``model``, with both paths every step."""
+    import importlib.util
 
-    from motionsep.config import load_settings
-    from motionsep.model import lora, tap
-    from motionsep.model.components import (
-        SCHEDULER_CONFIG,
-        Components,
-        build_tiny_components,
-        build_zeroscope_unet,
-    )
-    from motionsep.train import Trainer
-
-    cuda = model == "zeroscope"
-    device = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        settings = load_settings(
-            preset="dolly",
-            set_options=["train.mixed_precision=fp16", "train.spatial_skip_prob=0"],
-        )
-        unet = build_zeroscope_unet(device=device, dtype=torch.float16)
-        size, frames, text, factor, dtype = 384, 16, (77, 1024), 8, torch.float16
-    else:
-        settings = load_settings(
-            preset="tiny",
-            set_options=["data.width=64", "data.height=64", "train.spatial_skip_prob=0"],
-        )
-        unet = build_tiny_components()["unet"]
-        size, frames, text, factor, dtype = 64, settings.data.frames, (77, 32), 2, torch.float32
-    accelerator = Accelerator(cpu=not cuda, mixed_precision="fp16" if cuda else "no")
-    components = Components(
-        unet=unet,
-        vae=None,
-        text_encoder=None,
-        tokenizer=None,
-        scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
-        path=Path(),
-    )
-    torch.manual_seed(0)
-    tap.inject_motion_lora(unet, settings.lora.recipe, settings.lora.rank, dropout=0.1)
-    tap.inject_spatial_lora(unet, settings.lora.spatial_rank, dropout=0.1)
-    params = []
-    for adapter in (tap.MOTION_ADAPTER, tap.SPATIAL_ADAPTER):
-        for param in lora.adapter_parameters(unet, adapter):
-            param.data = param.data.float()
-            params.append(param)
-    unet.train()
-    optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(params, lr=5e-4))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda _: 1.0)
-    latent = size // factor
-    trainer = Trainer(
-        settings=settings,
-        components=components,
-        dataset=None,  # type: ignore[arg-type]
-        spatial_adapters=[tap.SPATIAL_ADAPTER],
-        optimizer=optimizer,
-        scheduler=scheduler,
-        accelerator=accelerator,
-        latents=[torch.randn(4, frames, latent, latent, dtype=dtype)],
-        prompts=[torch.randn(*text, dtype=dtype)],
-    )
+    path = Path(__file__).resolve().parent / "train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    assert spec is not None and spec.loader is not None
+    bench_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_train)
+    trainer, device, _ = bench_train.build_trainer(model, ("train.spatial_skip_prob=0",))
     return trainer, device
 
 

@@ -43,7 +43,12 @@ SD_VAE = {
 }
 
 
-def run_one(name: str, steps: int) -> dict[str, Any]:
+def build_trainer(name: str, set_options: tuple[str, ...] = ()) -> tuple[Any, Any, Any]:
+    """The real Trainer of configuration ``name`` on in-memory components.
+
+    Returns:
+        The trainer, its device and the VAE (None unless ``naive`` needs it).
+    """
     import torch
     from accelerate import Accelerator
     from diffusers import AutoencoderKL, DDIMScheduler
@@ -61,13 +66,17 @@ def run_one(name: str, steps: int) -> dict[str, Any]:
     cuda = name.startswith("zeroscope")
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
-        settings = load_settings(preset="dolly", set_options=["train.mixed_precision=fp16"])
+        settings = load_settings(
+            preset="dolly", set_options=["train.mixed_precision=fp16", *set_options]
+        )
         unet = build_zeroscope_unet(device=device, dtype=torch.float16)
         vae = AutoencoderKL(**SD_VAE).to(device, torch.float16) if "naive" in name else None
         size, frames, text = 384, 16, (77, 1024)
         dtype = torch.float16
     else:
-        settings = load_settings(preset="tiny", set_options=["data.width=64", "data.height=64"])
+        settings = load_settings(
+            preset="tiny", set_options=["data.width=64", "data.height=64", *set_options]
+        )
         parts = build_tiny_components()
         unet, vae = parts["unet"], parts["vae"]
         size, frames, text = 64, settings.data.frames, (77, 32)
@@ -98,7 +107,6 @@ def run_one(name: str, steps: int) -> dict[str, Any]:
     optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(params, lr=5e-4))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda _: 1.0)
     latent = size // (8 if cuda else 2)
-    pixels = torch.rand(frames, 3, size, size) * 2 - 1
     trainer = Trainer(
         settings=settings,
         components=components,
@@ -110,6 +118,17 @@ def run_one(name: str, steps: int) -> dict[str, Any]:
         latents=[torch.randn(4, frames, latent, latent, dtype=dtype)],
         prompts=[torch.randn(*text, dtype=dtype)],
     )
+    return trainer, device, vae
+
+
+def run_one(name: str, steps: int) -> dict[str, Any]:
+    import torch
+
+    trainer, device, vae = build_trainer(name)
+    cuda = device.type == "cuda"
+    size, frames = (384, 16) if cuda else (64, trainer.settings.data.frames)
+    dtype = torch.float16 if cuda else torch.float32
+    pixels = torch.rand(frames, 3, size, size) * 2 - 1
 
     def one_step(step: int) -> None:
         if "naive" in name:

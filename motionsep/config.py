@@ -191,6 +191,11 @@ class OptimSettings(_Section):
     )
     warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Warm-up steps of the schedule.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null for none.")
+    fused: bool = Field(
+        False,
+        description="PyTorch's fused AdamW (one kernel for every tensor) instead of foreach; "
+        "same results to rounding; a GPU speed lever, off until measured.",
+    )
 
     @field_validator("betas")
     @classmethod
@@ -213,6 +218,16 @@ class TrainSettings(_Section):
         "auto", description="auto: fp16 on CUDA, none on CPU."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    channels_last: bool = Field(
+        False,
+        description="Keep the U-Net's convolution weights channels-last (NHWC, NDHWC): a GPU "
+        "speed lever, off until bench/train.py measures it on a GPU; same results to rounding.",
+    )
+    cudnn_benchmark: bool = Field(
+        False,
+        description="Let cuDNN time its convolution algorithms on the first steps (CUDA only; "
+        "faster when it wins, but runs are then no longer bit-reproducible).",
+    )
     spatial_skip_prob: float = Field(
         0.2, ge=0.0, le=1.0, description="Fraction of steps that skip the spatial path."
     )

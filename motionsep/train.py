@@ -383,6 +383,20 @@ def enable_gradient_checkpointing(unet: torch.nn.Module) -> None:
         module.forward = forward
 
 
+def use_channels_last(unet: torch.nn.Module) -> None:
+    """Stores every convolution weight channels-last (2D: NHWC, 3D: NDHWC), in place."""
+    import torch
+
+    for module in unet.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            layout = torch.channels_last_3d
+        elif isinstance(module, torch.nn.Conv2d):
+            layout = torch.channels_last
+        else:
+            continue
+        module.weight.data = module.weight.data.contiguous(memory_format=layout)
+
+
 # ---------------------------------------------------------------------------
 # entry point
 
@@ -431,6 +445,10 @@ def train_motion(
         )
     device_type = resolve_device(settings.model.device).type
     precision = _mixed_precision(settings, device_type)
+    if device_type == "cuda":
+        import torch
+
+        torch.backends.cudnn.benchmark = settings.train.cudnn_benchmark
     tracker = settings.train.report_to
     _check_tracker(tracker)
     accelerator = Accelerator(
@@ -642,6 +660,8 @@ def _build_trainer(
             param.data = param.data.float()
     if settings.train.gradient_checkpointing:
         enable_gradient_checkpointing(unet)
+    if settings.train.channels_last:
+        use_channels_last(unet)
     unet.train()
     events.log(
         f"motion LoRA ({lora_settings.recipe.value}): {len(motion.adapted)} modules, "
@@ -659,6 +679,7 @@ def _build_trainer(
         betas=optim.betas,
         weight_decay=optim.weight_decay,
         eps=optim.eps,
+        fused=optim.fused or None,
     )
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings))
     # prepared so that fp16 steps go through the gradient scaler; the scheduler
