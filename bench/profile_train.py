@@ -14,7 +14,9 @@ The step labels its parts with ``record_function`` (``motionsep.spatial_path``,
 step: each part's host (CPU) and device time, the top operators by device
 time (CPU time on the CPU), and the host-device synchronisations: the
 operators that read a tensor's value on the host (``aten::_local_scalar_dense``:
-``float(loss)``, ``.item()``), plus, with CUDA, every op that
+``float(loss)``, ``.item()``; this count includes reads of CPU tensors, such as
+AdamW's per-tensor step counters, which cost no synchronisation), plus, with
+CUDA, every op that
 ``torch.cuda.set_sync_debug_mode`` flags and the host-to-device copies.
 It writes ``bench/results/profile_train-MODEL-DEVICE.json`` with the device,
 driver, library versions and the commit::
@@ -26,69 +28,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
+from bench_common import RESULTS, build_trainer, environment
+
 LABELS = ("motionsep.spatial_path", "motionsep.temporal_path", "motionsep.optimizer")
 SYNC_OPS = ("aten::_local_scalar_dense",)
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def environment() -> dict[str, Any]:
-    """Device, driver, library versions and the commit, for the record."""
-    import diffusers
-    import peft
-    import torch
-
-    root = Path(__file__).resolve().parents[1]
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True
-    ).stdout.strip()
-    dirty = bool(
-        subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    )
-    info: dict[str, Any] = {
-        "commit": commit + ("+dirty" if dirty else ""),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "peft": peft.__version__,
-        "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-        smi = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-        )
-        info["driver"] = smi.stdout.strip() if smi.returncode == 0 else None
-    return info
-
-
-def build_trainer(model: str) -> tuple[Any, Any]:
-    """bench/train.py's trainer of ``model``, with both paths every step."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent / "train.py"
-    spec = importlib.util.spec_from_file_location("bench_train", path)
-    assert spec is not None and spec.loader is not None
-    bench_train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_train)
-    trainer, device, _ = bench_train.build_trainer(model, ("train.spatial_skip_prob=0",))
-    return trainer, device
 
 
 def _device_time(event: Any) -> float:
@@ -106,7 +54,7 @@ def profile(model: str, steps: int, top: int) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    trainer, device = build_trainer(model)
+    trainer, device, _ = build_trainer(model, ("train.spatial_skip_prob=0",))
     cuda = device.type == "cuda"
     for step in range(2):  # warm-up: allocator, kernels, optimizer state
         trainer.step(step)

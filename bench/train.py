@@ -1,167 +1,124 @@
-"""Seconds per training step and peak memory, beside a naive re-encoding loop.
+"""Seconds per training step and peak memory, per speed lever, beside a naive loop.
 
 Drives the real training step of ``motionsep.train`` (dual path, debiased
-loss, AdamW over LoRA tensors) on in-memory components:
+loss, AdamW over LoRA tensors) on in-memory components
+(``bench_common.build_trainer``):
 
-* tiny model on the CPU (fp32): cached latents, with and without gradient
-  checkpointing, and a naive variant that VAE-encodes the clip's frames at
-  every step instead of reading cached latents;
+* tiny model on the CPU (fp32, 64x64): cached latents, with and without
+  gradient checkpointing, fused AdamW + channels-last, and a naive variant
+  that VAE-encodes the clip's frames at every step;
 * with a CUDA device: the full ZeroScope U-Net architecture with random
-  weights at 384x384, 16 frames, LoRA rank 32, fp16 autocast, with and
-  without gradient checkpointing, and the naive variant with a random
-  Stable-Diffusion-sized VAE.
+  weights at 384x384, 16 frames, LoRA rank 32, fp16 autocast (the ``dolly``
+  preset), one row per lever (gradient checkpointing, fused AdamW,
+  channels-last, cuDNN benchmark, all of them), and the naive variant with a
+  random Stable-Diffusion-sized VAE.
 
-Each configuration runs in a fresh subprocess so peak memory is its own
-(CPU: peak resident set size; CUDA: torch.cuda.max_memory_allocated)::
+The spatial path runs on a fixed schedule (every step, ``train.spatial_skip_prob=0``)
+so each row pays for both paths. Each configuration runs in a fresh
+subprocess (peak memory is its own): one warm-up step, then ``--repeats``
+timings of ``--steps`` steps, each step's loss checked finite; the median
+is reported. Memory: CPU peak resident set; CUDA peak allocated and reserved.
+Writes ``bench/results/train-DEVICE.json`` with the device, driver, versions
+and the commit::
 
-    python bench/train.py [--steps 10] [--skip-cpu] [--skip-cuda]
+    python bench/train.py [--steps 10] [--repeats 3] [--skip-cpu] [--skip-cuda]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
+import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-CONFIGS = {
-    "cpu": ["tiny", "tiny+ckpt", "tiny naive-vae"],
-    "cuda": ["zeroscope", "zeroscope+ckpt", "zeroscope naive-vae"],
+from bench_common import RESULTS, build_trainer, environment
+
+BOTH_PATHS = ("train.spatial_skip_prob=0",)
+LEVERS = {
+    "cpu": {
+        "tiny": (),
+        "tiny+ckpt": ("train.gradient_checkpointing=true",),
+        "tiny+fused+channels-last": ("optim.fused=true", "train.channels_last=true"),
+        "tiny naive-vae": (),
+    },
+    "cuda": {
+        "zeroscope": (),
+        "zeroscope+ckpt": ("train.gradient_checkpointing=true",),
+        "zeroscope+fused": ("optim.fused=true",),
+        "zeroscope+channels-last": ("train.channels_last=true",),
+        "zeroscope+cudnn-benchmark": ("train.cudnn_benchmark=true",),
+        "zeroscope+all-levers": (
+            "optim.fused=true",
+            "train.channels_last=true",
+            "train.cudnn_benchmark=true",
+        ),
+        "zeroscope naive-vae": (),
+    },
 }
 
-SD_VAE = {
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "sample_size": 384,
-}
 
-
-def build_trainer(name: str, set_options: tuple[str, ...] = ()) -> tuple[Any, Any, Any]:
-    """The real Trainer of configuration ``name`` on in-memory components.
-
-    Returns:
-        The trainer, its device and the VAE (None unless ``naive`` needs it).
-    """
-    import torch
-    from accelerate import Accelerator
-    from diffusers import AutoencoderKL, DDIMScheduler
-
-    from motionsep.config import load_settings
-    from motionsep.model import lora, tap
-    from motionsep.model.components import (
-        SCHEDULER_CONFIG,
-        Components,
-        build_tiny_components,
-        build_zeroscope_unet,
-    )
-    from motionsep.train import Trainer, enable_gradient_checkpointing
-
-    cuda = name.startswith("zeroscope")
-    device = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        settings = load_settings(
-            preset="dolly", set_options=["train.mixed_precision=fp16", *set_options]
-        )
-        unet = build_zeroscope_unet(device=device, dtype=torch.float16)
-        vae = AutoencoderKL(**SD_VAE).to(device, torch.float16) if "naive" in name else None
-        size, frames, text = 384, 16, (77, 1024)
-        dtype = torch.float16
-    else:
-        settings = load_settings(
-            preset="tiny", set_options=["data.width=64", "data.height=64", *set_options]
-        )
-        parts = build_tiny_components()
-        unet, vae = parts["unet"], parts["vae"]
-        size, frames, text = 64, settings.data.frames, (77, 32)
-        dtype = torch.float32
-    accelerator = Accelerator(cpu=not cuda, mixed_precision="fp16" if cuda else "no")
-    components = Components(
-        unet=unet,
-        vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
-        path=Path(),
-    )
-    torch.manual_seed(0)
-    tap.inject_motion_lora(unet, settings.lora.recipe, settings.lora.rank, dropout=0.1)
-    tap.inject_spatial_lora(unet, settings.lora.spatial_rank, dropout=0.1)
-    for adapter in (tap.MOTION_ADAPTER, tap.SPATIAL_ADAPTER):
-        for param in lora.adapter_parameters(unet, adapter):
-            param.data = param.data.float()
-    if "ckpt" in name:
-        enable_gradient_checkpointing(unet)
-    unet.train()
-    params = [
-        p
-        for a in (tap.MOTION_ADAPTER, tap.SPATIAL_ADAPTER)
-        for p in lora.adapter_parameters(unet, a)
-    ]
-    optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(params, lr=5e-4))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda _: 1.0)
-    latent = size // (8 if cuda else 2)
-    trainer = Trainer(
-        settings=settings,
-        components=components,
-        dataset=None,  # type: ignore[arg-type]
-        spatial_adapters=[tap.SPATIAL_ADAPTER],
-        optimizer=optimizer,
-        scheduler=scheduler,
-        accelerator=accelerator,
-        latents=[torch.randn(4, frames, latent, latent, dtype=dtype)],
-        prompts=[torch.randn(*text, dtype=dtype)],
-    )
-    return trainer, device, vae
-
-
-def run_one(name: str, steps: int) -> dict[str, Any]:
+def run_one(name: str, steps: int, repeats: int) -> dict[str, Any]:
     import torch
 
-    trainer, device, vae = build_trainer(name)
+    group = "cuda" if name.startswith("zeroscope") else "cpu"
+    trainer, device, vae = build_trainer(name, (*BOTH_PATHS, *LEVERS[group][name]))
     cuda = device.type == "cuda"
     size, frames = (384, 16) if cuda else (64, trainer.settings.data.frames)
     dtype = torch.float16 if cuda else torch.float32
     pixels = torch.rand(frames, 3, size, size) * 2 - 1
 
-    def one_step(step: int) -> None:
+    def one_step(step: int) -> float:
         if "naive" in name:
             with torch.no_grad():
                 encoded = vae.encode(pixels.to(device, dtype)).latent_dist.sample()
             trainer.latents = [(encoded * 0.18215).permute(1, 0, 2, 3).to("cpu")]
-        trainer.step(step)
+        return trainer.step(step)["loss"]
 
     one_step(0)  # warm-up: allocator, kernels, optimizer state
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    for step in range(1, steps + 1):
-        one_step(step)
+    timings, losses, step = [], [], 1
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(steps):
+            losses.append(one_step(step))
+            step += 1
+        if cuda:
+            torch.cuda.synchronize()
+        timings.append((time.perf_counter() - started) / steps)
+    if not all(math.isfinite(loss) for loss in losses):
+        raise SystemExit(f"{name}: a timed step's loss was not finite")
+    row: dict[str, Any] = {
+        "config": name,
+        "settings": list(LEVERS[group][name]),
+        "seconds_per_step": statistics.median(timings),
+        "seconds_per_step_repeats": timings,
+        "device": str(device),
+    }
     if cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20
+        row["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    seconds = (time.perf_counter() - started) / steps
-    return {"config": name, "seconds_per_step": seconds, "peak_mib": peak, "device": str(device)}
+        row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-cpu", action="store_true")
     parser.add_argument("--skip-cuda", action="store_true")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.steps)))
+        print(json.dumps(run_one(args.one, args.steps, args.repeats)))
         return
 
     import torch
@@ -173,21 +130,31 @@ def main() -> None:
         else:
             print("ZeroScope on CUDA: skipped, no CUDA device here\n")
     for group in groups:
-        memory = "peak RSS MiB" if group == "cpu" else "peak CUDA MiB"
-        print(f"{group}: {args.steps} timed steps after one warm-up step")
-        print(f"{'config':<22} {'s/step':>9} {memory:>14}")
-        for name in CONFIGS[group]:
-            out = subprocess.run(
-                [sys.executable, __file__, "--one", name, "--steps", str(args.steps)],
-                capture_output=True,
-                text=True,
-            )
+        memory = "peak RSS GiB" if group == "cpu" else "alloc / reserved GiB"
+        print(f"{group}: median of {args.repeats} x {args.steps} steps after one warm-up step")
+        print(f"{'config':<28} {'s/step':>9} {memory:>22}")
+        rows = []
+        for name in LEVERS[group]:
+            command = [sys.executable, __file__, "--one", name]
+            command += ["--steps", str(args.steps), "--repeats", str(args.repeats)]
+            out = subprocess.run(command, capture_output=True, text=True)
             if out.returncode != 0:
-                print(f"{name:<22} failed: {out.stderr.strip().splitlines()[-1:]}")
+                print(f"{name:<28} failed: {out.stderr.strip().splitlines()[-1:]}")
+                rows.append({"config": name, "failed": out.stderr.strip()[-2000:]})
                 continue
             row = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"{name:<22} {row['seconds_per_step']:>9.3f} {row['peak_mib']:>14.0f}")
-        print()
+            rows.append(row)
+            memory_text = (
+                f"{row['peak_rss_gib']:.2f}"
+                if group == "cpu"
+                else f"{row['peak_allocated_gib']:.1f} / {row['peak_reserved_gib']:.1f}"
+            )
+            print(f"{name:<28} {row['seconds_per_step']:>9.3f} {memory_text:>22}")
+        target = RESULTS / f"train-{group}.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        record = {"rows": rows, "steps": args.steps, "repeats": args.repeats}
+        target.write_text(json.dumps({**record, "environment": environment()}, indent=2) + "\n")
+        print(f"wrote {target}\n")
 
 
 if __name__ == "__main__":
