@@ -889,24 +889,11 @@ def run_ablation(
     from motionsep.devices import resolve_device, resolve_dtype
     from motionsep.store import Store
 
-    if package.metadata.recipe is Recipe.MOTIONDIRECTOR:
-        raise UsageError(
-            f"motion {package.name!r} has recipe motiondirector; the ablation needs a TAP motion",
-            "pass a motion trained with recipe paper or reference; the MotionDirector row "
-            f"comes from a motion named {package.name}-motiondirector",
-        )
-    prompts = list(prompts)
-    if not prompts:
-        raise UsageError("the ablation needs prompts", "pass --prompts-file with one per line")
-    if seeds < 1:
-        raise UsageError(f"--seeds must be at least 1, got {seeds}")
+    prompts, references = list(prompts), list(references) if references else []
+    _check_ablation_request(package, prompts, seeds, references)
     events = or_null(progress)
     out = Path(out).expanduser()
     store = Store(settings.store.home)
-    references = list(references) if references else []
-    # Check inputs before any generation: a bad reference fails now, not after an hour.
-    for path in find_eval_videos(references) if references else []:
-        check_video(path)
 
     rows, notes = _ablation_rows(store, package, settings)
     for note in notes:
@@ -942,6 +929,25 @@ def run_ablation(
     return AblationResult(
         report=report, rows=[r.name for r in rows], generated=generated, reused=reused, notes=notes
     )
+
+
+def _check_ablation_request(
+    package: MotionPackage, prompts: list[str], seeds: int, references: list[str | Path]
+) -> None:
+    """Everything wrong with an ablation request, found before any video is generated."""
+    if package.metadata.recipe is Recipe.MOTIONDIRECTOR:
+        raise UsageError(
+            f"motion {package.name!r} has recipe motiondirector; the ablation needs a TAP motion",
+            "pass a motion trained with recipe paper or reference; the MotionDirector row "
+            f"comes from a motion named {package.name}-motiondirector",
+        )
+    if not prompts:
+        raise UsageError("the ablation needs prompts", "pass --prompts-file with one per line")
+    if seeds < 1:
+        raise UsageError(f"--seeds must be at least 1, got {seeds}")
+    # a bad reference fails now, not after an hour of generation
+    for path in find_eval_videos(references) if references else []:
+        check_video(path)
 
 
 def _ablation_rows(

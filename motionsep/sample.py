@@ -776,7 +776,6 @@ def iter_videos(
             see :func:`resolve_model`.
     """
 
-    from motionsep.devices import resolve_device
     from motionsep.model.highway import recipe_highway
     from motionsep.model.motion import apply_motion
 
@@ -787,26 +786,13 @@ def iter_videos(
         prompts, settings, motion, components, model, batch_size
     )
     events = or_null(progress)
-    sample = settings.sample
-    if components is None:
-        events.log(f"loading {model.id} from {model.path}")
-        components = load_generation_model(settings, model, offload=offload)
-        device = resolve_device(settings.model.device)
-    else:
-        device = components.unet.device if not offload else resolve_device(settings.model.device)
+    components, device = _loaded(components, settings, model, offload, events)
     unet = components.unet
-
-    jobs = [
-        _Job(prompt, p, k, video_seed(sample.seed, k))
-        for p, prompt in enumerate(prompts)
-        for k in range(sample.num_videos)
-    ]
     guided = plan.guidance != 1.0
     embeds = _text_embeddings(
         components, [plan.negative_prompt, *prompts] if guided else prompts, device, offload
     )
-    batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
-    numbered = (shard or SINGLE).take(list(enumerate(batches, start=1)))
+    numbered, batches = _batches(prompts, settings.sample, batch_size, shard)
     base_record = _base_record(settings, plan, motion, model, unet.dtype, device)
 
     events.start("videos", total=sum(len(b) for _, b in numbered), unit="video")
@@ -824,7 +810,7 @@ def iter_videos(
         for number, batch in numbered:
             yield from _generate_batch(
                 batch,
-                f"{number}/{len(batches)}",
+                f"{number}/{batches}",
                 _Generation(components, plan, device, offload, latent_shape, inversion, highway),
                 embeds,
                 settings.data.vae_batch_size,
@@ -834,6 +820,41 @@ def iter_videos(
             )
     events.finish("denoise")
     events.finish("videos")
+
+
+def _loaded(
+    components: Components | None,
+    settings: Settings,
+    model: ModelRef,
+    offload: bool,
+    events: Progress,
+) -> tuple[Components, torch.device]:
+    """The components to generate with (loaded now when not given) and the device they run on."""
+    from motionsep.devices import resolve_device
+
+    if components is None:
+        events.log(f"loading {model.id} from {model.path}")
+        components = load_generation_model(settings, model, offload=offload)
+        return components, resolve_device(settings.model.device)
+    device = components.unet.device if not offload else resolve_device(settings.model.device)
+    return components, device
+
+
+def _batches(
+    prompts: list[str], sample: Any, batch_size: int, shard: Shard | None
+) -> tuple[list[tuple[int, list[_Job]]], int]:
+    """This process's batches of (prompt, k) jobs, numbered from 1, and how many there are in all.
+
+    The batches are cut from every job in order, whichever process asks, so a
+    video's batch mates do not depend on how many processes share the run.
+    """
+    jobs = [
+        _Job(prompt, p, k, video_seed(sample.seed, k))
+        for p, prompt in enumerate(prompts)
+        for k in range(sample.num_videos)
+    ]
+    batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
+    return (shard or SINGLE).take(list(enumerate(batches, start=1))), len(batches)
 
 
 def _checked_request(

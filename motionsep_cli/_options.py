@@ -58,3 +58,14 @@ def settings_from_cli(
     return load_settings(
         preset=preset, config_file=config, overrides=overrides, set_options=set_options
     )
+
+
+NumProcessesOption = Annotated[
+    int,
+    typer.Option(
+        "--num-processes",
+        min=1,
+        help="Processes (GPUs) sharing the videos: whole batches each, every video written once, "
+        "the same files as one process. Or start the command under `accelerate launch`/torchrun.",
+    ),
+]

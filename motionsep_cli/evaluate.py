@@ -8,7 +8,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from motionsep_cli._console import RichProgress, emit, err_console
-from motionsep_cli._options import ConfigOption, JsonOption, PresetOption, SetOption
+from motionsep_cli._options import (
+    ConfigOption,
+    JsonOption,
+    NumProcessesOption,
+    PresetOption,
+    SetOption,
+)
 
 if TYPE_CHECKING:
     from motionsep.evaluate import EvaluationReport
@@ -144,16 +150,7 @@ def evaluate(
             rich_help_panel=_ABLATION,
         ),
     ] = None,
-    num_processes: Annotated[
-        int,
-        typer.Option(
-            "--num-processes",
-            min=1,
-            help="Processes (GPUs) to share the ablation's videos (whole batches each; the "
-            "same files as one process); the first one scores them.",
-            rich_help_panel=_ABLATION,
-        ),
-    ] = 1,
+    num_processes: NumProcessesOption = 1,
     no_report: Annotated[
         bool,
         typer.Option(

@@ -13,6 +13,7 @@ from motionsep_cli._options import (
     ConfigOption,
     JsonOption,
     ModelOption,
+    NumProcessesOption,
     PresetOption,
     SeedOption,
     SetOption,
@@ -179,15 +180,7 @@ def generate(
             min=1,
         ),
     ] = None,
-    num_processes: Annotated[
-        int,
-        typer.Option(
-            "--num-processes",
-            min=1,
-            help="Processes (GPUs) to share the videos: whole batches each, every video written "
-            "once, the same files as one process. Or start under `accelerate launch`/torchrun.",
-        ),
-    ] = 1,
+    num_processes: NumProcessesOption = 1,
     as_json: JsonOption = False,
     preset: PresetOption = None,
     config: ConfigOption = None,

@@ -622,9 +622,9 @@ def test_clip_with_pickled_weights_loads_as_clipmodel_and_processor(
         CLIPTokenizer,
     )
 
-    from motionsep.model.components import _tiny_vocab
+    from motionsep.model.components import tiny_vocab
 
-    vocab, merges = _tiny_vocab()
+    vocab, merges = tiny_vocab()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}

@@ -670,9 +670,9 @@ def test_conv_skip_bypasses_every_temporal_convolution_in_its_share_of_steps() -
 
     from motionsep.errors import UsageError
     from motionsep.model.ablations import temporal_conv_names
-    from motionsep.toy.pretrain import PretrainConfig, _build_run
+    from motionsep.toy.pretrain import PretrainConfig, build_run
 
-    run = _build_run(PretrainConfig(vae_steps=0, conv_skip=0.5), torch.device("cpu"))
+    run = build_run(PretrainConfig(vae_steps=0, conv_skip=0.5), torch.device("cpu"))
     unet = run.parts["unet"]
     skipped = [not isinstance(run.conv_skipped(s), contextlib.nullcontext) for s in range(200)]
     assert 70 < sum(skipped) < 130  # about half, drawn from (seed, step)

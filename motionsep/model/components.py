@@ -136,7 +136,7 @@ def unet_config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def _tiny_vocab() -> tuple[dict[str, int], list[str]]:
+def tiny_vocab() -> tuple[dict[str, int], list[str]]:
     """A character-level CLIP vocabulary, written in code (no download).
 
     Every printable ASCII character appears twice: inside a word and at the
@@ -169,7 +169,7 @@ def build_tiny_components(
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     if tokenizer is None:
-        vocab, merges = _tiny_vocab()
+        vocab, merges = tiny_vocab()
         tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
     vocab = tokenizer.get_vocab()
 
@@ -397,7 +397,7 @@ def build_tiny_clip(folder: Path, seed: int = TINY_SEED) -> Path:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    vocab, merges = _tiny_vocab()
+    vocab, merges = tiny_vocab()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
     text_config = {
         **TINY_TEXT_CONFIG,

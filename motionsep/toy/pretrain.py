@@ -166,7 +166,9 @@ def to_pixels(frames: np.ndarray) -> torch.Tensor:
 
 
 @dataclass
-class _Run:
+class PretrainRun:
+    """A pretraining in memory: its settings, models, weight averages, optimizers and device."""
+
     config: PretrainConfig
     parts: dict[str, Any]
     ema: dict[str, torch.nn.Module]
@@ -384,7 +386,7 @@ class _Run:
 class _Prefetcher:
     """Renders the clips of the next steps in worker processes (same clips as inline)."""
 
-    def __init__(self, run: _Run, workers: int, start: int) -> None:
+    def __init__(self, run: PretrainRun, workers: int, start: int) -> None:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
@@ -427,7 +429,8 @@ def _warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _build_run(config: PretrainConfig, device: torch.device) -> _Run:
+def build_run(config: PretrainConfig, device: torch.device) -> PretrainRun:
+    """A fresh run of ``config`` on ``device``: models, averages and optimizers, nothing trained."""
     import torch
     from diffusers.models.attention_processor import AttnProcessor
 
@@ -461,7 +464,7 @@ def _build_run(config: PretrainConfig, device: torch.device) -> _Run:
         lr=config.lr,
         weight_decay=0.01,
     )
-    return _Run(config, parts, ema, vae_opt, opt, device)
+    return PretrainRun(config, parts, ema, vae_opt, opt, device)
 
 
 def _load_vae(vae: Any, source: str) -> None:
@@ -490,7 +493,9 @@ def _load_vae(vae: Any, source: str) -> None:
 # checkpoints
 
 
-def _save_checkpoint(run: _Run, run_dir: Path, step: int, history: list[dict[str, Any]]) -> None:
+def _save_checkpoint(
+    run: PretrainRun, run_dir: Path, step: int, history: list[dict[str, Any]]
+) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for name in ("unet", "vae", "text_encoder"):
         for key, value in run.parts[name].state_dict().items():
@@ -512,7 +517,7 @@ def _save_checkpoint(run: _Run, run_dir: Path, step: int, history: list[dict[str
     runs.save_checkpoint(run_dir, step, {TENSORS_FILE: tensors}, state)
 
 
-def _load_checkpoint(run: _Run, path: Path) -> tuple[int, list[dict[str, Any]]]:
+def _load_checkpoint(run: PretrainRun, path: Path) -> tuple[int, list[dict[str, Any]]]:
     from safetensors.torch import load_file
 
     state = runs.read_state(path)
@@ -563,7 +568,7 @@ def export_checkpoint(
         raise UsageError(f"no {what} in {run_dir} (kept: {kept})")
     step, path = found
     config = PretrainConfig.from_dict(runs.read_state(path)["config"])
-    run = _build_run(config, torch.device("cpu"))
+    run = build_run(config, torch.device("cpu"))
     _load_checkpoint(run, path)
     record_file = run_dir / "run.json"
     record: dict[str, Any] = json.loads(record_file.read_text()) if record_file.is_file() else {}
@@ -597,7 +602,7 @@ def _write_model(
             finalize(tmp)
 
 
-def export_parts(run: _Run) -> dict[str, Any]:
+def export_parts(run: PretrainRun) -> dict[str, Any]:
     """The model to ship: trained VAE, averaged U-Net and text encoder, on the CPU."""
     parts = dict(run.parts)
     parts["unet"] = copy.deepcopy(run.ema["unet"]).cpu().eval()
@@ -690,7 +695,7 @@ def pretrain(
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     dev = torch.device(device)
-    run = _build_run(config, dev)
+    run = build_run(config, dev)
     step, history = 0, list[dict[str, Any]]()
     if resume:
         intact = runs.intact_checkpoint(run_dir, (TENSORS_FILE,), events.log)
@@ -731,7 +736,7 @@ def pretrain(
 
 
 def _loop(
-    run: _Run,
+    run: PretrainRun,
     run_dir: Path,
     step: int,
     history: list[dict[str, Any]],
@@ -783,7 +788,7 @@ def _loop(
     return step
 
 
-def _one_step(run: _Run, step: int, events: Progress) -> dict[str, float]:
+def _one_step(run: PretrainRun, step: int, events: Progress) -> dict[str, float]:
     """Runs global step ``step`` (VAE stage, then U-Net stage) and returns its losses.
 
     The global torch generator is reseeded from (seed, step) first: the
@@ -807,7 +812,7 @@ def _one_step(run: _Run, step: int, events: Progress) -> dict[str, float]:
     return values
 
 
-def _probe(run: _Run, config: PretrainConfig, device: torch.device) -> dict[str, Any]:
+def _probe(run: PretrainRun, config: PretrainConfig, device: torch.device) -> dict[str, Any]:
     from motionsep.toy.probe import probe
 
     parts = export_parts(run)
