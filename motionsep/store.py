@@ -287,6 +287,26 @@ class Store:
         """Motion packages."""
         return self.home / "motions"
 
+    def new_motion_path(self, name: str, force: bool, when: str = "") -> Path:
+        """Where a new motion ``name`` goes; refuses a bad name, or a taken one without ``force``.
+
+        Args:
+            name: The motion's name.
+            force: Replace a motion of that name.
+            when: When the replacing happens, for the hint (e.g. " when training ends").
+
+        Raises:
+            UsageError: for a bad name, or an existing motion without ``force``.
+        """
+        validate_motion_name(name)
+        folder = self.motions_dir / name
+        if folder.exists() and not force:
+            raise UsageError(
+                f"a motion named {name!r} already exists ({folder})",
+                f"choose another --name, or pass --force to replace it{when}",
+            )
+        return folder
+
     @property
     def prepared_dir(self) -> Path:
         """Prepared (encoded) training data."""

@@ -34,7 +34,7 @@ from motionsep.config import Settings
 from motionsep.errors import MotionsepError, UsageError
 from motionsep.progress import Progress, or_null
 from motionsep.runs import TrainingInterruptedError, latest_checkpoint
-from motionsep.store import Store, atomic_write_bytes, validate_motion_name
+from motionsep.store import Store, atomic_write_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -436,13 +436,7 @@ def train_motion(
 
     from motionsep.devices import resolve_device
 
-    validate_motion_name(name)
-    final = store.motions_dir / name
-    if final.exists() and not force:
-        raise UsageError(
-            f"a motion named {name!r} already exists ({final})",
-            "choose another --name, or pass --force to replace it when training ends",
-        )
+    store.new_motion_path(name, force, when=" when training ends")
     device_type = resolve_device(settings.model.device).type
     precision = _mixed_precision(settings, device_type)
     if device_type == "cuda":

@@ -73,7 +73,7 @@ from motionsep.model.motion import (
     file_sha256,
     save_motion,
 )
-from motionsep.store import Store, atomic_folder, atomic_write_bytes, validate_motion_name
+from motionsep.store import Store, atomic_folder, atomic_write_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -703,13 +703,7 @@ def import_motion(
         ModelNotFoundError, ModelFormatError: if the base model cannot be used.
         StoreLockedError: while a training (or another command) holds the name.
     """
-    validate_motion_name(name)
-    folder = store.motions_dir / name
-    if folder.exists() and not force:
-        raise UsageError(
-            f"a motion named {name!r} already exists ({folder})",
-            "choose another --name, or pass --force to replace it",
-        )
+    folder = store.new_motion_path(name, force)
     source = Path(source).expanduser()
     if not source.exists():
         raise UsageError(f"{source} does not exist")
