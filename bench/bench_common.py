@@ -52,6 +52,8 @@ def environment() -> dict[str, Any]:
             text=True,
         )
         info["driver"] = smi.stdout.strip() if smi.returncode == 0 else None
+    else:
+        info.update(gpu=None, cuda=None, driver=None)  # measured on the CPU alone
     return info
 
 

@@ -992,7 +992,6 @@ class _AblationBatch:
 
     row: AblationRow
     settings: Settings
-    seed: int
     videos: list[tuple[str, str, Path]]
 
 
@@ -1031,12 +1030,12 @@ def _ablation_work(
             seed_settings.sample.num_videos = 1
             for start in range(0, len(missing), context.batch_size):
                 chunk = missing[start : start + context.batch_size]
-                batches.append(_AblationBatch(row, seed_settings, seed, chunk))
+                batches.append(_AblationBatch(row, seed_settings, chunk))
     return paths, batches
 
 
-def _generate_ablation_batch(batch: _AblationBatch, context: _AblationContext) -> int:
-    """Generates and writes one batch of ablation videos; how many it wrote."""
+def _generate_ablation_batch(batch: _AblationBatch, context: _AblationContext) -> None:
+    """Generates and writes one batch of ablation videos."""
     if context.components is None:
         or_null(context.progress).log(f"loading {context.model.id} from {context.model.path}")
         context.components = sampling.load_generation_model(batch.settings, context.model)
@@ -1055,7 +1054,6 @@ def _generate_ablation_batch(batch: _AblationBatch, context: _AblationContext) -
             "ablation": {"variant": batch.row.name, "key": key, "seeds": context.seeds},
         }
         sampling.save_videos([dataclasses.replace(video, record=record)], target, fps=context.fps)
-    return len(videos)
 
 
 def _row_settings(settings: Settings, row: AblationRow) -> Settings:

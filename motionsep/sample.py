@@ -840,6 +840,15 @@ def _loaded(
     return components, device
 
 
+def _jobs(prompts: Sequence[str], num_videos: int, seed: int) -> list[_Job]:
+    """Every video of a run in order: each prompt, then k, with seed ``seed + k``."""
+    return [
+        _Job(prompt, p, k, video_seed(seed, k))
+        for p, prompt in enumerate(prompts)
+        for k in range(num_videos)
+    ]
+
+
 def _batches(
     prompts: list[str], sample: Any, batch_size: int, shard: Shard | None
 ) -> tuple[list[tuple[int, list[_Job]]], int]:
@@ -848,11 +857,7 @@ def _batches(
     The batches are cut from every job in order, whichever process asks, so a
     video's batch mates do not depend on how many processes share the run.
     """
-    jobs = [
-        _Job(prompt, p, k, video_seed(sample.seed, k))
-        for p, prompt in enumerate(prompts)
-        for k in range(sample.num_videos)
-    ]
+    jobs = _jobs(prompts, sample.num_videos, sample.seed)
     batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
     return (shard or SINGLE).take(list(enumerate(batches, start=1))), len(batches)
 
@@ -1057,13 +1062,18 @@ class SavedVideo:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (``--json`` output)."""
-        return {
-            "path": str(self.path),
-            "sidecar": str(self.sidecar),
-            "prompt": self.video.prompt,
-            "seed": self.video.seed,
-            "video_index": self.video.video_index,
-        }
+        return _summary(self.path, self.video.prompt, self.video.seed, self.video.video_index)
+
+
+def _summary(path: Path, prompt: str, seed: int, video_index: int) -> dict[str, Any]:
+    """What ``--json`` says of one video (written, or reserved for another process)."""
+    return {
+        "path": str(path),
+        "sidecar": str(sidecar_path(path)),
+        "prompt": prompt,
+        "seed": seed,
+        "video_index": video_index,
+    }
 
 
 def slugify(text: str, limit: int = 60) -> str:
@@ -1106,7 +1116,7 @@ class VideoWriter:
         self.single = format_of_output(self.out) is not None
         self.saved: list[SavedVideo] = []
         self._taken: set[Path] = set()
-        self._reserved: dict[tuple[int, int], tuple[Path, str, int]] = {}
+        self._reserved: dict[tuple[int, int], Path] = {}
         if self.single:
             if count != 1:
                 raise UsageError(
@@ -1146,20 +1156,10 @@ class VideoWriter:
             order of the prompts and then k.
         """
         planned = []
-        for p, prompt in enumerate(prompts):
-            for k in range(num_videos):
-                seed_k = video_seed(seed, k)
-                target = self.target(prompt, seed_k)
-                self._reserved[(p, k)] = (target, prompt, seed_k)
-                planned.append(
-                    {
-                        "path": str(target),
-                        "sidecar": str(sidecar_path(target)),
-                        "prompt": prompt,
-                        "seed": seed_k,
-                        "video_index": k,
-                    }
-                )
+        for job in _jobs(prompts, num_videos, seed):
+            target = self.target(job.prompt, job.seed)
+            self._reserved[(job.prompt_index, job.video_index)] = target
+            planned.append(_summary(target, job.prompt, job.seed, job.video_index))
         return planned
 
     def write(self, video: GeneratedVideo) -> SavedVideo:
@@ -1168,7 +1168,7 @@ class VideoWriter:
         from motionsep.video import write_video
 
         reserved = self._reserved.get((video.prompt_index, video.video_index))
-        target = reserved[0] if reserved else self.target(video.prompt, video.seed)
+        target = reserved or self.target(video.prompt, video.seed)
         if reserved and (target.exists() or sidecar_path(target).exists()):
             raise UsageError(
                 f"{target} was written by someone else while this run was making it "

@@ -96,3 +96,14 @@ def emit(result: Any, as_json: bool, lines: list[str] | None = None) -> None:
         for line in lines or []:
             sys.stdout.write(f"{line}\n")
     sys.stdout.flush()
+
+
+def relaunch_as(processes: int) -> None:
+    """With ``processes`` > 1 in a process that was not launched: run the command again as that
+    many processes and exit with their status. Otherwise nothing (this process does the work).
+    """
+    from motionsep.launch import in_distributed_run, relaunch
+
+    if processes > 1 and not in_distributed_run():
+        err_console.print(f"launching {processes} processes")
+        raise SystemExit(relaunch(processes))

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from motionsep_cli._console import RichProgress, emit, err_console
+from motionsep_cli._console import RichProgress, emit, err_console, relaunch_as
 from motionsep_cli._options import (
     ConfigOption,
     JsonOption,
@@ -181,11 +181,7 @@ def evaluate(
                 "--ablation needs --motion NAME and --prompts-file FILE",
                 "e.g. motionsep evaluate --ablation --motion dolly --prompts-file prompts.txt",
             )
-        from motionsep.launch import in_distributed_run, relaunch
-
-        if num_processes > 1 and not in_distributed_run():
-            err_console.print(f"launching {num_processes} processes")
-            raise SystemExit(relaunch(num_processes))
+        relaunch_as(num_processes)
         shared = _ablation(
             motion,
             prompts_file,

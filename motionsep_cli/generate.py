@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from motionsep.config import VideoFormat
-from motionsep_cli._console import RichProgress, emit, err_console
+from motionsep_cli._console import RichProgress, emit, err_console, relaunch_as
 from motionsep_cli._options import (
     ConfigOption,
     JsonOption,
@@ -187,7 +187,7 @@ def generate(
     set_options: SetOption = None,
 ) -> None:
     from motionsep.devices import resolve_device
-    from motionsep.launch import current_shard, in_distributed_run, relaunch
+    from motionsep.launch import current_shard
     from motionsep.sample import (
         VideoWriter,
         format_of_output,
@@ -197,9 +197,7 @@ def generate(
         resolve_model,
     )
 
-    if num_processes > 1 and not in_distributed_run():
-        err_console.print(f"launching {num_processes} processes")
-        raise SystemExit(relaunch(num_processes))
+    relaunch_as(num_processes)
     width, height = _parse_size(size)
     video_format = video_format or format_of_output(out)
     overrides: dict[str, Any] = {

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from motionsep.config import Recipe
-from motionsep_cli._console import RichProgress, emit, err_console
+from motionsep_cli._console import RichProgress, emit, err_console, relaunch_as
 from motionsep_cli._options import (
     ConfigOption,
     ForceOption,
@@ -102,7 +102,7 @@ def train(
     ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    from motionsep.launch import in_distributed_run, is_main_process, relaunch
+    from motionsep.launch import is_main_process
     from motionsep.store import Store
     from motionsep.train import resume_command_line, train_motion
 
@@ -119,9 +119,7 @@ def train(
         },
     }
     settings = settings_from_cli(preset, config, set_options, overrides)
-    if settings.train.num_processes > 1 and not in_distributed_run():
-        err_console.print(f"launching {settings.train.num_processes} processes")
-        raise SystemExit(relaunch(settings.train.num_processes))
+    relaunch_as(settings.train.num_processes)
     store = Store(settings.store.home)
     command = resume_command_line(sys.argv[1:])
     if is_main_process():

@@ -335,7 +335,7 @@ def test_gradient_checkpointing_trains_the_same_adapter(
 
 
 def test_the_speed_levers_follow_the_plain_loss_curve(
-    clips_dir: Path, tiny_model_dir: Path, tmp_path: Path
+    clips_dir: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Fused AdamW and channels-last weights: the same run to float rounding.
 
@@ -344,6 +344,32 @@ def test_the_speed_levers_follow_the_plain_loss_curve(
     repeats itself bit for bit; these levers change only the order of float
     operations).
     """
+    import motionsep.train as training
+
+    fused: list[bool | None] = []
+    layouts: list[bool] = []
+    real_adamw, real_channels_last = torch.optim.AdamW, training.use_channels_last
+
+    def adamw(*args: Any, **kwargs: Any) -> Any:
+        fused.append(kwargs.get("fused"))
+        return real_adamw(*args, **kwargs)
+
+    def channels_last(unet: torch.nn.Module) -> None:
+        real_channels_last(unet)
+        convs = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Conv3d)]
+        layouts.append(
+            all(
+                m.weight.is_contiguous(
+                    memory_format=torch.channels_last_3d
+                    if isinstance(m, torch.nn.Conv3d)
+                    else torch.channels_last
+                )
+                for m in convs
+            )
+        )
+
+    monkeypatch.setattr(torch.optim, "AdamW", adamw)
+    monkeypatch.setattr(training, "use_channels_last", channels_last)
     runs = []
     for levers in ([], ["optim.fused=true", "train.channels_last=true"]):
         settings = load_settings(
@@ -361,6 +387,7 @@ def test_the_speed_levers_follow_the_plain_loss_curve(
         )
         runs.append((result, load_file(result.package / "adapter.safetensors")))
     (plain, plain_adapter), (fast, fast_adapter) = runs
+    assert fused == [None, True] and layouts == [True]  # the levers were on in the fast run only
     plain_losses = [row["loss"] for row in plain.metrics]
     fast_losses = [row["loss"] for row in fast.metrics]
     assert len(plain_losses) == len(fast_losses) == 12

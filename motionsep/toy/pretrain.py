@@ -75,6 +75,15 @@ class PretrainConfig(PretrainSettings):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def clip_options(self) -> dict[str, float]:
+        """The world's levers, as :func:`clip_batch` takes them."""
+        return {
+            "speed_jitter": self.speed_jitter,
+            "attribute_dropout": self.attribute_dropout,
+            "trail_opacity": self.trail_opacity,
+            "motion_dropout": self.motion_dropout,
+        }
+
 
 def command_line(where: list[str], config: PretrainConfig, device: str, workers: int) -> list[str]:
     """The command that runs ``config`` again: ``where`` (``--name N`` or ``--out DIR``), then
@@ -186,15 +195,7 @@ class PretrainRun:
     def render(self, step: int, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Renders the clips of global step ``step`` here (the prefetcher's workers call it too)."""
         cfg = self.config
-        return clip_batch(
-            cfg.seed,
-            step,
-            size,
-            cfg.speed_jitter,
-            cfg.attribute_dropout,
-            cfg.trail_opacity,
-            cfg.motion_dropout,
-        )
+        return clip_batch(cfg.seed, step, size, **cfg.clip_options())
 
     def batch_size(self, step: int) -> int:
         return self.config.vae_batch // 2 if step < self.config.vae_steps else self.config.batch
@@ -402,15 +403,9 @@ class _Prefetcher:
         self.next = max(self.next, step)
         while self.next < min(step + self.window, total):
             cfg = self.run.config
+            ahead = self.run.batch_size(self.next)
             self.pending[self.next] = self.pool.submit(
-                clip_batch,
-                cfg.seed,
-                self.next,
-                self.run.batch_size(self.next),
-                cfg.speed_jitter,
-                cfg.attribute_dropout,
-                cfg.trail_opacity,
-                cfg.motion_dropout,
+                clip_batch, cfg.seed, self.next, ahead, **cfg.clip_options()
             )
             self.next += 1
         future = self.pending.pop(step, None)
@@ -704,8 +699,9 @@ def pretrain(
         _, path = intact
         # settings added since the run began count as their defaults
         saved = PretrainConfig.from_dict(runs.read_state(path)["config"]).to_dict()
-        if saved != config.to_dict():
-            changed = sorted(k for k in saved if saved[k] != config.to_dict().get(k))
+        current = config.to_dict()
+        if saved != current:
+            changed = sorted(k for k in saved if saved[k] != current.get(k))
             raise UsageError(
                 f"the run in {run_dir} used other settings ({', '.join(changed)})",
                 "resume with the same settings, or start over with --force",
