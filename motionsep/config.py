@@ -396,7 +396,11 @@ class PretrainSettings(_Section):
         TOY_TRAIL_OPACITY, description="Opacity of the motion trail behind the object (0: none)."
     )
     conv_skip: float = Field(
-        0.0, description="Share of U-Net steps with every temporal convolution bypassed."
+        0.0,
+        description=(
+            "Share of U-Net steps with every temporal convolution bypassed "
+            "(1: they stay at their identity initialisation)."
+        ),
     )
     motion_dropout: float = Field(
         0.0, description="Leave the motion phrase out of captions this often."
@@ -427,9 +431,11 @@ def _pretrain_problems(cfg: PretrainSettings) -> list[str]:
         if not getattr(cfg, name) > 0:
             problems.append(f"{name} must be > 0 (got {getattr(cfg, name)})")
     unit = ("text_dropout", "ema_decay", "speed_jitter", "attribute_dropout", "motion_dropout")
-    for name in (*unit, "conv_skip"):
+    for name in unit:
         if not 0 <= getattr(cfg, name) < 1:
             problems.append(f"{name} must be in [0, 1) (got {getattr(cfg, name)})")
+    if not 0 <= cfg.conv_skip <= 1:
+        problems.append(f"conv_skip must be in [0, 1] (got {cfg.conv_skip})")
     if cfg.object_weight < 0:
         problems.append(f"object_weight must be >= 0 (got {cfg.object_weight})")
     if not 0 <= cfg.x0_weight_floor <= cfg.min_snr_gamma:

@@ -141,7 +141,8 @@ def pretrain(
         typer.Option(
             "--conv-skip",
             help="Share of U-Net steps trained with every temporal convolution bypassed "
-            "(stochastic depth: the temporal attention must carry motion alone there).",
+            "(stochastic depth: the temporal attention must carry motion alone there; "
+            "1 leaves them at their identity initialisation, so only the attention mixes frames).",
         ),
     ] = None,
     vae_from: Annotated[

@@ -687,8 +687,37 @@ def test_conv_skip_bypasses_every_temporal_convolution_in_its_share_of_steps() -
     with torch.no_grad():
         layer.conv4[-1].weight.fill_(0.1)  # make the layer do something
         assert not torch.equal(layer(probe, num_frames=4), probe)  # and back afterwards
-    with pytest.raises(UsageError, match="conv_skip"):
-        PretrainConfig(conv_skip=1.0)
+    with pytest.raises(UsageError, match=r"conv_skip must be in \[0, 1\]"):
+        PretrainConfig(conv_skip=1.5)
+
+
+def test_conv_skip_one_trains_a_unet_whose_temporal_convolutions_are_the_identity() -> None:
+    import torch
+
+    from motionsep.model.ablations import bypass_temporal_convs, temporal_conv_names
+    from motionsep.toy.pretrain import PretrainConfig, build_run
+
+    config = PretrainConfig(vae_steps=0, steps=3, batch=2, warmup=1, conv_skip=1.0)
+    run = build_run(config, torch.device("cpu"))
+    unet = run.parts["unet"]
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    for step in range(2):
+        run.unet_step(step)
+    after = unet.state_dict()
+    convs = temporal_conv_names(unet)
+    trained = [k for k in after if not torch.equal(after[k], before[k])]
+    assert trained  # the rest of the U-Net learns
+    assert not [k for k in trained if k.startswith(tuple(convs))]  # the convolutions never do
+    # the exported (averaged) U-Net: with its convolutions in place it is the
+    # U-Net without them, so every frame-to-frame path is the attention
+    ema = run.ema["unet"]
+    sample = torch.randn(1, 4, 4, 8, 8)
+    text = torch.randn(1, 3, ema.config.cross_attention_dim)
+    with torch.no_grad():
+        intact = ema(sample, 500, encoder_hidden_states=text).sample
+        with bypass_temporal_convs(ema):
+            bypassed = ema(sample, 500, encoder_hidden_states=text).sample
+    assert torch.equal(intact, bypassed)
 
 
 def test_an_unfinished_run_exports_its_newest_checkpoint(tmp_path: Path) -> None:
