@@ -101,15 +101,26 @@ def find_eval_videos(paths: Iterable[str | Path]) -> list[Path]:
     """Expands files and folders into videos: video files and PNG-frame folders.
 
     The media of a ``motionsep report`` page inside a folder (``report/``
-    beside ``index.html``) are copies, not videos of their own, and are left out.
+    beside ``index.html``) are copies, not videos of their own, and are left
+    out, as are ``inspect-attention`` folders (PNG maps, not frames) found
+    inside a folder.
 
     Raises:
         VideoError: for a missing path or a folder without videos.
     """
+    from motionsep.inspect import is_inspection_folder
     from motionsep.report import is_report_media
     from motionsep.video import find_videos
 
-    return [p for p in find_videos(paths, frame_folders=True) if not is_report_media(p)]
+    found = find_videos(paths, frame_folders=True)
+    videos = [p for p in found if not is_report_media(p) and not is_inspection_folder(p)]
+    if found and not videos:
+        raise VideoError(
+            f"no videos in {', '.join(str(p) for p in found)}: report media or "
+            "inspect-attention maps only",
+            "pass the folder of generated videos",
+        )
+    return videos
 
 
 def check_video(path: Path) -> None:

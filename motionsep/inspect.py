@@ -954,6 +954,12 @@ class InspectionFiles:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+def is_inspection_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder :func:`save_inspection` wrote (its PNGs are maps, not frames)."""
+    maps = ("base.png", "motion.png", "difference.png")
+    return (path / "summary.json").is_file() and any((path / name).is_file() for name in maps)
+
+
 def save_inspection(inspection: AttentionInspection, out: Path | str) -> InspectionFiles:
     """Writes the PNG grids, ``summary.json`` and ``maps.npz`` into the folder ``out``.
 

@@ -380,15 +380,10 @@ def _all_videos(source: Path) -> list[Path]:
             {
                 video.resolve(): None
                 for video in videos
-                if video.resolve() != folder and not _is_attention_maps(video)
+                if video.resolve() != folder
             }
         )
     return list(found)
-
-
-def _is_attention_maps(path: Path) -> bool:
-    """An ``inspect-attention`` folder (its PNGs are maps, not the frames of a video)."""
-    return path.is_dir() and (path / "summary.json").is_file()
 
 
 def _group_label(group: dict[str, Any]) -> str:

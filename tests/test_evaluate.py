@@ -109,6 +109,23 @@ def test_report_groups_videos_by_their_sidecars(
         assert video.fidelity_reference == "reference.mp4"
 
 
+def test_inspect_attention_maps_beside_the_videos_are_not_scored_as_videos(
+    outputs: Path,
+) -> None:
+    from motionsep.errors import VideoError
+    from motionsep.evaluate import find_eval_videos
+
+    maps = outputs / "attention-a-red-car"  # what inspect-attention --out writes
+    maps.mkdir()
+    (maps / "summary.json").write_text("{}")
+    for name in ("base", "motion", "difference"):
+        Image.new("RGB", (30, 30), "gray").save(maps / f"{name}.png")
+    names = [p.name for p in find_eval_videos([outputs])]
+    assert names == ["a-0.mp4", "a-1", "b-0.mp4", "b-1.mp4"]  # the PNG video is still one
+    with pytest.raises(VideoError, match="inspect-attention maps only"):
+        find_eval_videos([maps])
+
+
 def test_group_key_of_a_video_without_sidecar() -> None:
     assert group_key(None).label == "no sidecar"
 
