@@ -405,6 +405,13 @@ class PretrainSettings(_Section):
     motion_dropout: float = Field(
         0.0, description="Leave the motion phrase out of captions this often."
     )
+    conv_keep: str = Field(
+        "",
+        description=(
+            "Temporal convolutions under these module paths (comma-separated, e.g. "
+            "'mid_block') are never bypassed by conv_skip."
+        ),
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> PretrainSettings:

@@ -955,7 +955,7 @@ class InspectionFiles:
 
 
 def is_inspection_folder(path: Path) -> bool:
-    """Whether ``path`` is a folder :func:`save_inspection` wrote (its PNGs are maps, not frames)."""
+    """Whether ``path`` is a folder :func:`save_inspection` wrote (PNG maps, not frames)."""
     maps = ("base.png", "motion.png", "difference.png")
     return (path / "summary.json").is_file() and any((path / name).is_file() for name in maps)
 

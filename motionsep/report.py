@@ -376,13 +376,7 @@ def _all_videos(source: Path) -> list[Path]:
             videos = find_eval_videos([folder])
         except VideoError:
             continue
-        found.update(
-            {
-                video.resolve(): None
-                for video in videos
-                if video.resolve() != folder
-            }
-        )
+        found.update({video.resolve(): None for video in videos if video.resolve() != folder})
     return list(found)
 
 

@@ -145,6 +145,14 @@ def pretrain(
             "1 leaves them at their identity initialisation, so only the attention mixes frames).",
         ),
     ] = None,
+    conv_keep: Annotated[
+        str | None,
+        typer.Option(
+            "--conv-keep",
+            help="Temporal convolutions under these module paths (comma-separated, e.g. "
+            "'down_blocks.0.temp_convs.0') are never bypassed by --conv-skip.",
+        ),
+    ] = None,
     vae_from: Annotated[
         str | None,
         typer.Option(
@@ -195,6 +203,7 @@ def pretrain(
         "vae_from": vae_from,
         "trail_opacity": trail_opacity,
         "conv_skip": conv_skip,
+        "conv_keep": conv_keep,
         "motion_dropout": motion_dropout,
     }
     settings = settings_from_cli(preset, config, set_options, {"pretrain": values})

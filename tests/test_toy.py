@@ -689,6 +689,19 @@ def test_conv_skip_bypasses_every_temporal_convolution_in_its_share_of_steps() -
         assert not torch.equal(layer(probe, num_frames=4), probe)  # and back afterwards
     with pytest.raises(UsageError, match=r"conv_skip must be in \[0, 1\]"):
         PretrainConfig(conv_skip=1.5)
+    # conv_keep: the named layer is never bypassed, every other one is
+    kept = "down_blocks.0.temp_convs.0"
+    keeping = build_run(PretrainConfig(vae_steps=0, conv_skip=1.0, conv_keep=kept), run.device)
+    first = keeping.parts["unet"].get_submodule(kept)
+    other = keeping.parts["unet"].get_submodule(temporal_conv_names(unet)[1])
+    with torch.no_grad():
+        first.conv4[-1].weight.fill_(0.1)
+        other.conv4[-1].weight.fill_(0.1)
+        with keeping.conv_skipped(0):
+            assert not torch.equal(first(probe, num_frames=4), probe)
+            assert torch.equal(other(probe, num_frames=4), probe)
+    with pytest.raises(UsageError, match="no temporal convolution under 'mid'"):
+        build_run(PretrainConfig(vae_steps=0, conv_keep="mid"), run.device)
 
 
 def test_conv_skip_one_trains_a_unet_whose_temporal_convolutions_are_the_identity() -> None:

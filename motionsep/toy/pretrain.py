@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import shutil
@@ -271,13 +272,14 @@ class PretrainRun:
         U-Net has only its temporal attention to carry anything from frame
         to frame, so the attention must learn to. The exported model has all
         its layers; what the attention learned is measured by ``toy probe
-        --attention`` with the convolutions in place.
+        --attention`` with the convolutions in place. Those under
+        ``conv_keep`` are never bypassed.
         """
         from motionsep.model.ablations import bypass_temporal_convs
 
         draw = np.random.default_rng([self.config.seed, step, 9]).random()
         if draw < self.config.conv_skip:
-            return bypass_temporal_convs(self.parts["unet"])
+            return bypass_temporal_convs(self.parts["unet"], skippable_convs(self.config))
         return contextlib.nullcontext()
 
     def timesteps(self, step: int, size: int) -> torch.Tensor:
@@ -424,6 +426,38 @@ def _warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def skippable_convs(config: PretrainConfig) -> list[str]:
+    """The toy U-Net's temporal convolutions that ``conv_skip`` bypasses (all but ``conv_keep``).
+
+    Raises:
+        UsageError: a ``conv_keep`` path names no temporal convolution.
+    """
+    from motionsep.model.ablations import temporal_conv_names
+
+    names = temporal_conv_names(_meta_unet(config.head_width))
+    keep = [path.strip() for path in config.conv_keep.split(",") if path.strip()]
+    for path in keep:
+        if not any(name == path or name.startswith(path + ".") for name in names):
+            raise UsageError(
+                f"conv_keep: no temporal convolution under {path!r} in the toy U-Net",
+                f"name module paths such as mid_block or up_blocks.1 (its {len(names)} "
+                f"temporal convolutions run from {names[0]} to {names[-1]})",
+            )
+    return [n for n in names if not any(n == p or n.startswith(p + ".") for p in keep)]
+
+
+@functools.cache
+def _meta_unet(head_width: int) -> Any:
+    """The toy U-Net's layout without weights (for module names)."""
+    import torch
+    from diffusers import UNet3DConditionModel
+
+    from motionsep.toy.model import unet_config
+
+    with torch.device("meta"):
+        return UNet3DConditionModel(**unet_config(head_width))
+
+
 def build_run(config: PretrainConfig, device: torch.device) -> PretrainRun:
     """A fresh run of ``config`` on ``device``: models, averages and optimizers, nothing trained."""
     import torch
@@ -432,6 +466,7 @@ def build_run(config: PretrainConfig, device: torch.device) -> PretrainRun:
     from motionsep.toy.model import build_components
 
     parts = build_components(config.seed, head_width=config.head_width)
+    skippable_convs(config)  # a bad conv_keep fails before any work
     if config.vae_from:
         _load_vae(parts["vae"], config.vae_from)
     for name in ("unet", "vae", "text_encoder"):
