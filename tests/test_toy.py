@@ -663,14 +663,16 @@ def test_pretraining_can_take_a_trained_vae_wider_heads_and_harder_clips(tmp_pat
         )
 
 
-def test_conv_skip_bypasses_every_temporal_convolution_in_its_share_of_steps() -> None:
+def test_conv_skip_bypasses_every_temporal_convolution_in_its_share_of_steps(
+    tmp_path: Path,
+) -> None:
     import contextlib
 
     import torch
 
     from motionsep.errors import UsageError
     from motionsep.model.ablations import temporal_conv_names
-    from motionsep.toy.pretrain import PretrainConfig, build_run
+    from motionsep.toy.pretrain import PretrainConfig, build_run, pretrain
 
     run = build_run(PretrainConfig(vae_steps=0, conv_skip=0.5), torch.device("cpu"))
     unet = run.parts["unet"]
@@ -701,7 +703,8 @@ def test_conv_skip_bypasses_every_temporal_convolution_in_its_share_of_steps() -
             assert not torch.equal(first(probe, num_frames=4), probe)
             assert torch.equal(other(probe, num_frames=4), probe)
     with pytest.raises(UsageError, match="no temporal convolution under 'mid'"):
-        build_run(PretrainConfig(vae_steps=0, conv_keep="mid"), run.device)
+        pretrain(tmp_path / "m", tmp_path / "run", PretrainConfig(vae_steps=0, conv_keep="mid"))
+    assert not list(tmp_path.iterdir())  # refused before any folder was made
 
 
 def test_conv_skip_one_trains_a_unet_whose_temporal_convolutions_are_the_identity() -> None:

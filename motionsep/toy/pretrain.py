@@ -466,7 +466,6 @@ def build_run(config: PretrainConfig, device: torch.device) -> PretrainRun:
     from motionsep.toy.model import build_components
 
     parts = build_components(config.seed, head_width=config.head_width)
-    skippable_convs(config)  # a bad conv_keep fails before any work
     if config.vae_from:
         _load_vae(parts["vae"], config.vae_from)
     for name in ("unet", "vae", "text_encoder"):
@@ -705,6 +704,7 @@ def pretrain(
     import torch
 
     events = or_null(progress)
+    skippable_convs(config)  # a bad conv_keep fails before any folder is made
     if out.exists() and not force:
         raise UsageError(
             f"{out} already exists", "pass --force to replace it, or choose another --out"
