@@ -435,15 +435,17 @@ def skippable_convs(config: PretrainConfig) -> list[str]:
     from motionsep.model.ablations import temporal_conv_names
 
     names = temporal_conv_names(_meta_unet(config.head_width))
-    keep = [path.strip() for path in config.conv_keep.split(",") if path.strip()]
-    for path in keep:
-        if not any(name == path or name.startswith(path + ".") for name in names):
+    kept: set[str] = set()
+    for path in (part.strip() for part in config.conv_keep.split(",")):
+        under = {name for name in names if f"{name}.".startswith(f"{path}.")} if path else set()
+        if path and not under:
             raise UsageError(
                 f"conv_keep: no temporal convolution under {path!r} in the toy U-Net",
                 f"name module paths such as mid_block or up_blocks.1 (its {len(names)} "
                 f"temporal convolutions run from {names[0]} to {names[-1]})",
             )
-    return [n for n in names if not any(n == p or n.startswith(p + ".") for p in keep)]
+        kept |= under
+    return [name for name in names if name not in kept]
 
 
 @functools.cache
