@@ -392,6 +392,13 @@ class PretrainSettings(_Section):
     vae_from: str = Field(
         "", description="Take the VAE of this toy model folder ('toy': the built-in one)."
     )
+    init_from: str = Field(
+        "",
+        description=(
+            "Start the U-Net and text encoder from this toy model folder ('toy': the built-in "
+            "one) instead of seeded random weights (fine-tuning; head_width may differ)."
+        ),
+    )
     trail_opacity: float = Field(
         TOY_TRAIL_OPACITY, description="Opacity of the motion trail behind the object (0: none)."
     )

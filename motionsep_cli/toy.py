@@ -161,6 +161,14 @@ def pretrain(
             "instead of training one; needs --vae-steps 0.",
         ),
     ] = None,
+    init_from: Annotated[
+        str | None,
+        typer.Option(
+            "--init-from",
+            help="Start the U-Net and text encoder from this toy model folder ('toy': the "
+            "built-in one) instead of random weights: fine-tune it under new levers.",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N.")] = "cpu",
     workers: Annotated[
         int, typer.Option("--workers", min=0, help="Processes rendering clips ahead (0: inline).")
@@ -201,6 +209,7 @@ def pretrain(
         "speed_jitter": speed_jitter,
         "attribute_dropout": attribute_dropout,
         "vae_from": vae_from,
+        "init_from": init_from,
         "trail_opacity": trail_opacity,
         "conv_skip": conv_skip,
         "conv_keep": conv_keep,

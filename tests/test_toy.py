@@ -736,6 +736,40 @@ def test_conv_skip_one_trains_a_unet_whose_temporal_convolutions_are_the_identit
     assert torch.equal(intact, bypassed)
 
 
+def test_init_from_starts_the_unet_and_encoder_from_a_trained_model(tmp_path: Path) -> None:
+    import torch
+    from diffusers import UNet3DConditionModel
+
+    from motionsep.errors import UsageError
+    from motionsep.toy.model import builtin_path
+    from motionsep.toy.pretrain import PretrainConfig, build_run, pretrain
+
+    shipped = UNet3DConditionModel.from_pretrained(builtin_path() / "unet").float().eval()
+    sample = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(1, 8, shipped.config.cross_attention_dim)
+    with torch.no_grad():
+        expected = shipped(sample, 500, encoder_hidden_states=text).sample
+    same = build_run(PretrainConfig(vae_steps=0, init_from="toy"), torch.device("cpu"))
+    with torch.no_grad():  # same head width: the shipped U-Net (the average too), up to the
+        # rounding of the plain attention kernel that the CPU run uses
+        ours = same.ema["unet"](sample, 500, encoder_hidden_states=text).sample
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+    wide = build_run(PretrainConfig(vae_steps=0, init_from="toy", head_width=16), same.device)
+    unet, trained = wide.parts["unet"], shipped.state_dict()
+    kept = [k for k, v in unet.state_dict().items() if not k.startswith("transformer_in.")]
+    assert all(torch.equal(unet.state_dict()[k], trained[k].float()) for k in kept)
+    # transformer_in changes width with the heads: it starts fresh, as the identity
+    hidden = torch.randn(8, unet.transformer_in.in_channels, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(unet.transformer_in(hidden, num_frames=8).sample, hidden)
+    encoder = wide.parts["text_encoder"].state_dict()
+    assert all(
+        torch.equal(encoder[k], v) for k, v in same.parts["text_encoder"].state_dict().items()
+    )
+    with pytest.raises(UsageError, match="no unet in"):
+        pretrain(tmp_path / "m", tmp_path / "run", PretrainConfig(init_from=str(tmp_path)))
+
+
 def test_an_unfinished_run_exports_its_newest_checkpoint(tmp_path: Path) -> None:
     from motionsep.model.components import load_components
     from motionsep.toy.pretrain import PretrainConfig, export_checkpoint, pretrain

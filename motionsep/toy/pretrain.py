@@ -470,6 +470,8 @@ def build_run(config: PretrainConfig, device: torch.device) -> PretrainRun:
     parts = build_components(config.seed, head_width=config.head_width)
     if config.vae_from:
         _load_vae(parts["vae"], config.vae_from)
+    if config.init_from:
+        _load_denoiser(parts, config.init_from)
     for name in ("unet", "vae", "text_encoder"):
         parts[name].to(device).train()
     ema = {
@@ -498,26 +500,75 @@ def build_run(config: PretrainConfig, device: torch.device) -> PretrainRun:
     return PretrainRun(config, parts, ema, vae_opt, opt, device)
 
 
+def _model_folder(source: str, part: str, option: str) -> Path:
+    """The toy model folder ``source`` names ('toy': the built-in one), checked to hold ``part``."""
+    from motionsep.toy.model import BUILTIN_NAME, builtin_path
+
+    folder = builtin_path() if source == BUILTIN_NAME else Path(source)
+    if not (folder / part / "config.json").is_file():
+        raise UsageError(
+            f"no {part} in {folder}",
+            f"give {option} a toy model folder (or 'toy', the built-in one)",
+        )
+    return folder
+
+
+def _copy_weights(module: Any, trained: Any, folder: Path, option: str) -> None:
+    try:
+        module.load_state_dict({k: v.float() for k, v in trained.state_dict().items()})
+    except RuntimeError as exc:
+        raise UsageError(
+            f"the {type(trained).__name__} in {folder} has another shape than the toy one",
+            f"give {option} a model made by motionsep toy pretrain",
+        ) from exc
+
+
 def _load_vae(vae: Any, source: str) -> None:
     """Copies a trained VAE (weights and latent scale) from a model folder or ``toy``."""
     from diffusers import AutoencoderKL
 
-    from motionsep.toy.model import BUILTIN_NAME, builtin_path
-
-    folder = builtin_path() if source == BUILTIN_NAME else Path(source)
-    if not (folder / "vae" / "config.json").is_file():
-        raise UsageError(
-            f"no VAE in {folder}", "give --vae-from a toy model folder (or 'toy', the built-in one)"
-        )
+    folder = _model_folder(source, "vae", "--vae-from")
     trained = AutoencoderKL.from_pretrained(folder / "vae")
+    _copy_weights(vae, trained, folder, "--vae-from")
+    vae.register_to_config(scaling_factor=trained.config.scaling_factor)
+
+
+def _load_denoiser(parts: dict[str, Any], source: str) -> None:
+    """Copies a trained U-Net and its text encoder from a model folder or ``toy``.
+
+    Both come together: the U-Net learned the encoder's features. The head
+    width only regroups the attention's channels, except in ``transformer_in``
+    (diffusers gives it ``attention_head_dim`` heads of 8 channels): when the
+    widths differ, that one block starts fresh with its output projection at
+    zero, so it starts as the identity and the rest computes as trained.
+    """
+    import torch
+    from diffusers import UNet3DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = _model_folder(source, "unet", "--init-from")
+    unet = parts["unet"]
+    trained = UNet3DConditionModel.from_pretrained(folder / "unet").state_dict()
+    own = unet.state_dict()
+    fresh = {key for key, value in trained.items() if own.get(key, value).shape != value.shape}
+    if fresh and all(key.startswith("transformer_in.") for key in fresh):
+        trained = {k: v for k, v in trained.items() if not k.startswith("transformer_in.")}
+        trained |= {k: v for k, v in own.items() if k.startswith("transformer_in.")}
+        with torch.no_grad():
+            unet.transformer_in.proj_out.weight.zero_()
+            unet.transformer_in.proj_out.bias.zero_()
+        trained |= {
+            k: v for k, v in unet.state_dict().items() if k.startswith("transformer_in.proj_out")
+        }
     try:
-        vae.load_state_dict({k: v.float() for k, v in trained.state_dict().items()})
+        unet.load_state_dict({k: v.float() for k, v in trained.items()})
     except RuntimeError as exc:
         raise UsageError(
-            f"the VAE in {folder} has another shape than the toy VAE",
-            "give --vae-from a model made by motionsep toy pretrain",
+            f"the U-Net in {folder} has another shape than the toy one",
+            "give --init-from a model made by motionsep toy pretrain",
         ) from exc
-    vae.register_to_config(scaling_factor=trained.config.scaling_factor)
+    encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    _copy_weights(parts["text_encoder"], encoder, folder, "--init-from")
 
 
 # ---------------------------------------------------------------------------
