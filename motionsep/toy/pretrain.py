@@ -536,11 +536,12 @@ def _load_vae(vae: Any, source: str) -> None:
 def _load_denoiser(parts: dict[str, Any], source: str) -> None:
     """Copies a trained U-Net and its text encoder from a model folder or ``toy``.
 
-    Both come together: the U-Net learned the encoder's features. The head
-    width only regroups the attention's channels, except in ``transformer_in``
-    (diffusers gives it ``attention_head_dim`` heads of 8 channels): when the
-    widths differ, that one block starts fresh with its output projection at
-    zero, so it starts as the identity and the rest computes as trained.
+    Both come together: the U-Net learned the encoder's features. Another
+    head width only regroups the attention's channels into other heads (the
+    weights fit; what they compute changes and fine-tuning must repair it),
+    except in ``transformer_in``, which diffusers gives ``attention_head_dim``
+    heads of 8 channels: then that one block starts fresh with its output
+    projection at zero, so it starts as the identity.
     """
     import torch
     from diffusers import UNet3DConditionModel
@@ -552,14 +553,10 @@ def _load_denoiser(parts: dict[str, Any], source: str) -> None:
     own = unet.state_dict()
     fresh = {key for key, value in trained.items() if own.get(key, value).shape != value.shape}
     if fresh and all(key.startswith("transformer_in.") for key in fresh):
-        trained = {k: v for k, v in trained.items() if not k.startswith("transformer_in.")}
-        trained |= {k: v for k, v in own.items() if k.startswith("transformer_in.")}
         with torch.no_grad():
             unet.transformer_in.proj_out.weight.zero_()
             unet.transformer_in.proj_out.bias.zero_()
-        trained |= {
-            k: v for k, v in unet.state_dict().items() if k.startswith("transformer_in.proj_out")
-        }
+        trained |= {k: v for k, v in own.items() if k.startswith("transformer_in.")}
     try:
         unet.load_state_dict({k: v.float() for k, v in trained.items()})
     except RuntimeError as exc:
