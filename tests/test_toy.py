@@ -766,7 +766,7 @@ def test_init_from_starts_the_unet_and_encoder_from_a_trained_model(tmp_path: Pa
     assert all(
         torch.equal(encoder[k], v) for k, v in same.parts["text_encoder"].state_dict().items()
     )
-    with pytest.raises(UsageError, match="no unet in"):
+    with pytest.raises(UsageError, match="no U-Net in"):
         pretrain(tmp_path / "m", tmp_path / "run", PretrainConfig(init_from=str(tmp_path)))
 
 

@@ -507,7 +507,7 @@ def _model_folder(source: str, part: str, option: str) -> Path:
     folder = builtin_path() if source == BUILTIN_NAME else Path(source)
     if not (folder / part / "config.json").is_file():
         raise UsageError(
-            f"no {part} in {folder}",
+            f"no {'VAE' if part == 'vae' else 'U-Net'} in {folder}",
             f"give {option} a toy model folder (or 'toy', the built-in one)",
         )
     return folder
