@@ -182,13 +182,15 @@ def pretrain(
     config: ConfigOption = None,
     set_options: SetOption = None,
 ) -> None:
-    """Pretrain a toy base model from scratch on the toy world (about 2 h on 2 CPU cores).
+    """Pretrain a toy base model on the toy world (from scratch: about 2 h on 2 CPU cores).
 
     First the VAE, then the 3D U-Net and the text encoder; the exported model
     is an exponential moving average. Everything is seeded: a rerun draws the
     same clips and noise. Checkpoints go to models/.partial-NAME (or
     OUT.partial); Ctrl-C writes one, and --resume continues bit for bit. The
-    settings and the command are recorded in the model's toy.json.
+    settings and the command are recorded in the model's toy.json. With
+    --init-from it fine-tunes a trained toy model instead of starting from
+    random weights.
 
     Example: motionsep toy pretrain --name toy-mine --probe-every 500
     """

@@ -513,12 +513,12 @@ def _model_folder(source: str, part: str, option: str) -> Path:
     return folder
 
 
-def _copy_weights(module: Any, trained: Any, folder: Path, option: str) -> None:
+def _copy_weights(module: Any, state: dict[str, Any], folder: Path, option: str) -> None:
     try:
-        module.load_state_dict({k: v.float() for k, v in trained.state_dict().items()})
+        module.load_state_dict({k: v.float() for k, v in state.items()})
     except RuntimeError as exc:
         raise UsageError(
-            f"the {type(trained).__name__} in {folder} has another shape than the toy one",
+            f"the weights in {folder} have other shapes than the toy model's",
             f"give {option} a model made by motionsep toy pretrain",
         ) from exc
 
@@ -529,7 +529,7 @@ def _load_vae(vae: Any, source: str) -> None:
 
     folder = _model_folder(source, "vae", "--vae-from")
     trained = AutoencoderKL.from_pretrained(folder / "vae")
-    _copy_weights(vae, trained, folder, "--vae-from")
+    _copy_weights(vae, trained.state_dict(), folder, "--vae-from")
     vae.register_to_config(scaling_factor=trained.config.scaling_factor)
 
 
@@ -557,14 +557,8 @@ def _load_denoiser(parts: dict[str, Any], source: str) -> None:
             unet.transformer_in.proj_out.weight.zero_()
             unet.transformer_in.proj_out.bias.zero_()
         trained |= {k: v for k, v in own.items() if k.startswith("transformer_in.")}
-    try:
-        unet.load_state_dict({k: v.float() for k, v in trained.items()})
-    except RuntimeError as exc:
-        raise UsageError(
-            f"the U-Net in {folder} has another shape than the toy one",
-            "give --init-from a model made by motionsep toy pretrain",
-        ) from exc
-    encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    _copy_weights(unet, trained, folder, "--init-from")
+    encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict()
     _copy_weights(parts["text_encoder"], encoder, folder, "--init-from")
 
 
