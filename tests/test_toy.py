@@ -739,6 +739,7 @@ def test_conv_skip_one_trains_a_unet_whose_temporal_convolutions_are_the_identit
 def test_init_from_starts_the_unet_and_encoder_from_a_trained_model(tmp_path: Path) -> None:
     import torch
     from diffusers import UNet3DConditionModel
+    from transformers import CLIPTextModel
 
     from motionsep.errors import UsageError
     from motionsep.toy.model import builtin_path
@@ -754,18 +755,20 @@ def test_init_from_starts_the_unet_and_encoder_from_a_trained_model(tmp_path: Pa
         # rounding of the plain attention kernel that the CPU run uses
         ours = same.ema["unet"](sample, 500, encoder_hidden_states=text).sample
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
-    wide = build_run(PretrainConfig(vae_steps=0, init_from="toy", head_width=16), same.device)
-    unet, trained = wide.parts["unet"], shipped.state_dict()
-    kept = [k for k, v in unet.state_dict().items() if not k.startswith("transformer_in.")]
-    assert all(torch.equal(unet.state_dict()[k], trained[k].float()) for k in kept)
+    # another seed and head width: the seed's own weights are all replaced
+    wide_config = PretrainConfig(vae_steps=0, init_from="toy", head_width=16, seed=1)
+    wide = build_run(wide_config, same.device)
+    unet, trained = wide.parts["unet"].state_dict(), shipped.state_dict()
+    kept = [k for k in unet if not k.startswith("transformer_in.")]
+    assert all(torch.equal(unet[k], trained[k].float()) for k in kept)
     # transformer_in changes width with the heads: it starts fresh, as the identity
-    hidden = torch.randn(8, unet.transformer_in.in_channels, 4, 4)
+    block = wide.parts["unet"].transformer_in
+    hidden = torch.randn(8, block.in_channels, 4, 4)
     with torch.no_grad():
-        assert torch.equal(unet.transformer_in(hidden, num_frames=8).sample, hidden)
+        assert torch.equal(block(hidden, num_frames=8).sample, hidden)
+    shipped_encoder = CLIPTextModel.from_pretrained(builtin_path() / "text_encoder").state_dict()
     encoder = wide.parts["text_encoder"].state_dict()
-    assert all(
-        torch.equal(encoder[k], v) for k, v in same.parts["text_encoder"].state_dict().items()
-    )
+    assert all(torch.equal(encoder[k], v.float()) for k, v in shipped_encoder.items())
     with pytest.raises(UsageError, match="no U-Net in"):
         pretrain(tmp_path / "m", tmp_path / "run", PretrainConfig(init_from=str(tmp_path)))
 

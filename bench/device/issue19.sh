@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 19 on the lent GPU, as one device call (about 9 minutes):
+# Issue 19 on the lent GPU, as one device call (planned to fit 10 minutes; not yet timed there):
 #   bash bench/device/wheels.sh    # here, once: the wheels the device lacks
 #   device run: bash bench/device/issue19.sh 330   (carry [".whl"], timeout_s 600)
 # Pretrains run B's settings (head width 16, speed jitter 0.3, attribute dropout 0.15,
