@@ -103,19 +103,33 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         "tiny random ZeroScope-shaped model for tests (built locally)",
         KIND_BUILTIN,
     ),
+    "tiny-animatediff": KnownModel(
+        "tiny-animatediff",
+        None,
+        "tiny random AnimateDiff model (SD-style U-Net + motion adapter) for tests (built locally)",
+        KIND_BUILTIN,
+    ),
 }
+
+TINY_MODELS = ("tiny", "tiny-animatediff")
+"""Built here from seeded random weights, one per base-model family."""
 
 
 def install_tiny(
-    store: Store, force: bool = False, progress: Progress | None = None, repair: bool = False
+    store: Store,
+    force: bool = False,
+    progress: Progress | None = None,
+    repair: bool = False,
+    name: str = "tiny",
 ) -> ModelRecord:
-    """Builds the tiny model and installs it in the store as ``tiny``.
+    """Builds a tiny model and installs it in the store under its name.
 
     Args:
         store: Where to install it.
         force: Rebuild even if it is installed.
-        progress: Receives a "build tiny" task.
+        progress: Receives a "build NAME" task.
         repair: Rebuild it if its files no longer match its record.
+        name: ``tiny`` (ZeroScope family) or ``tiny-animatediff``.
 
     Returns:
         The record of the installed model.
@@ -124,20 +138,23 @@ def install_tiny(
         DamagedModelError: it is installed but damaged, without ``repair``.
     """
     from motionsep.model.components import TINY_SEED, build_tiny_components, save_components
+    from motionsep.model.family import ANIMATEDIFF, ZEROSCOPE
 
-    existing = store.model_record("tiny")
+    family = ANIMATEDIFF if name == "tiny-animatediff" else ZEROSCOPE
+    existing = store.model_record(name)
     if existing is not None and not force and not _needs_repair(existing, repair, progress):
         return existing
     events = or_null(progress)
-    events.start("build tiny", total=2, unit="step")
-    with atomic_folder(store.model_path("tiny"), overwrite=True) as tmp:
-        parts = build_tiny_components(seed=TINY_SEED)
-        events.advance("build tiny")
+    task = f"build {name}"
+    events.start(task, total=2, unit="step")
+    with atomic_folder(store.model_path(name), overwrite=True) as tmp:
+        parts = build_tiny_components(seed=TINY_SEED, family=family)
+        events.advance(task)
         save_components(parts, tmp)
-        store.write_model_record(tmp, "tiny", source=f"built-in (seed {TINY_SEED})", revision=None)
-        events.advance("build tiny")
-    events.finish("build tiny")
-    record = store.model_record("tiny")
+        store.write_model_record(tmp, name, source=f"built-in (seed {TINY_SEED})", revision=None)
+        events.advance(task)
+    events.finish(task)
+    record = store.model_record(name)
     assert record is not None  # written just above
     return record
 
@@ -686,10 +703,10 @@ def download(
     """
     if name == "toy":
         return _builtin_toy(store, progress)
-    if name == "tiny":
+    if name in TINY_MODELS:
         if revision or variant:
-            raise UsageError("the built-in tiny model has no revisions or variants")
-        return install_tiny(store, force=force, progress=progress, repair=repair)
+            raise UsageError(f"the built-in {name} model has no revisions or variants")
+        return install_tiny(store, force=force, progress=progress, repair=repair, name=name)
     repo_id, kind = _resolve_repo(name)
     store_name = name
     existing = store.model_record(store_name)

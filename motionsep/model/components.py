@@ -17,10 +17,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from motionsep.errors import ModelFormatError
+from motionsep.model.family import (
+    ANIMATEDIFF,
+    MOTION_ADAPTER_FOLDER,
+    Family,
+    family_of,
+    folder_family,
+    join_motion_unet,
+    split_motion_unet,
+    weight_folders,
+)
+from motionsep.model.family import load_unet as load_family_unet
+from motionsep.model.family import unet_config as family_unet_config
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
 COMPONENT_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -104,6 +116,52 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "prediction_type": "epsilon",
 }
 
+# AnimateDiff's DDIM schedule: the motion modules were trained on the linear
+# beta schedule (the AnimateDiff configs and diffusers' AnimateDiff examples),
+# not on Stable Diffusion's scaled_linear one.
+ANIMATEDIFF_SCHEDULER_CONFIG: dict[str, Any] = {
+    **SCHEDULER_CONFIG,
+    "beta_schedule": "linear",
+    "timestep_spacing": "linspace",
+}
+
+# The 2D U-Net of the tiny AnimateDiff model: the tiny ZeroScope U-Net's layout
+# in Stable Diffusion's 2D blocks (three attention down blocks, a plain bottom
+# block, two layers each), joined to a motion adapter of the same channels.
+TINY_UNET2D_CONFIG: dict[str, Any] = {
+    "attention_head_dim": 4,
+    "block_out_channels": [32, 64, 64, 64],
+    "cross_attention_dim": 32,
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
+    "up_block_types": [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ],
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 8,
+    "sample_size": 16,
+}
+
+# The motion adapter of the tiny AnimateDiff model: 4 heads per motion module
+# and AnimateDiff v1-5-2's 32 frame positions and mid-block motion module.
+TINY_MOTION_ADAPTER_CONFIG: dict[str, Any] = {
+    "block_out_channels": [32, 64, 64, 64],
+    "motion_layers_per_block": 2,
+    "motion_num_attention_heads": 4,
+    "motion_norm_num_groups": 8,
+    "motion_max_seq_length": 32,
+    "use_motion_mid_block": True,
+}
+
 TINY_SEED = 0
 
 
@@ -111,12 +169,17 @@ TINY_SEED = 0
 class Components:
     """The parts of a text-to-video model that motionsep drives."""
 
-    unet: UNet3DConditionModel
+    unet: Any  # UNet3DConditionModel or UNetMotionModel: see motionsep.model.family
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     scheduler: DDIMScheduler
     path: Path
+
+    @property
+    def family(self) -> Family:
+        """The base-model family of the U-Net."""
+        return family_of(self.unet)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -153,16 +216,24 @@ def tiny_vocab() -> tuple[dict[str, int], list[str]]:
 def build_tiny_components(
     seed: int = TINY_SEED,
     *,
+    family: Family | None = None,
     unet_config: dict[str, Any] | None = None,
     vae_config: dict[str, Any] | None = None,
     text_config: dict[str, Any] | None = None,
     tokenizer: CLIPTokenizer | None = None,
 ) -> dict[str, Any]:
-    """Builds a small ZeroScope-shaped model with seeded random weights.
+    """Builds a small model of a family with seeded random weights.
 
     Building twice with the same seed gives bit-identical weights. The
-    defaults give the ``tiny`` model; the toy model passes its own sizes and
-    word-level tokenizer.
+    defaults give the ``tiny`` model (ZeroScope-shaped); ``family=ANIMATEDIFF``
+    gives ``tiny-animatediff``: a 2D U-Net (``unet_config`` overrides
+    :data:`TINY_UNET2D_CONFIG`) joined to a motion adapter of the same
+    channels. The toy model passes its own sizes and word-level tokenizer.
+
+    Returns:
+        ``unet`` (ready to run: a ``UNet3DConditionModel`` or a
+        ``UNetMotionModel``), ``vae``, ``text_encoder``, ``tokenizer`` and
+        ``scheduler``.
     """
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
@@ -174,7 +245,21 @@ def build_tiny_components(
     vocab = tokenizer.get_vocab()
 
     torch.manual_seed(seed)
-    unet = UNet3DConditionModel(**(unet_config or TINY_UNET_CONFIG))
+    if family is ANIMATEDIFF:
+        from diffusers import MotionAdapter, UNet2DConditionModel
+
+        unet2d = UNet2DConditionModel(**(unet_config or TINY_UNET2D_CONFIG))
+        adapter_config = {
+            **TINY_MOTION_ADAPTER_CONFIG,
+            "block_out_channels": list(unet2d.config.block_out_channels),
+            "motion_layers_per_block": unet2d.config.layers_per_block,
+            "motion_norm_num_groups": unet2d.config.norm_num_groups,
+        }
+        unet = join_motion_unet(unet2d, MotionAdapter(**adapter_config))
+        scheduler_config = ANIMATEDIFF_SCHEDULER_CONFIG
+    else:
+        unet = UNet3DConditionModel(**(unet_config or TINY_UNET_CONFIG))
+        scheduler_config = SCHEDULER_CONFIG
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(**(vae_config or TINY_VAE_CONFIG))
     torch.manual_seed(seed + 2)
@@ -187,7 +272,7 @@ def build_tiny_components(
             **(text_config or TINY_TEXT_CONFIG),
         )
     )
-    scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
+    scheduler = DDIMScheduler(**scheduler_config)
     for module in (unet, vae, text_encoder):
         module.eval()
     return {
@@ -200,7 +285,12 @@ def build_tiny_components(
 
 
 def save_components(parts: dict[str, Any], folder: Path) -> None:
-    """Saves components as a diffusers text-to-video folder (safetensors only)."""
+    """Saves components as a diffusers folder of their family (safetensors only).
+
+    A ZeroScope-family model is written as a ``TextToVideoSDPipeline`` folder;
+    an AnimateDiff one as an ``AnimateDiffPipeline`` folder: the joined U-Net
+    is split back into the Stable Diffusion ``unet/`` and ``motion_adapter/``.
+    """
     import diffusers
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -209,11 +299,19 @@ def save_components(parts: dict[str, Any], folder: Path) -> None:
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     folder.mkdir(parents=True, exist_ok=True)
+    family = family_of(parts["unet"])
+    parts = dict(parts)
     index: dict[str, Any] = {
-        "_class_name": "TextToVideoSDPipeline",
+        "_class_name": family.pipeline_class,
         "_diffusers_version": diffusers.__version__,
     }
-    for name in COMPONENT_FOLDERS:
+    names = list(COMPONENT_FOLDERS)
+    if family is ANIMATEDIFF:
+        parts["unet"], parts[MOTION_ADAPTER_FOLDER] = split_motion_unet(parts["unet"])
+        names.append(MOTION_ADAPTER_FOLDER)
+        # optional parts of AnimateDiffPipeline that motionsep does not use
+        index |= {"feature_extractor": [None, None], "image_encoder": [None, None]}
+    for name in names:
         part = parts[name]
         if name == "tokenizer" or name == "scheduler":
             part.save_pretrained(folder / name)
@@ -243,7 +341,8 @@ def build_zeroscope_unet(device: str | torch.device = "cpu", dtype: Any = None) 
 def check_model_folder(folder: Path) -> dict[str, Any]:
     """Checks that a folder is a text-to-video model motionsep supports.
 
-    Returns the parsed U-Net config.
+    Returns the config of the U-Net it loads as (for AnimateDiff: the joined
+    ``UNetMotionModel``; see :func:`motionsep.model.family.unet_config`).
 
     Raises:
         ModelFormatError: naming the missing file or the unsupported part.
@@ -260,35 +359,19 @@ def check_model_folder(folder: Path) -> dict[str, Any]:
             raise ModelFormatError(f"{folder}: {config.relative_to(folder)} is missing")
     if not (folder / "tokenizer").is_dir():
         raise ModelFormatError(f"{folder}: the tokenizer folder is missing")
-    try:
-        unet_config = json.loads((folder / "unet" / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelFormatError(f"{folder}/unet/config.json is not valid JSON: {exc}") from exc
-    if unet_config.get("_class_name") != "UNet3DConditionModel":
-        raise ModelFormatError(
-            f"{folder} has a {unet_config.get('_class_name')!r} U-Net; motionsep needs a "
-            "UNet3DConditionModel (ZeroScope / ModelScope text-to-video)",
-        )
-    for name in ("unet", "vae", "text_encoder"):
+    family = folder_family(folder)
+    for name in weight_folders(family):
         if not list((folder / name).glob("*.safetensors")):
             raise ModelFormatError(
                 f"{folder}/{name} holds no .safetensors weights",
                 "motionsep loads only safetensors; re-import the model with `motionsep download`",
             )
-    return dict(unet_config)
+    return family_unet_config(folder)
 
 
-def load_unet(folder: Path, dtype: Any = None, device: Any = "cpu") -> UNet3DConditionModel:
-    """Loads only the U-Net of a model folder (safetensors only)."""
-    from diffusers import UNet3DConditionModel
-
-    unet = UNet3DConditionModel.from_pretrained(
-        folder, subfolder="unet", torch_dtype=dtype, use_safetensors=True
-    )
-    unet.to(device)
-    unet.eval()
-    unet.requires_grad_(False)
-    return unet
+def load_unet(folder: Path, dtype: Any = None, device: Any = "cpu") -> Any:
+    """Loads only the U-Net of a model folder of either family (safetensors only)."""
+    return load_family_unet(folder, dtype=dtype, device=device)
 
 
 def load_components(folder: Path, dtype: Any = None, device: Any = "cpu") -> Components:

@@ -4,7 +4,9 @@ A recipe says which projections of every temporal transformer get the motion
 LoRA, which U-Net skips the appearance highway reroutes to spatial-attention
 outputs, which skips it scales by beta, and whether phased LoRA integration is
 on. The helpers below turn a recipe into exact module and skip names of a
-given ``UNet3DConditionModel``; tap.py and highway.py act on those names.
+given U-Net of either family (``motionsep.model.family``: ZeroScope's
+``UNet3DConditionModel`` or AnimateDiff's ``UNetMotionModel``, whose down
+blocks collect skips the same way); tap.py and highway.py act on those names.
 
 Skips are named after the module that produces them, in the order the U-Net
 collects them (``down_block_res_samples``)::
@@ -21,12 +23,10 @@ unconsumed, its resnet 0 taking the newest.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 from motionsep.config import Recipe
-
-if TYPE_CHECKING:
-    from diffusers import UNet3DConditionModel
+from motionsep.model import family
 
 # Projections of a temporal attention (attn1 and attn2 alike) per recipe.
 PAPER_PROJECTIONS = ("to_k",)
@@ -120,21 +120,23 @@ def get_recipe(recipe: Recipe | str) -> RecipeSpec:
     return RECIPES[Recipe(recipe)]
 
 
-def temporal_transformer_names(unet: UNet3DConditionModel) -> list[str]:
-    """Names of every ``TransformerTemporalModel``, ``transformer_in`` first."""
-    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+def temporal_transformer_names(unet: Any) -> list[str]:
+    """Names of every temporal transformer, in module order (its family says which).
 
-    return [name for name, m in unet.named_modules() if isinstance(m, TransformerTemporalModel)]
+    ZeroScope: every ``TransformerTemporalModel``, ``transformer_in`` first;
+    AnimateDiff: every motion module (``AnimateDiffTransformer3D``).
+    """
+    return family.temporal_transformer_names(unet)
 
 
-def spatial_transformer_names(unet: UNet3DConditionModel) -> list[str]:
+def spatial_transformer_names(unet: Any) -> list[str]:
     """Names of every spatial ``Transformer2DModel``."""
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     return [name for name, m in unet.named_modules() if isinstance(m, Transformer2DModel)]
 
 
-def _linear_names_under(unet: UNet3DConditionModel, prefix: str) -> list[str]:
+def _linear_names_under(unet: Any, prefix: str) -> list[str]:
     """Linear layers under ``prefix``; a layer peft already wrapped counts once, by its own name."""
     from torch import nn
 
@@ -149,12 +151,12 @@ def _linear_names_under(unet: UNet3DConditionModel, prefix: str) -> list[str]:
     return names
 
 
-def _block_names(unet: UNet3DConditionModel, transformer: str) -> list[str]:
+def _block_names(unet: Any, transformer: str) -> list[str]:
     module = unet.get_submodule(transformer)
     return [f"{transformer}.transformer_blocks.{i}" for i in range(len(module.transformer_blocks))]
 
 
-def motion_lora_targets(unet: UNet3DConditionModel, recipe: Recipe | str) -> list[str]:
+def motion_lora_targets(unet: Any, recipe: Recipe | str) -> list[str]:
     """Full names of the Linear layers that get the motion LoRA, in module order."""
     spec = get_recipe(recipe)
     wanted: set[str] = set()
@@ -167,7 +169,7 @@ def motion_lora_targets(unet: UNet3DConditionModel, recipe: Recipe | str) -> lis
     return [name for name, _ in unet.named_modules() if name in wanted]
 
 
-def spatial_lora_targets(unet: UNet3DConditionModel) -> list[str]:
+def spatial_lora_targets(unet: Any) -> list[str]:
     """Full names of the Linear layers that get the spatial LoRAs, in module order."""
     wanted: set[str] = set()
     for transformer in spatial_transformer_names(unet):
@@ -197,7 +199,7 @@ class Skip:
     consumer: tuple[int, int]
 
 
-def skip_layout(unet: UNet3DConditionModel) -> list[Skip]:
+def skip_layout(unet: Any) -> list[Skip]:
     """Every skip of the U-Net in the order ``down_block_res_samples`` holds them."""
     emitted: list[tuple[str, int | None, int | None, bool]] = [("conv_in", None, None, False)]
     for index, block in enumerate(unet.down_blocks):
@@ -233,9 +235,7 @@ class HighwayPlan:
     scale: dict[str, float]
 
 
-def highway_plan(
-    unet: UNet3DConditionModel, recipe: Recipe | str, beta: float | None = None
-) -> HighwayPlan:
+def highway_plan(unet: Any, recipe: Recipe | str, beta: float | None = None) -> HighwayPlan:
     """Resolves a recipe's highway to skip names of ``unet``.
 
     Args:
