@@ -61,6 +61,25 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return install_tiny(store).path
 
 
+@pytest.fixture(scope="session")
+def tiny_animatediff_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny AnimateDiff model (SD-style U-Net + motion adapter), built once per
+    session, as an AnimateDiffPipeline folder (do not modify)."""
+    from motionsep.hub import install_tiny
+    from motionsep.store import Store
+
+    store = Store(tmp_path_factory.mktemp("tiny_animatediff_store"))
+    return install_tiny(store, name="tiny-animatediff").path
+
+
+@pytest.fixture
+def tiny_animatediff_unet(tiny_animatediff_dir: Path):
+    """A fresh copy of the tiny AnimateDiff UNetMotionModel in fp32 on the CPU, frozen."""
+    from motionsep.model.components import load_unet
+
+    return load_unet(tiny_animatediff_dir)
+
+
 @pytest.fixture
 def tiny_unet(tiny_model_dir: Path):
     """A fresh copy of the tiny U-Net in fp32 on the CPU, frozen, in eval mode."""
