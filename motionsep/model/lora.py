@@ -41,8 +41,9 @@ SPATIAL_ADAPTER = "spatial"
 LORA_INIT = "gaussian"
 
 MODULE_NAMES_HINT = (
-    "the base model's module names differ from ZeroScope's / ModelScope's "
-    "UNet3DConditionModel; use one of those base models (or a U-Net with the same layout)"
+    "the base model's module names differ from those of the supported families "
+    "(ZeroScope / ModelScope's UNet3DConditionModel, AnimateDiff's UNetMotionModel); "
+    "use one of those base models (or a U-Net with the same layout)"
 )
 
 
