@@ -13,7 +13,10 @@ PresetOption = Annotated[
     str | None,
     typer.Option(
         "--preset",
-        help="Preset name (car-turn, zoom-in, zoom-out, dolly, animatediff, tiny, toy) or a preset YAML's path.",
+        help=(
+            "Preset name (car-turn, zoom-in, zoom-out, dolly, animatediff, tiny, toy) "
+            "or a preset YAML's path."
+        ),
         rich_help_panel=SETTINGS_PANEL,
     ),
 ]
