@@ -9,6 +9,17 @@ are fetched, safetensors preferred. The store is safetensors-only: pickled
 ``.bin`` weights are read with ``torch.load(weights_only=True)`` and written
 back as safetensors. A model becomes visible under ``models/NAME`` only after
 it was assembled, verified and recorded, by one atomic rename.
+
+``animatediff`` joins two sources into one model folder: a Stable Diffusion
+1.5 base (the hub's ``stable-diffusion-v1-5/stable-diffusion-v1-5``, another
+SD 1.5 fine-tune with ``base=``, or a local folder with ``base_folder=``) and
+an AnimateDiff motion adapter (``guoyww/animatediff-motion-adapter-v1-5-2``
+unless ``adapter=`` names another), which lands under ``motion_adapter/``.
+Their configs are fetched first and checked together, so a base or adapter
+that does not fit is refused before any weights are fetched. The folder's
+``model_index.json`` is rewritten for ``AnimateDiffPipeline`` and its
+scheduler for DDIM on AnimateDiff's linear schedule; the record names both
+sources and their commits.
 """
 
 from __future__ import annotations
@@ -36,13 +47,16 @@ from motionsep.errors import (
     MotionsepError,
     UsageError,
 )
+from motionsep.model.family import ANIMATEDIFF, MOTION_ADAPTER_FOLDER, ZEROSCOPE, folder_family
 from motionsep.progress import Progress, or_null
 from motionsep.store import (
+    MODEL_RECORD,
     ModelRecord,
     Store,
     atomic_folder,
     check_model,
     model_problems,
+    validate_name,
 )
 
 # Kinds of model the store holds; they decide which files are fetched and how
@@ -50,6 +64,25 @@ from motionsep.store import (
 KIND_T2V = "text-to-video"
 KIND_CLIP = "clip"
 KIND_BUILTIN = "built-in"
+KIND_ANIMATEDIFF = "animatediff"  # a Stable Diffusion 1.5 base + a motion adapter: two sources
+KIND_MOTION_ADAPTER = "motion-adapter"  # a diffusers MotionAdapter: config.json + weights
+
+SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+MOTION_ADAPTER_REPO = "guoyww/animatediff-motion-adapter-v1-5-2"
+ANIMATEDIFF_NAME = "animatediff"
+"""Store name of the default AnimateDiff model; other bases get ``animatediff--...`` names."""
+IMAGE_UNET_CLASS = "UNet2DConditionModel"
+"""The U-Net class of a Stable Diffusion folder (an image model until it gets a motion adapter)."""
+MOTION_ADAPTER_CLASS = "MotionAdapter"
+# What a Stable Diffusion scheduler config passes on to the AnimateDiff DDIM one:
+# how the base was trained to predict noise (the schedule's shape is AnimateDiff's).
+SCHEDULER_KEPT_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "prediction_type",
+    "rescale_betas_zero_snr",
+)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
@@ -79,6 +112,7 @@ class KnownModel:
     repo_id: str | None
     description: str
     kind: str = KIND_T2V
+    adapter_repo_id: str | None = None  # animatediff: the motion adapter put on ``repo_id``
 
 
 KNOWN_MODELS: dict[str, KnownModel] = {
@@ -90,6 +124,13 @@ KNOWN_MODELS: dict[str, KnownModel] = {
     ),
     "clip": KnownModel(
         "clip", "openai/clip-vit-base-patch32", "CLIP ViT-B/32 for evaluate", KIND_CLIP
+    ),
+    ANIMATEDIFF_NAME: KnownModel(
+        ANIMATEDIFF_NAME,
+        SD15_REPO,
+        "AnimateDiff: Stable Diffusion 1.5 + motion adapter v1-5-2 (--base/--from: other SD 1.5)",
+        KIND_ANIMATEDIFF,
+        adapter_repo_id=MOTION_ADAPTER_REPO,
     ),
     "toy": KnownModel(
         "toy",
@@ -276,14 +317,17 @@ def plan_files(
 
     Text-to-video: ``model_index.json``; the ``*.json`` and ``*.txt`` files
     directly inside ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` and
-    ``scheduler/``; and one set of weights per weight component (see
+    ``scheduler/`` (and ``motion_adapter/`` where an AnimateDiff folder has
+    one); and one set of weights per weight component (see
     :func:`_choose_weights`). CLIP: the files of :data:`CLIP_SIDE_FILES` that
-    exist and one set of top-level weights. Everything else (README, flax/tf
-    weights, webui checkpoints, other variants) is left out.
+    exist and one set of top-level weights. Motion adapter: ``config.json``
+    and one set of top-level weights. Everything else (README, safety
+    checker, flax/tf weights, webui checkpoints, other variants) is left out.
 
     Args:
         paths: Every file path in the repository, ``/``-separated.
-        kind: ``text-to-video`` or ``clip``; detected from the listing if None.
+        kind: ``text-to-video``, ``clip`` or ``motion-adapter``; text-to-video
+            or clip is detected from the listing if None.
         variant: Weight variant to prefer, e.g. ``fp16``.
 
     Raises:
@@ -311,7 +355,10 @@ def plan_files(
         if "model_index.json" not in all_paths:
             raise ModelFormatError("model_index.json is missing")
         small.append("model_index.json")
-        for component in T2V_WEIGHT_COMPONENTS + T2V_CONFIG_COMPONENTS:
+        weighted: tuple[str, ...] = T2V_WEIGHT_COMPONENTS
+        if f"{MOTION_ADAPTER_FOLDER}/config.json" in all_paths:
+            weighted += (MOTION_ADAPTER_FOLDER,)  # an AnimateDiff folder, adapter included
+        for component in weighted + T2V_CONFIG_COMPONENTS:
             names = by_folder.get(component, [])
             side = [
                 n for n in names if n.endswith((".json", ".txt")) and parse_weight_name(n) is None
@@ -319,9 +366,19 @@ def plan_files(
             if not side:
                 raise ModelFormatError(f"the {component}/ folder is missing or has no config")
             small += [f"{component}/{n}" for n in side]
-            if component in T2V_WEIGHT_COMPONENTS:
+            if component in weighted:
                 chosen = _choose_weights(names, variant, f"{component}/", notes)
                 weights += [f"{component}/{n}" for n in chosen]
+    elif kind == KIND_MOTION_ADAPTER:
+        names = by_folder.get("", [])
+        if "config.json" not in names:
+            raise ModelFormatError(
+                "config.json is missing at the top of the motion adapter",
+                "a diffusers MotionAdapter repository such as "
+                f"{MOTION_ADAPTER_REPO} has config.json and its weights at the top",
+            )
+        small.append("config.json")
+        weights += _choose_weights(names, variant, "the motion adapter", notes)
     elif kind == KIND_CLIP:
         names = by_folder.get("", [])
         small += [n for n in CLIP_SIDE_FILES if n in names]
@@ -344,8 +401,10 @@ def verify_model_folder(folder: Path, kind: str) -> None:
     """Checks an assembled store folder before it is marked ready.
 
     Every JSON file must parse and every safetensors header must read. A
-    text-to-video folder must pass :func:`components.check_model_folder` (its
-    U-Net is a ``UNet3DConditionModel``); a CLIP folder needs a CLIP config, a
+    text-to-video folder must pass :func:`components.check_model_folder`
+    (a U-Net of a family motionsep drives); an AnimateDiff one must also pass
+    :func:`check_animatediff_parts` (a Stable Diffusion 1.5-shaped U-Net and
+    a motion adapter that fits it). A CLIP folder needs a CLIP config, a
     tokenizer and safetensors weights.
 
     Raises:
@@ -367,6 +426,8 @@ def verify_model_folder(folder: Path, kind: str) -> None:
         except Exception as exc:  # safetensors raises its own untyped errors
             raise ModelFormatError(f"{path} is not a readable safetensors file: {exc}") from exc
     if kind == KIND_T2V:
+        if folder_family(folder) is ANIMATEDIFF:
+            check_animatediff_parts(folder)
         check_model_folder(folder)
         tokenizer = folder / "tokenizer"
         if not (tokenizer / "tokenizer.json").is_file() and not (
@@ -390,6 +451,167 @@ def verify_model_folder(folder: Path, kind: str) -> None:
         (folder / n).is_file() for n in ("preprocessor_config.json", "processor_config.json")
     ):
         raise ModelFormatError(f"{folder} has no image processor config (preprocessor_config.json)")
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ModelFormatError(f"{path.parent.name}/{path.name} is missing") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFormatError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ModelFormatError(f"{path} does not hold a JSON object")
+    return value
+
+
+def sd15_problems(folder: Path) -> list[str]:
+    """Why the Stable Diffusion folder ``folder`` is not shaped like SD 1.5 (empty: it is).
+
+    Reads configs only: ``model_index.json``, ``unet/config.json`` and
+    ``text_encoder/config.json``. An SD 1.5 U-Net denoises 4 latent channels,
+    is conditioned on one CLIP text encoder's hidden states alone (SDXL adds
+    a second encoder and extra embeddings, 2048 wide), and takes no class
+    labels. The block layout is checked against the motion adapter by
+    :func:`adapter_problems`.
+    """
+    index = _read_config(folder / "model_index.json")
+    unet = _read_config(folder / "unet" / "config.json")
+    text = _read_config(folder / "text_encoder" / "config.json")
+    problems = []
+    if unet.get("_class_name") != IMAGE_UNET_CLASS:
+        problems.append(f"its U-Net is a {unet.get('_class_name')!r}, not a {IMAGE_UNET_CLASS}")
+    if "text_encoder_2" in index or unet.get("addition_embed_type"):
+        problems.append(
+            "it has a second text encoder or extra embeddings "
+            f"(addition_embed_type {unet.get('addition_embed_type')!r}): an SDXL-style model"
+        )
+    if unet.get("in_channels", 4) != 4 or unet.get("out_channels", 4) != 4:
+        problems.append(
+            f"its U-Net takes {unet.get('in_channels')} channels in and gives "
+            f"{unet.get('out_channels')} out, not 4 (an inpainting or depth model?)"
+        )
+    if unet.get("class_embed_type") or unet.get("num_class_embeds"):
+        problems.append("its U-Net takes class labels (an upscaler or variation model?)")
+    width = unet.get("cross_attention_dim")
+    if width != text.get("hidden_size"):
+        problems.append(
+            f"its U-Net attends to {width}-wide text but its text encoder gives "
+            f"{text.get('hidden_size')} (SD 1.5: 768 and 768)"
+        )
+    return problems
+
+
+def adapter_problems(unet: dict[str, Any], adapter: dict[str, Any]) -> list[str]:
+    """Why a motion adapter config does not fit a Stable Diffusion U-Net config (empty: fits).
+
+    diffusers joins them only with the same blocks, layers per block and
+    channels; a channel mismatch would otherwise surface only when the
+    weights load.
+    """
+    if adapter.get("_class_name", MOTION_ADAPTER_CLASS) != MOTION_ADAPTER_CLASS:
+        return [f"it is a {adapter.get('_class_name')!r}, not a {MOTION_ADAPTER_CLASS}"]
+    problems = []
+    unet_channels = list(unet.get("block_out_channels") or [])
+    adapter_channels = list(adapter.get("block_out_channels") or [])
+    if unet_channels != adapter_channels:
+        problems.append(
+            f"its blocks have {adapter_channels} channels, the U-Net's have {unet_channels}"
+        )
+    layers = unet.get("layers_per_block")
+    motion_layers = adapter.get("motion_layers_per_block", 2)
+    if layers != motion_layers:
+        problems.append(f"it has {motion_layers} layers per block, the U-Net has {layers}")
+    return problems
+
+
+def check_animatediff_parts(
+    folder: Path, base_label: str | None = None, adapter_label: str | None = None
+) -> None:
+    """Refuses an AnimateDiff folder whose base is not SD 1.5-shaped or whose adapter misfits.
+
+    Reads configs only, so it runs as soon as a download has fetched them.
+
+    Args:
+        folder: Holds the base's configs and ``motion_adapter/config.json``.
+        base_label: How messages name the base (a repo id or a folder).
+        adapter_label: How messages name the motion adapter.
+
+    Raises:
+        ModelFormatError: naming every problem found and what to use instead.
+    """
+    base_label = base_label or str(folder)
+    adapter_label = adapter_label or str(folder / MOTION_ADAPTER_FOLDER)
+    try:
+        family = folder_family(folder)
+    except ModelFormatError:
+        family = ANIMATEDIFF  # an unknown U-Net: sd15_problems names it
+    if family is not ANIMATEDIFF:
+        raise ModelFormatError(
+            f"{base_label} is already a video model ({family.title}): it takes no motion adapter",
+            f"download it by itself: `motionsep download {base_label}`",
+        )
+    problems = sd15_problems(folder)
+    if problems:
+        raise ModelFormatError(
+            f"{base_label} is not a Stable Diffusion 1.5-shaped model: {'; '.join(problems)}",
+            f"AnimateDiff motion adapters go on Stable Diffusion 1.5 and its fine-tunes, "
+            f"e.g. `motionsep download animatediff` ({SD15_REPO})",
+        )
+    unet = _read_config(folder / "unet" / "config.json")
+    adapter = _read_config(folder / MOTION_ADAPTER_FOLDER / "config.json")
+    problems = adapter_problems(unet, adapter)
+    if problems:
+        raise ModelFormatError(
+            f"the motion adapter {adapter_label} does not fit {base_label}: {'; '.join(problems)}",
+            f"use a motion adapter for Stable Diffusion 1.5 such as {MOTION_ADAPTER_REPO}",
+        )
+    from motionsep.model.family import unet_config
+
+    unet_config(folder)  # joins them on the meta device: whatever else diffusers checks
+
+
+def _precheck(folder: Path, kind: str, where: str, base_hint: str) -> None:
+    """Refuses an unsupported model from its configs, before fetching gigabytes of weights.
+
+    Args:
+        folder: Where the model's small files are (staging, or an imported folder).
+        kind: The plan's kind.
+        where: How messages name the model (a repo id or a folder).
+        base_hint: How ``motionsep download animatediff`` would take this model as
+            its base (``--base REPO`` or ``--from PATH``).
+    """
+    if kind == KIND_CLIP:
+        config = _read_config(folder / "config.json")
+        if config.get("model_type") != "clip":
+            raise ModelFormatError(
+                f"{where} is a {config.get('model_type')!r} model, not a CLIP model",
+                "pick a CLIP repository such as openai/clip-vit-base-patch32",
+            )
+        return
+    if kind != KIND_T2V:
+        return
+    unet_class = _read_config(folder / "unet" / "config.json").get("_class_name")
+    has_adapter = (folder / MOTION_ADAPTER_FOLDER / "config.json").is_file()
+    if unet_class == IMAGE_UNET_CLASS and not has_adapter:
+        raise ModelFormatError(
+            f"{where} is an image model (a {IMAGE_UNET_CLASS}, Stable Diffusion?) without a "
+            f"motion adapter; motionsep needs a {ZEROSCOPE.unet_class} (ZeroScope / ModelScope) "
+            "or a Stable Diffusion 1.5 U-Net with an AnimateDiff motion adapter",
+            "put an AnimateDiff motion adapter on it: "
+            f"`motionsep download animatediff {base_hint}`",
+        )
+    try:
+        family = folder_family(folder)
+    except ModelFormatError as exc:
+        raise ModelFormatError(
+            f"{where} has a {unet_class!r} U-Net; motionsep needs a {ZEROSCOPE.unet_class} "
+            "(ZeroScope / ModelScope) or a Stable Diffusion 1.5 U-Net with an AnimateDiff "
+            "motion adapter",
+            "pick a text-to-video repository such as cerspense/zeroscope_v2_576w",
+        ) from exc
+    if family is ANIMATEDIFF:
+        check_animatediff_parts(folder, where, f"{where} ({MOTION_ADAPTER_FOLDER}/)")
 
 
 # -- assembling a store folder -----------------------------------------------------
@@ -503,12 +725,20 @@ class _Context:
     staging: Path
     needed: int = 0
     current_file: str | None = None
+    # How to do without this repository (changes with the repository being fetched).
+    local_copy: str = ""
+
+    def __post_init__(self) -> None:
+        self.local_copy = (
+            self.local_copy
+            or f"import a local copy with `motionsep download {self.name} --from PATH`"
+        )
 
 
 def _unreachable_hint(ctx: _Context) -> str:
     return (
         "check the network (and HF_ENDPOINT) and rerun: finished files are kept; "
-        f"or import a local copy with `motionsep download {ctx.name} --from PATH`; "
+        f"or {ctx.local_copy}; "
         "set HF_HUB_OFFLINE=1 to work offline with installed models"
     )
 
@@ -559,8 +789,7 @@ def _translate(exc: BaseException, ctx: _Context) -> MotionsepError | None:
     if isinstance(exc, OfflineModeIsEnabled):
         return HubUnreachableError(
             "offline mode is on (HF_HUB_OFFLINE=1): nothing can be downloaded",
-            f"unset HF_HUB_OFFLINE, or import a local copy with "
-            f"`motionsep download {ctx.name} --from PATH`",
+            f"unset HF_HUB_OFFLINE, or {ctx.local_copy}",
         )
     network = (httpx2.TransportError, LocalEntryNotFoundError, ConnectionError, TimeoutError)
     server_down = (
@@ -637,6 +866,17 @@ def _quiet_hub_logs() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _hub_id(value: str, what: str) -> str:
+    """``value`` if it reads as a hub id ``OWNER/REPO``."""
+    parts = value.split("/")
+    if len(parts) != 2 or not all(parts):
+        raise UsageError(
+            f"{what} {value!r} is not a hub id",
+            "write it as OWNER/REPO, as in the model page's URL",
+        )
+    return value
+
+
 def _resolve_repo(name: str) -> tuple[str, str | None]:
     """The hub repository of ``name`` and the kind it is known as (None: detect)."""
     known = KNOWN_MODELS.get(name)
@@ -673,8 +913,11 @@ def download(
 
     Args:
         store: The store to install into.
-        name: ``tiny``, ``zeroscope``, ``modelscope``, ``clip`` or a hub id
-            ``OWNER/REPO`` (stored as ``OWNER--REPO``).
+        name: ``tiny``, ``tiny-animatediff``, ``zeroscope``, ``modelscope``,
+            ``animatediff`` (see :func:`install_animatediff`), ``clip``, a hub
+            id ``OWNER/REPO`` (stored as ``OWNER--REPO``), or the store name
+            of an installed AnimateDiff model (installed again from its
+            recorded sources, e.g. with ``repair``).
         revision: Branch, tag or commit; the default branch if None.
         variant: Weight variant to prefer, e.g. ``fp16`` (the default weights
             are used for components that lack it).
@@ -707,40 +950,181 @@ def download(
         if revision or variant:
             raise UsageError(f"the built-in {name} model has no revisions or variants")
         return install_tiny(store, force=force, progress=progress, repair=repair, name=name)
+    hub = {"revision": revision, "variant": variant, "force": force, "progress": progress}
+    hub |= {"token": token, "endpoint": endpoint, "repair": repair}
+    if name == ANIMATEDIFF_NAME:
+        return install_animatediff(store, **hub)  # type: ignore[arg-type]
+    if name not in KNOWN_MODELS and "/" not in name:
+        existing = store.model_record(name)
+        recorded = _recorded_sources(existing) if existing is not None else {}
+        if existing is not None and "base" in recorded:
+            return install_animatediff(store, name=name, **_sources_as_options(recorded), **hub)  # type: ignore[arg-type]
     repo_id, kind = _resolve_repo(name)
-    store_name = name
-    existing = store.model_record(store_name)
+    existing = store.model_record(name)
     events = or_null(progress)
     if existing is not None and not force:
-        if revision is not None and not (existing.revision or "").startswith(revision):
-            raise UsageError(
-                f"{store_name} is installed at revision {existing.revision}, not {revision}",
-                "pass --force to replace it",
-            )
-        if not _needs_repair(existing, repair, events):
-            events.log(f"{store_name} is already installed at {existing.path}")
+        if _keep_installed(existing, revision, repair, events):
             return existing
         revision = revision or existing.revision
         force = True
-    token = token or os.environ.get("HF_TOKEN") or None
-    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-    staging = store.partial_model_dir(store_name)
-    ctx = _Context(store_name, repo_id, revision, endpoint, token, staging)
-    with store.model_lock(store_name, f"download of {store_name!r}"), _quiet_hub_logs():
-        try:
-            return _download_locked(store, ctx, kind, variant, force, events)
-        except MotionsepError as exc:
-            if not isinstance(exc, (HubUnreachableError, DiskFullError)):
-                # Permanent failures: a rerun would fail the same way, keep nothing.
-                shutil.rmtree(staging, ignore_errors=True)
+    ctx = _context(store, name, repo_id, revision, token, endpoint)
+    with store.model_lock(name, f"download of {name!r}"), _quiet_hub_logs():
+        return _guarded(ctx, lambda: _download_locked(store, ctx, kind, variant, force, events))
+
+
+def install_animatediff(
+    store: Store,
+    *,
+    base: str | None = None,
+    base_folder: Path | None = None,
+    adapter: str | None = None,
+    name: str | None = None,
+    revision: str | None = None,
+    adapter_revision: str | None = None,
+    variant: str | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    repair: bool = False,
+) -> ModelRecord:
+    """Installs a Stable Diffusion 1.5 base with an AnimateDiff motion adapter as one model.
+
+    The base's ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and
+    ``scheduler`` (not its safety checker) and the adapter's ``config.json``
+    and weights are staged in ``models/.partial-NAME/`` (resumable, as in
+    :func:`download`). Once the configs of both are in, the base must be SD
+    1.5-shaped and the adapter must fit it (:func:`check_animatediff_parts`),
+    or nothing more is fetched. The folder gets an ``AnimateDiffPipeline``
+    ``model_index.json`` and a DDIM scheduler on AnimateDiff's linear schedule
+    (keeping the base's :data:`SCHEDULER_KEPT_KEYS`); its record names both
+    sources with their commits (``sources``; ``revision`` is the base's).
+
+    Args:
+        store: The store to install into.
+        base: Hub id of an SD 1.5 model; :data:`SD15_REPO` if neither this nor
+            ``base_folder`` is given.
+        base_folder: A local diffusers SD 1.5 folder to use as the base instead.
+        adapter: Hub id or local folder of a diffusers ``MotionAdapter``;
+            :data:`MOTION_ADAPTER_REPO` if None.
+        name: Store name; by default ``animatediff`` for SD 1.5 itself,
+            ``animatediff--OWNER--REPO`` for ``base``, ``animatediff--FOLDER``
+            for ``base_folder`` (see :func:`animatediff_store_name`).
+        revision: Branch, tag or commit of the base repository.
+        adapter_revision: Branch, tag or commit of the adapter repository.
+        variant: Weight variant to prefer in both, e.g. ``fp16``.
+        force, progress, token, endpoint, repair: As for :func:`download`.
+
+    Returns:
+        The record of the installed model.
+
+    Raises:
+        UsageError: conflicting options, or ``name`` is installed from other sources.
+        ModelFormatError: the base is not SD 1.5-shaped, or the adapter does
+            not fit it (both before any weights are fetched).
+        HubRepoNotFoundError, HubAccessError, HubFileMissingError,
+        HubUnreachableError, DiskFullError, StoreLockedError, DamagedModelError:
+            as for :func:`download`, naming the repository at fault.
+    """
+    sources = _animatediff_sources(base, base_folder, adapter, revision, adapter_revision)
+    name = name or animatediff_store_name(base, base_folder)
+    events = or_null(progress)
+    existing = store.model_record(name)
+    if existing is not None and not force:
+        _check_same_sources(existing, sources)
+        if _keep_installed(existing, revision, repair, events):
+            return existing
+        recorded = _recorded_sources(existing)
+        for source in sources:
+            source.revision = source.revision or recorded.get(source.role, {}).get("revision")
+        force = True
+    base_source = sources[0]
+    ctx = _context(store, name, base_source.label, base_source.revision, token, endpoint)
+    with store.model_lock(name, f"download of {name!r}"), _quiet_hub_logs():
+        return _guarded(
+            ctx, lambda: _install_animatediff_locked(store, ctx, sources, variant, force, events)
+        )
+
+
+def animatediff_store_name(base: str | None = None, base_folder: Path | None = None) -> str:
+    """The default store name of an AnimateDiff model, from its base.
+
+    ``animatediff`` for :data:`SD15_REPO`, ``animatediff--OWNER--REPO`` for
+    another hub base, ``animatediff--FOLDER`` for a local one.
+
+    Raises:
+        UsageError: the folder's name cannot be a store name (pass ``name``).
+    """
+    if base_folder is not None:
+        name = f"{ANIMATEDIFF_NAME}--{Path(base_folder).expanduser().resolve().name}"
+    elif base is not None and base != SD15_REPO:
+        name = f"{ANIMATEDIFF_NAME}--{base.replace('/', '--')}"
+    else:
+        name = ANIMATEDIFF_NAME
+    try:
+        return validate_name(name, "model name")
+    except UsageError as exc:
+        raise UsageError(exc.message, "choose the store name with --name") from exc
+
+
+def _context(
+    store: Store,
+    name: str,
+    repo_id: str,
+    revision: str | None,
+    token: str | None,
+    endpoint: str | None,
+) -> _Context:
+    return _Context(
+        name,
+        repo_id,
+        revision,
+        (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/"),
+        token or os.environ.get("HF_TOKEN") or None,
+        store.partial_model_dir(name),
+    )
+
+
+def _keep_installed(
+    existing: ModelRecord, revision: str | None, repair: bool, events: Progress
+) -> bool:
+    """Whether an installed model stays as it is (False: install it again, for ``repair``).
+
+    Raises:
+        UsageError: it is installed at another revision than ``revision``.
+        DamagedModelError: it is damaged, without ``repair``.
+    """
+    if revision is not None and not (existing.revision or "").startswith(revision):
+        raise UsageError(
+            f"{existing.name} is installed at revision {existing.revision}, not {revision}",
+            "pass --force to replace it",
+        )
+    if _needs_repair(existing, repair, events):
+        return False
+    events.log(f"{existing.name} is already installed at {existing.path}")
+    return True
+
+
+def _guarded(ctx: _Context, work: Callable[[], ModelRecord]) -> ModelRecord:
+    """Runs an install, mapping hub and OS errors to motionsep errors.
+
+    Staged files are kept for failures a rerun can get past (network, disk
+    space, an interruption) and deleted for the others.
+    """
+    try:
+        return work()
+    except MotionsepError as exc:
+        if not isinstance(exc, (HubUnreachableError, DiskFullError)):
+            # Permanent failures: a rerun would fail the same way, keep nothing.
+            shutil.rmtree(ctx.staging, ignore_errors=True)
+        raise
+    except (Exception, KeyboardInterrupt) as exc:
+        translated = _translate(exc, ctx)
+        if translated is None:
             raise
-        except (Exception, KeyboardInterrupt) as exc:
-            translated = _translate(exc, ctx)
-            if translated is None:
-                raise
-            if not isinstance(translated, (HubUnreachableError, DiskFullError)):
-                shutil.rmtree(staging, ignore_errors=True)
-            raise translated from exc
+        if not isinstance(translated, (HubUnreachableError, DiskFullError)):
+            shutil.rmtree(ctx.staging, ignore_errors=True)
+        raise translated from exc
 
 
 def _needs_repair(record: ModelRecord, repair: bool, progress: Progress | None) -> bool:
@@ -788,6 +1172,296 @@ def _builtin_toy(store: Store, progress: Progress | None) -> ModelRecord:
     )
 
 
+# -- sources: where a model's files come from --------------------------------------
+
+
+@dataclass
+class _Source:
+    """One place files of a model come from: a hub repository or a local folder.
+
+    Attributes:
+        role: Its key in the record's ``sources``: ``base`` or ``motion_adapter``
+            (``model`` for a model from one repository).
+        kind: What :func:`plan_files` plans it as (None: detect).
+        repo_id: Hub id, or None for a local folder.
+        folder: Local folder, or None for a hub repository.
+        revision: Asked branch, tag or commit (hub only).
+        prefix: Sub-folder of the model folder its files go to (``""`` or ``motion_adapter/``).
+        local_copy: How to do without the hub, for messages.
+        sha: The commit ``revision`` resolved to.
+        sizes: Every file it has, with its size.
+        plan: What is taken from it.
+    """
+
+    role: str
+    kind: str | None
+    repo_id: str | None = None
+    folder: Path | None = None
+    revision: str | None = None
+    prefix: str = ""
+    local_copy: str = ""
+    sha: str | None = None
+    sizes: dict[str, int] = field(default_factory=dict)
+    plan: FilePlan = field(default_factory=lambda: FilePlan(KIND_T2V, (), {}))
+
+    @property
+    def label(self) -> str:
+        """How messages and the record name it."""
+        return self.repo_id or str(self.folder)
+
+    def record(self) -> dict[str, str | None]:
+        """Its entry in the model record's ``sources``."""
+        where = {"repo": self.repo_id} if self.repo_id else {"folder": str(self.folder)}
+        return {"role": self.role, **where, "revision": self.sha}
+
+
+def _local_folder(value: str | Path, what: str) -> Path:
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        raise UsageError(f"{what} {folder} is not a folder", "pass the folder of a diffusers model")
+    return folder.resolve()
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or Path(value).expanduser().is_dir()
+
+
+def _animatediff_sources(
+    base: str | None,
+    base_folder: Path | None,
+    adapter: str | None,
+    revision: str | None,
+    adapter_revision: str | None,
+) -> list[_Source]:
+    """The base and motion-adapter sources of an AnimateDiff install, checked."""
+    if base is not None and base_folder is not None:
+        raise UsageError(
+            "--base and --from both name the base model", "pass one of them: a hub id or a folder"
+        )
+    if base_folder is not None and revision is not None:
+        raise UsageError("--revision applies to a base on the hub, not to --from")
+    base_source = _Source(
+        "base",
+        KIND_T2V,
+        revision=revision,
+        local_copy="put the motion adapter on a local copy with "
+        "`motionsep download animatediff --from PATH`",
+    )
+    if base_folder is not None:
+        base_source.folder = _local_folder(base_folder, "the base model")
+    else:
+        base_source.repo_id = _hub_id(base or SD15_REPO, "the base model")
+    adapter_source = _Source(
+        MOTION_ADAPTER_FOLDER,
+        KIND_MOTION_ADAPTER,
+        revision=adapter_revision,
+        prefix=f"{MOTION_ADAPTER_FOLDER}/",
+        local_copy="use a local copy of the motion adapter with --adapter PATH",
+    )
+    adapter = adapter or MOTION_ADAPTER_REPO
+    if _looks_like_path(adapter):
+        if adapter_revision is not None:
+            raise UsageError("an adapter revision applies to the hub, not to a local adapter")
+        adapter_source.folder = _local_folder(adapter, "the motion adapter")
+    else:
+        adapter_source.repo_id = _hub_id(adapter, "the motion adapter")
+    return [base_source, adapter_source]
+
+
+def _recorded_sources(record: ModelRecord) -> dict[str, dict[str, Any]]:
+    """The ``sources`` an AnimateDiff install wrote into its record, by role ({} if none)."""
+    try:
+        data = json.loads((record.path / MODEL_RECORD).read_text())
+        return {s["role"]: s for s in data.get("sources") or []}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}
+
+
+def _sources_as_options(recorded: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``install_animatediff`` options that install from recorded sources again."""
+    base, adapter = recorded.get("base", {}), recorded.get(MOTION_ADAPTER_FOLDER, {})
+    options: dict[str, Any] = {"adapter": adapter.get("repo") or adapter.get("folder")}
+    if base.get("folder"):
+        return options | {"base_folder": Path(base["folder"])}
+    return options | {"base": base.get("repo"), "adapter_revision": adapter.get("revision")}
+
+
+def _check_same_sources(existing: ModelRecord, sources: list[_Source]) -> None:
+    recorded = _recorded_sources(existing)
+    if not recorded:
+        return  # installed before records named their sources
+    wanted = {s.role: s.label for s in sources}
+    had = {role: s.get("repo") or s.get("folder") for role, s in recorded.items()}
+    if had != wanted:
+        raise UsageError(
+            f"{existing.name} is installed from {existing.source}, "
+            f"not {' + '.join(wanted.values())}",
+            "choose another store name with --name, or pass --force to replace it",
+        )
+
+
+def _write_record_sources(folder: Path, sources: list[_Source]) -> None:
+    """Adds ``sources`` (repository or folder, and commit, per role) to a written record."""
+    path = folder / MODEL_RECORD
+    data = json.loads(path.read_text())
+    data["sources"] = [source.record() for source in sources]
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+# -- fetching into the staging folder ----------------------------------------------
+
+
+def _hub_api(ctx: _Context) -> Any:
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    if constants.is_offline_mode():
+        raise OfflineModeIsEnabled("HF_HUB_OFFLINE is set")
+    return HfApi(
+        endpoint=ctx.endpoint,
+        token=ctx.token,
+        library_name="motionsep",
+        library_version=__version__,
+    )
+
+
+def _talk_to(ctx: _Context, source: _Source) -> None:
+    """Points error messages at ``source``."""
+    ctx.repo_id, ctx.revision, ctx.current_file = source.label, source.revision, None
+    if source.local_copy:
+        ctx.local_copy = source.local_copy
+
+
+def _list_source(
+    api: Any,
+    ctx: _Context,
+    source: _Source,
+    variant: str | None,
+    events: Progress,
+    ignore_folder: str | None = None,
+) -> None:
+    """Fills in the commit, file sizes and plan of a source (configs only, no weights read)."""
+    from huggingface_hub import constants
+    from huggingface_hub.hf_api import RepoFile
+
+    if source.folder is not None:
+        files = [p for p in source.folder.rglob("*") if p.is_file()]
+        rels = {p.relative_to(source.folder).as_posix(): p for p in files}
+        source.sizes = {
+            rel: path.stat().st_size for rel, path in rels.items() if ".cache" not in rel.split("/")
+        }
+        where = source.label
+    else:
+        _talk_to(ctx, source)
+        info = api.model_info(
+            source.repo_id, revision=source.revision or constants.DEFAULT_REVISION
+        )
+        if not info.sha:
+            raise HubUnreachableError(
+                f"{ctx.endpoint} did not say which commit {source.revision or 'main'} is",
+                _unreachable_hint(ctx),
+            )
+        source.sha = info.sha
+        events.log(
+            f"{source.repo_id}: revision {source.revision or 'main'} is commit {info.sha[:12]}"
+        )
+        source.sizes = {
+            entry.path: int(entry.size)
+            for entry in api.list_repo_tree(source.repo_id, revision=info.sha, recursive=True)
+            if isinstance(entry, RepoFile)
+        }
+        where = f"{source.repo_id} at {info.sha[:12]}"
+    if ignore_folder is not None:
+        ignored = {p for p in source.sizes if p.startswith(f"{ignore_folder}/")}
+        if ignored:
+            events.log(f"{where}: leaving out its own {ignore_folder}/")
+        source.sizes = {p: n for p, n in source.sizes.items() if p not in ignored}
+    try:
+        source.plan = plan_files(source.sizes, kind=source.kind, variant=variant)
+    except ModelFormatError as exc:
+        raise ModelFormatError(f"{where}: {exc.message}", exc.hint) from exc
+    for note in source.plan.notes:
+        events.log(f"{where}: {note}")
+
+
+def _is_staged(staging: Path, source: _Source, path: str) -> bool:
+    staged = staging / source.prefix / path
+    if not staged.is_file():
+        return False
+    if source.folder is not None:
+        original, copy = (source.folder / path).stat(), staged.stat()
+        return (original.st_size, original.st_mtime_ns) == (copy.st_size, copy.st_mtime_ns)
+    return staged.stat().st_size == source.sizes[path]
+
+
+def _reserve_space(ctx: _Context, sources: list[_Source], events: Progress) -> int:
+    """Refuses to start without room for what is left; returns the bytes of every planned file."""
+    planned = [(s, p) for s in sources for p in s.plan.files]
+    done = [(s, p) for s, p in planned if _is_staged(ctx.staging, s, p)]
+    total = sum(s.sizes[p] for s, p in planned)
+    remaining = total - sum(s.sizes[p] for s, p in done)
+    converted = sum(s.sizes[p] for s in sources for p in s.plan.converts)
+    # Room for what is left to fetch, the safetensors copies of pickles, and some slack.
+    ctx.needed = remaining + converted + 64 * 1024 * 1024
+    _check_free_space(ctx.staging, ctx.needed)
+    if done:
+        events.log(f"resuming: {len(done)} of {len(planned)} files are already here")
+    return total
+
+
+def _configs_and_weights(source: _Source) -> tuple[list[str], list[str]]:
+    """The planned files of a source: configs, then weights from small to large.
+
+    Configs come first so that a wrong model is refused before any weights
+    are fetched; small weights before large ones, so an interruption loses
+    the least.
+    """
+    ordered = sorted(
+        source.plan.files,
+        key=lambda p: (p.endswith((".safetensors", ".bin")), source.sizes[p]),
+    )
+    weights = [p for p in ordered if p.endswith((".safetensors", ".bin"))]
+    return [p for p in ordered if p not in weights], weights
+
+
+def _fetch(ctx: _Context, source: _Source, paths: list[str], events: Progress, task: str) -> None:
+    """Puts files of a source into the staging folder (skipping those already there)."""
+    from huggingface_hub import hf_hub_download
+
+    _talk_to(ctx, source)
+    local_dir = ctx.staging / source.prefix
+    for path in paths:
+        ctx.current_file = path
+        counted = 0
+        if source.repo_id is None:
+            assert source.folder is not None  # a source is a repository or a folder
+            if not _is_staged(ctx.staging, source, path):
+                (local_dir / path).unlink(missing_ok=True)
+                _link_or_copy(source.folder / path, local_dir / path)
+        else:
+
+            def sink(n: int, path: str = path) -> None:
+                nonlocal counted
+                counted += n
+                events.advance(task, n, file=path)
+
+            hf_hub_download(
+                source.repo_id,
+                path,
+                revision=source.sha,
+                local_dir=local_dir,
+                endpoint=ctx.endpoint,
+                token=ctx.token,
+                library_name="motionsep",
+                library_version=__version__,
+                tqdm_class=_byte_reporter(sink),
+            )
+        if counted != source.sizes[path]:
+            # Copied, skipped (already staged) or taken from the HF cache: count it whole.
+            events.advance(task, source.sizes[path] - counted, file=path)
+    ctx.current_file = None
+
+
 def _download_locked(
     store: Store,
     ctx: _Context,
@@ -796,115 +1470,129 @@ def _download_locked(
     force: bool,
     events: Progress,
 ) -> ModelRecord:
-    from huggingface_hub import HfApi, constants, hf_hub_download
-    from huggingface_hub.errors import OfflineModeIsEnabled
-    from huggingface_hub.hf_api import RepoFile
-
-    if constants.is_offline_mode():
-        raise OfflineModeIsEnabled("HF_HUB_OFFLINE is set")
-    api = HfApi(
-        endpoint=ctx.endpoint,
-        token=ctx.token,
-        library_name="motionsep",
-        library_version=__version__,
-    )
-    info = api.model_info(ctx.repo_id, revision=ctx.revision or constants.DEFAULT_REVISION)
-    sha = info.sha
-    if not sha:
-        raise HubUnreachableError(
-            f"{ctx.endpoint} did not say which commit {ctx.revision or 'main'} is",
-            _unreachable_hint(ctx),
-        )
-    events.log(f"{ctx.repo_id}: revision {ctx.revision or 'main'} is commit {sha[:12]}")
-    sizes = {
-        entry.path: int(entry.size)
-        for entry in api.list_repo_tree(ctx.repo_id, revision=sha, recursive=True)
-        if isinstance(entry, RepoFile)
-    }
-    try:
-        plan = plan_files(sizes, kind=kind, variant=variant)
-    except ModelFormatError as exc:
-        raise ModelFormatError(f"{ctx.repo_id} at {sha[:12]}: {exc.message}", exc.hint) from exc
-    for note in plan.notes:
-        events.log(note)
-
-    staging = ctx.staging
-    done = {
-        p
-        for p in plan.files
-        if (staging / p).is_file() and (staging / p).stat().st_size == sizes[p]
-    }
-    total = sum(sizes[p] for p in plan.files)
-    remaining = total - sum(sizes[p] for p in done)
-    converted = sum(sizes[p] for p in plan.converts)
-    # Room for what is left to fetch, the safetensors copies of pickles, and some slack.
-    ctx.needed = remaining + converted + 64 * 1024 * 1024
-    _check_free_space(staging, ctx.needed)
-    if done:
-        events.log(f"resuming: {len(done)} of {len(plan.files)} files are already here")
-
+    api = _hub_api(ctx)
+    source = _Source("model", kind, repo_id=ctx.repo_id, revision=ctx.revision)
+    _list_source(api, ctx, source, variant, events)
     task = f"download {ctx.name}"
-    events.start(task, total=total, unit="B")
-    staging.mkdir(parents=True, exist_ok=True)
-    # Configs first (a wrong model is refused before any weights are fetched),
-    # then weights from small to large, so an interruption loses the least.
-    order = sorted(plan.files, key=lambda p: (p.endswith((".safetensors", ".bin")), sizes[p]))
-    for path in order:
-        ctx.current_file = path
-        counted = 0
-
-        def sink(n: int, path: str = path) -> None:
-            nonlocal counted
-            counted += n
-            events.advance(task, n, file=path)
-
-        hf_hub_download(
-            ctx.repo_id,
-            path,
-            revision=sha,
-            local_dir=staging,
-            endpoint=ctx.endpoint,
-            token=ctx.token,
-            library_name="motionsep",
-            library_version=__version__,
-            tqdm_class=_byte_reporter(sink),
-        )
-        if counted != sizes[path]:
-            # Skipped (already staged) or copied from the HF cache: count it whole.
-            events.advance(task, sizes[path] - counted, file=path)
-        if path == "model_index.json" or path.endswith("config.json"):
-            _precheck(staging, path, plan.kind, ctx)
-    ctx.current_file = None
+    events.start(task, total=_reserve_space(ctx, [source], events), unit="B")
+    ctx.staging.mkdir(parents=True, exist_ok=True)
+    configs, weights = _configs_and_weights(source)
+    _fetch(ctx, source, configs, events, task)
+    _precheck(ctx.staging, source.plan.kind, source.label, f"--base {source.label}")
+    _fetch(ctx, source, weights, events, task)
     events.finish(task)
 
     final = store.model_path(ctx.name)
     with atomic_folder(final, overwrite=force) as tmp:
-        _assemble(staging, plan, tmp, events, f"assemble {ctx.name}")
-        verify_model_folder(tmp, plan.kind)
-        store.write_model_record(tmp, ctx.name, source=ctx.repo_id, revision=sha)
-    shutil.rmtree(staging, ignore_errors=True)
+        _assemble(ctx.staging, source.plan, tmp, events, f"assemble {ctx.name}")
+        verify_model_folder(tmp, source.plan.kind)
+        store.write_model_record(tmp, ctx.name, source=source.label, revision=source.sha)
+    shutil.rmtree(ctx.staging, ignore_errors=True)
     record = store.model_record(ctx.name)
     assert record is not None  # written just above
     return record
 
 
-def _precheck(staging: Path, path: str, kind: str, ctx: _Context) -> None:
-    """Refuses an unsupported model from its configs, before fetching gigabytes of weights."""
-    if kind == KIND_T2V and path == "unet/config.json":
-        config = json.loads((staging / path).read_text())
-        if config.get("_class_name") != "UNet3DConditionModel":
-            raise ModelFormatError(
-                f"{ctx.repo_id} has a {config.get('_class_name')!r} U-Net; motionsep needs a "
-                "UNet3DConditionModel (ZeroScope / ModelScope text-to-video)",
-                "pick a text-to-video repository such as cerspense/zeroscope_v2_576w",
-            )
-    if kind == KIND_CLIP and path == "config.json":
-        config = json.loads((staging / path).read_text())
-        if config.get("model_type") != "clip":
-            raise ModelFormatError(
-                f"{ctx.repo_id} is a {config.get('model_type')!r} model, not a CLIP model",
-                "pick a CLIP repository such as openai/clip-vit-base-patch32",
-            )
+def _install_animatediff_locked(
+    store: Store,
+    ctx: _Context,
+    sources: list[_Source],
+    variant: str | None,
+    force: bool,
+    events: Progress,
+) -> ModelRecord:
+    base, adapter = sources
+    api = _hub_api(ctx) if any(s.repo_id for s in sources) else None
+    _list_source(api, ctx, base, variant, events, ignore_folder=MOTION_ADAPTER_FOLDER)
+    _list_source(api, ctx, adapter, variant, events)
+    task = f"download {ctx.name}"
+    events.start(task, total=_reserve_space(ctx, sources, events), unit="B")
+    ctx.staging.mkdir(parents=True, exist_ok=True)
+    weights: list[tuple[_Source, str]] = []
+    for source in sources:
+        configs, source_weights = _configs_and_weights(source)
+        _fetch(ctx, source, configs, events, task)
+        weights += [(source, path) for path in source_weights]
+    check_animatediff_parts(ctx.staging, base.label, adapter.label)
+    for source, path in sorted(weights, key=lambda item: item[0].sizes[item[1]]):
+        _fetch(ctx, source, [path], events, task)
+    events.finish(task)
+
+    joined = FilePlan(
+        KIND_T2V,
+        files=tuple(s.prefix + p for s in sources for p in s.plan.files),
+        targets={s.prefix + p: s.prefix + t for s in sources for p, t in s.plan.targets.items()},
+    )
+    final = store.model_path(ctx.name)
+    with atomic_folder(final, overwrite=force) as tmp:
+        _assemble(ctx.staging, joined, tmp, events, f"assemble {ctx.name}")
+        _write_animatediff_configs(tmp)
+        verify_model_folder(tmp, KIND_T2V)
+        label = " + ".join(s.label for s in sources)
+        store.write_model_record(tmp, ctx.name, source=label, revision=base.sha)
+        _write_record_sources(tmp, sources)
+    shutil.rmtree(ctx.staging, ignore_errors=True)
+    record = store.model_record(ctx.name)
+    assert record is not None  # written just above
+    return record
+
+
+def animatediff_model_index(base_index: dict[str, Any]) -> dict[str, Any]:
+    """An ``AnimateDiffPipeline`` model index for a Stable Diffusion one.
+
+    Keeps the classes of the base's VAE, text encoder and tokenizer; drops
+    its safety checker and feature extractor (motionsep fetches neither).
+    """
+    from importlib.metadata import version
+
+    index: dict[str, Any] = {
+        "_class_name": ANIMATEDIFF.pipeline_class,
+        "_diffusers_version": version("diffusers"),
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        MOTION_ADAPTER_FOLDER: ["diffusers", MOTION_ADAPTER_CLASS],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": base_index.get("text_encoder", ["transformers", "CLIPTextModel"]),
+        "tokenizer": base_index.get("tokenizer", ["transformers", "CLIPTokenizer"]),
+        "unet": ["diffusers", IMAGE_UNET_CLASS],
+        "vae": base_index.get("vae", ["diffusers", "AutoencoderKL"]),
+    }
+    return index
+
+
+def animatediff_scheduler_config(base: dict[str, Any]) -> dict[str, Any]:
+    """DDIM on AnimateDiff's linear schedule, keeping :data:`SCHEDULER_KEPT_KEYS` of ``base``.
+
+    The schedule's shape, spacing and offsets are AnimateDiff's (what its
+    motion modules were trained with); what the base was trained to predict
+    (``prediction_type``, the beta range, zero terminal SNR) stays the base's.
+    """
+    from importlib.metadata import version
+
+    from motionsep.model.components import ANIMATEDIFF_SCHEDULER_CONFIG
+
+    kept = {key: base[key] for key in SCHEDULER_KEPT_KEYS if key in base}
+    return {
+        "_class_name": "DDIMScheduler",
+        "_diffusers_version": version("diffusers"),
+        **ANIMATEDIFF_SCHEDULER_CONFIG,
+        **kept,
+    }
+
+
+def _write_animatediff_configs(folder: Path) -> None:
+    """Rewrites a joined folder's model index and scheduler config for AnimateDiff.
+
+    The assembled files may be hard links to staged or user files: each is
+    replaced by a new file, never written through.
+    """
+    for path, rewrite in (
+        (folder / "model_index.json", animatediff_model_index),
+        (folder / "scheduler" / "scheduler_config.json", animatediff_scheduler_config),
+    ):
+        value = rewrite(_read_config(path))
+        path.unlink()
+        path.write_text(json.dumps(value, indent=2) + "\n")
 
 
 def import_folder(
@@ -941,7 +1629,7 @@ def import_folder(
     if not source.is_dir():
         raise UsageError(f"{source} is not a folder", "pass the folder of a diffusers model")
     known = KNOWN_MODELS.get(name)
-    kind = known.kind if known is not None and known.kind != KIND_BUILTIN else None
+    kind = known.kind if known is not None and known.kind in (KIND_T2V, KIND_CLIP) else None
     final = store.model_path(name)
     if store.model_record(name) is not None and not force:
         raise UsageError(
@@ -959,6 +1647,7 @@ def import_folder(
     events = or_null(progress)
     for note in plan.notes:
         events.log(note)
+    _precheck(source, plan.kind, str(source), f"--from {source}")
     with store.model_lock(name, f"import of {name!r}"):
         needed = sum((source / p).stat().st_size for p in plan.files)
         _check_free_space(final.parent, needed)
@@ -993,6 +1682,7 @@ def list_models(store: Store) -> list[dict[str, object]]:
             {
                 "name": known.name,
                 "repo_id": known.repo_id,
+                "adapter_repo_id": known.adapter_repo_id,
                 "description": known.description,
                 "installed": path is not None,
                 "size_bytes": record.size_bytes
@@ -1003,11 +1693,14 @@ def list_models(store: Store) -> list[dict[str, object]]:
             }
         )
     for record in installed.values():
+        recorded = _recorded_sources(record)
+        base, adapter = recorded.get("base", {}), recorded.get(MOTION_ADAPTER_FOLDER, {})
         rows.append(
             {
                 "name": record.name,
-                "repo_id": record.source,
-                "description": "",
+                "repo_id": base.get("repo") or base.get("folder") or record.source,
+                "adapter_repo_id": adapter.get("repo") or adapter.get("folder"),
+                "description": "AnimateDiff (SD 1.5 base + motion adapter)" if adapter else "",
                 "installed": True,
                 "size_bytes": record.size_bytes,
                 "revision": record.revision,

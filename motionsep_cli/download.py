@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import (
@@ -23,19 +23,34 @@ from rich.text import Text
 from motionsep_cli._console import RichProgress, emit, err_console
 from motionsep_cli._options import ForceOption, JsonOption
 
+if TYPE_CHECKING:
+    from motionsep.progress import Progress as ProgressSink
+    from motionsep.store import ModelRecord, Store
+
 HELP = """Put a base model into the local store.
 
-Known names: zeroscope (default base model), modelscope, clip (for evaluate),
-tiny (a small random model built locally, for tests and CPU runs), or any hub
-id OWNER/REPO. Only the files a text-to-video pipeline needs are fetched
-(safetensors preferred; pickled .bin weights are converted to safetensors).
-An interrupted download resumes when run again. Models land in
-$MOTIONSEP_HOME/models/NAME and are marked ready only after they were
-verified, with the size and sha256 of every file in their record. Running
-it again for an installed model checks every file against that record; a
-damaged model is reported (exit 2) and --repair installs it again. HF_TOKEN
-is sent for gated or private repositories; HF_ENDPOINT points at another
-hub.
+Known names: zeroscope (default base model), modelscope, animatediff
+(Stable Diffusion 1.5 + the AnimateDiff motion adapter v1-5-2), clip (for
+evaluate), tiny and tiny-animatediff (small random models built locally, for
+tests and CPU runs), or any hub id OWNER/REPO. Only the files a
+text-to-video pipeline needs are fetched (safetensors preferred; pickled
+.bin weights are converted to safetensors). An interrupted download resumes
+when run again. Models land in $MOTIONSEP_HOME/models/NAME and are marked
+ready only after they were verified, with the size and sha256 of every file
+in their record. Running it again for an installed model checks every file
+against that record; a damaged model is reported (exit 2) and --repair
+installs it again. HF_TOKEN is sent for gated or private repositories;
+HF_ENDPOINT points at another hub.
+
+animatediff joins two sources into one model: a Stable Diffusion 1.5 base
+(unet, vae, text encoder, tokenizer, scheduler; no safety checker) and a
+motion adapter, stored under motion_adapter/. --base OWNER/REPO takes another
+SD 1.5 fine-tune from the hub (stored as animatediff--OWNER--REPO), --from
+PATH a local SD 1.5 folder (stored as animatediff--FOLDER), --adapter another
+motion adapter (a hub id or a folder); --name chooses the store name. A base
+that is not SD 1.5-shaped (SDXL, a video model) or an adapter that does not
+fit it is refused (exit 2) before any weights are fetched. --revision pins
+the base.
 
 Examples:
 
@@ -46,6 +61,14 @@ Examples:
   motionsep download zeroscope --repair
 
   motionsep download zeroscope --from ~/models/zeroscope_v2_576w
+
+  motionsep download animatediff --variant fp16
+
+  motionsep download animatediff --base OWNER/REPO
+
+  motionsep download animatediff --from ~/models/my-sd15 --name my-animatediff
+
+  motionsep download animatediff --adapter guoyww/animatediff-motion-adapter-v1-5-2
 
   motionsep download --list --json
 """
@@ -106,7 +129,8 @@ def download(
     name: Annotated[
         str | None,
         typer.Argument(
-            help="zeroscope, modelscope, clip, tiny, or OWNER/REPO (store name with --from)."
+            help="zeroscope, modelscope, animatediff, clip, tiny, tiny-animatediff, or "
+            "OWNER/REPO (store name with --from, but for animatediff)."
         ),
     ] = None,
     revision: Annotated[
@@ -119,7 +143,31 @@ def download(
         ),
     ] = None,
     from_path: Annotated[
-        Path | None, typer.Option("--from", help="Import a local diffusers folder instead.")
+        Path | None,
+        typer.Option(
+            "--from",
+            help="Import a local diffusers folder instead (with animatediff: the SD 1.5 base).",
+        ),
+    ] = None,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            "--base",
+            help="With animatediff: the SD 1.5 model OWNER/REPO to put the motion adapter on "
+            "(stored as animatediff--OWNER--REPO).",
+        ),
+    ] = None,
+    adapter: Annotated[
+        str | None,
+        typer.Option(
+            "--adapter",
+            help="With animatediff: the motion adapter, OWNER/REPO or a local folder "
+            "(default guoyww/animatediff-motion-adapter-v1-5-2).",
+        ),
+    ] = None,
+    store_name: Annotated[
+        str | None,
+        typer.Option("--name", help="With animatediff: the store name of the joined model."),
     ] = None,
     list_models: Annotated[
         bool, typer.Option("--list", help="Show known and installed models.")
@@ -137,8 +185,7 @@ def download(
 ) -> None:
     from motionsep.config import load_settings
     from motionsep.errors import UsageError
-    from motionsep.hub import download as download_model
-    from motionsep.hub import import_folder
+    from motionsep.hub import ANIMATEDIFF_NAME, install_animatediff
     from motionsep.hub import list_models as known_and_installed
     from motionsep.store import Store
 
@@ -152,30 +199,64 @@ def download(
     if name is None:
         raise UsageError("name the model to download", "e.g. `motionsep download tiny`, or --list")
     with DownloadProgress() as progress:
-        if from_path is not None:
-            if revision is not None or repair:
-                raise UsageError(
-                    "--revision and --repair apply to downloads, not to --from",
-                    "to replace an imported model, import it again with --force",
-                )
-            record = import_folder(
-                store, from_path, name, force=force, variant=variant, progress=progress
-            )
-        else:
-            record = download_model(
+        if name == ANIMATEDIFF_NAME:
+            record = install_animatediff(
                 store,
-                name,
+                base=base,
+                base_folder=from_path,
+                adapter=adapter,
+                name=store_name,
                 revision=revision,
                 variant=variant,
                 force=force,
                 progress=progress,
                 repair=repair,
             )
+        elif base is not None or adapter is not None or store_name is not None:
+            raise UsageError(
+                "--base, --adapter and --name apply to animatediff",
+                "e.g. `motionsep download animatediff --base OWNER/REPO`",
+            )
+        else:
+            record = _install(store, progress, name, from_path, revision, variant, force, repair)
     revision_note = f", revision {record.revision[:12]}" if record.revision else ""
     err_console.print(
         f"[green]ready:[/] {record.name} ({record.size_bytes / 1e6:.1f} MB{revision_note})"
     )
     emit(record.to_dict(), as_json, lines=[str(record.path)])
+
+
+def _install(
+    store: Store,
+    progress: ProgressSink,
+    name: str,
+    from_path: Path | None,
+    revision: str | None,
+    variant: str | None,
+    force: bool,
+    repair: bool,
+) -> ModelRecord:
+    """One model: downloaded by name or hub id, or imported from a folder."""
+    from motionsep.errors import UsageError
+    from motionsep.hub import download as download_model
+    from motionsep.hub import import_folder
+
+    if from_path is None:
+        return download_model(
+            store,
+            name,
+            revision=revision,
+            variant=variant,
+            force=force,
+            progress=progress,
+            repair=repair,
+        )
+    if revision is not None or repair:
+        raise UsageError(
+            "--revision and --repair apply to downloads, not to --from",
+            "to replace an imported model, import it again with --force",
+        )
+    return import_folder(store, from_path, name, force=force, variant=variant, progress=progress)
 
 
 def _print_table(rows: list[dict[str, object]]) -> None:
@@ -186,9 +267,12 @@ def _print_table(rows: list[dict[str, object]]) -> None:
         table.add_column(column)
     for row in rows:
         size = row["size_bytes"]
+        source = str(row["repo_id"] or "built-in")
+        if row.get("adapter_repo_id"):
+            source += f" + {row['adapter_repo_id']}"
         table.add_row(
             str(row["name"]),
-            str(row["repo_id"] or "built-in"),
+            source,
             "yes" if row["installed"] else "no",
             f"{int(size) / 1e6:.1f} MB" if isinstance(size, int) else "-",
             str(row["revision"] or "-"),
