@@ -950,15 +950,19 @@ def download(
         if revision or variant:
             raise UsageError(f"the built-in {name} model has no revisions or variants")
         return install_tiny(store, force=force, progress=progress, repair=repair, name=name)
-    hub = {"revision": revision, "variant": variant, "force": force, "progress": progress}
-    hub |= {"token": token, "endpoint": endpoint, "repair": repair}
-    if name == ANIMATEDIFF_NAME:
-        return install_animatediff(store, **hub)  # type: ignore[arg-type]
-    if name not in KNOWN_MODELS and "/" not in name:
-        existing = store.model_record(name)
-        recorded = _recorded_sources(existing) if existing is not None else {}
-        if existing is not None and "base" in recorded:
-            return install_animatediff(store, name=name, **_sources_as_options(recorded), **hub)  # type: ignore[arg-type]
+    if name == ANIMATEDIFF_NAME or _is_joined_model(store, name):
+        options = {} if name == ANIMATEDIFF_NAME else _reinstall_options(store, name)
+        return install_animatediff(
+            store,
+            **options,
+            revision=revision,
+            variant=variant,
+            force=force,
+            progress=progress,
+            token=token,
+            endpoint=endpoint,
+            repair=repair,
+        )
     repo_id, kind = _resolve_repo(name)
     existing = store.model_record(name)
     events = or_null(progress)
@@ -1277,13 +1281,31 @@ def _recorded_sources(record: ModelRecord) -> dict[str, dict[str, Any]]:
         return {}
 
 
-def _sources_as_options(recorded: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """``install_animatediff`` options that install from recorded sources again."""
+def _is_joined_model(store: Store, name: str) -> bool:
+    """Whether ``name`` is the store name of an installed base + motion adapter."""
+    if name in KNOWN_MODELS or "/" in name:
+        return False
+    try:
+        record = store.model_record(name)
+    except UsageError:
+        return False  # not a store name: _resolve_repo says what is wrong with it
+    return record is not None and "base" in _recorded_sources(record)
+
+
+def _reinstall_options(store: Store, name: str) -> dict[str, Any]:
+    """``install_animatediff`` options that install a joined model from its recorded sources."""
+    record = store.model_record(name)
+    assert record is not None  # see _is_joined_model
+    recorded = _recorded_sources(record)
     base, adapter = recorded.get("base", {}), recorded.get(MOTION_ADAPTER_FOLDER, {})
-    options: dict[str, Any] = {"adapter": adapter.get("repo") or adapter.get("folder")}
+    # Revisions: --repair takes the recorded ones, --force the newest (as for one repository).
+    options: dict[str, Any] = {
+        "name": name,
+        "adapter": adapter.get("repo") or adapter.get("folder"),
+    }
     if base.get("folder"):
         return options | {"base_folder": Path(base["folder"])}
-    return options | {"base": base.get("repo"), "adapter_revision": adapter.get("revision")}
+    return options | {"base": base.get("repo")}
 
 
 def _check_same_sources(existing: ModelRecord, sources: list[_Source]) -> None:
