@@ -68,7 +68,7 @@ Examples:
 
   motionsep download animatediff --from ~/models/my-sd15 --name my-animatediff
 
-  motionsep download animatediff --adapter guoyww/animatediff-motion-adapter-v1-5-2
+  motionsep download animatediff --adapter ~/models/my-motion-adapter --name animatediff-mine
 
   motionsep download --list --json
 """

@@ -20,7 +20,13 @@ import torch
 from typer.testing import CliRunner
 
 from motionsep.errors import DamagedModelError, HubAccessError, HubUnreachableError, UsageError
-from motionsep.hub import MOTION_ADAPTER_REPO, SD15_REPO, download, install_animatediff
+from motionsep.hub import (
+    MOTION_ADAPTER_REPO,
+    SD15_REPO,
+    download,
+    install_animatediff,
+    plan_files,
+)
 from motionsep.model.components import load_components
 from motionsep.store import MODEL_RECORD, Store
 from motionsep_cli.app import app
@@ -119,6 +125,58 @@ def _output(unet: torch.nn.Module) -> torch.Tensor:
     text = torch.randn(1, 8, 32, generator=generator)
     with torch.no_grad():
         return unet(latents, torch.tensor([500]), encoder_hidden_states=text).sample
+
+
+# -- file selection (no server) ---------------------------------------------------------------
+
+SD15_MAIN = [  # stable-diffusion-v1-5/stable-diffusion-v1-5 at main
+    ".gitattributes",
+    "README.md",
+    "feature_extractor/preprocessor_config.json",
+    "model_index.json",
+    "safety_checker/config.json",
+    "safety_checker/model.fp16.safetensors",
+    "safety_checker/model.safetensors",
+    "safety_checker/pytorch_model.bin",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.fp16.safetensors",
+    "text_encoder/model.safetensors",
+    "text_encoder/pytorch_model.bin",
+    "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.bin",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.non_ema.safetensors",
+    "unet/diffusion_pytorch_model.safetensors",
+    "v1-5-pruned-emaonly.ckpt",
+    "v1-5-pruned-emaonly.safetensors",
+    "v1-inference.yaml",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.bin",
+    "vae/diffusion_pytorch_model.fp16.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+]
+ADAPTER_MAIN = [  # guoyww/animatediff-motion-adapter-v1-5-2 at main
+    ".gitattributes",
+    "README.md",
+    "config.json",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.safetensors",
+]
+
+
+def test_plan_takes_only_what_animatediff_needs_from_sd15_and_the_adapter() -> None:
+    base = plan_files(SD15_MAIN, kind="text-to-video", variant="fp16")
+    assert not any(p.startswith(("safety_checker/", "feature_extractor/")) for p in base.files)
+    assert not any("/" not in p and p != "model_index.json" for p in base.files)
+    assert "unet/diffusion_pytorch_model.fp16.safetensors" in base.files
+    assert not base.converts
+    adapter = plan_files(ADAPTER_MAIN, kind="motion-adapter")
+    assert adapter.files == ("config.json", "diffusion_pytorch_model.safetensors")
 
 
 # -- the default install ---------------------------------------------------------------------
