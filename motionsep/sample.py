@@ -492,14 +492,48 @@ class ModelRef:
     revision: str | None
 
 
+def check_frames(unet_config: Mapping[str, Any], frames: int, setting: str) -> None:
+    """Checks that one forward of the U-Net can take ``frames`` frames.
+
+    AnimateDiff's motion modules add one of ``motion_max_seq_length`` learned
+    frame positions to every frame (32 for v1-5-2), so longer clips fail
+    deep inside the U-Net; ZeroScope has no such limit.
+
+    Args:
+        unet_config: The U-Net config (the joined one for AnimateDiff).
+        frames: Frames asked for.
+        setting: The setting that asked (``sample.frames``, ``data.frames``),
+            named in the message.
+
+    Raises:
+        UsageError: naming the limit and the setting to lower.
+    """
+    from motionsep.model.motion import config_family
+
+    family = config_family(unet_config)
+    if family is None:
+        return
+    limit = family.max_frames(dict(unet_config))
+    if limit is None or frames <= limit:
+        return
+    flag = "--frames N" if setting == "sample.frames" else f"--set {setting}=N"
+    raise UsageError(
+        f"{setting} is {frames}, but the motion modules of this {family.title.split(' (')[0]} "
+        f"base know only {limit} frame positions (motion_max_seq_length): it cannot take "
+        f"more than {limit} frames at once",
+        f"use at most {limit} frames ({flag}, N <= {limit})",
+    )
+
+
 def resolve_model(settings: Settings, package: MotionPackage | None = None) -> ModelRef:
     """Finds the base model folder and checks it against the motion before loading.
 
     Raises:
         ModelNotFoundError: with the command that installs it.
-        IncompatibleModelError: if the motion was trained on another U-Net
-            architecture, naming the model it needs.
+        IncompatibleModelError: if the motion was trained on another family or
+            U-Net architecture, naming the model it needs.
         ModelFormatError: if the folder is not a text-to-video model.
+        UsageError: if ``sample.frames`` is more than the U-Net can take.
     """
     from motionsep.model.components import check_model_folder
     from motionsep.model.motion import check_base_model
@@ -511,6 +545,7 @@ def resolve_model(settings: Settings, package: MotionPackage | None = None) -> M
     unet_config = check_model_folder(folder)
     if package is not None:
         check_base_model(package, unet_config)
+    check_frames(unet_config, settings.sample.frames, "sample.frames")
     revision = settings.model.revision
     if not Path(name).expanduser().exists():
         record = store.model_record(name)
@@ -711,6 +746,7 @@ def motion_record(package: MotionPackage | None) -> dict[str, Any] | None:
             "id": base.id,
             "revision": base.revision,
             "unet_config_hash": base.unet_config_hash,
+            "family": base.family,
         },
         "motionsep_version": package.metadata.motionsep_version,
     }
@@ -990,9 +1026,11 @@ def _latent_shape(
     """``(C, F, h, w)`` of one video's latents, from loaded components or the model's configs.
 
     Raises:
-        UsageError: if the size is not a multiple of the VAE's downsampling factor.
+        UsageError: if the size is not a multiple of the VAE's downsampling
+            factor, or (given components) too many frames for the U-Net.
     """
     if components is not None:
+        check_frames(components.unet.config, plan.frames, "sample.frames")
         channels = int(components.unet.config.in_channels)
         scale = components.vae_scale_factor
     else:

@@ -401,6 +401,28 @@ def use_channels_last(unet: torch.nn.Module) -> None:
 # entry point
 
 
+def check_training_base(settings: Settings, store: Store) -> Path:
+    """Checks the base model and what training asks of it, before anything loads.
+
+    Cheap (configs only): ``train`` calls it before relaunching several
+    processes and :func:`train_motion` again; ``prepare`` calls it before an
+    inversion (which runs the U-Net over ``data.frames`` frames).
+
+    Returns:
+        The base model's folder.
+
+    Raises:
+        ModelNotFoundError, ModelFormatError: for a missing or unusable model.
+        UsageError: if ``data.frames`` is more than its U-Net can take at once.
+    """
+    from motionsep.model.components import check_model_folder
+    from motionsep.sample import check_frames
+
+    folder = store.resolve_model(settings.model.name)
+    check_frames(check_model_folder(folder), settings.data.frames, "data.frames")
+    return folder
+
+
 def train_motion(
     inputs: list[Path],
     name: str,
@@ -428,7 +450,8 @@ def train_motion(
 
     Raises:
         UsageError: an existing name, or an unfinished checkpointed run of it,
-            without ``force``; ``resume`` without a checkpoint.
+            without ``force``; ``resume`` without a checkpoint; more frames
+            than the base model takes (see :func:`check_training_base`).
         TrainingInterruptedError: on Ctrl-C, after writing a checkpoint (exit 130).
         TrainingDivergedError: when the loss becomes NaN or infinite.
     """
@@ -437,6 +460,7 @@ def train_motion(
     from motionsep.devices import resolve_device
 
     store.new_motion_path(name, force, when=" when training ends")
+    check_training_base(settings, store)
     device_type = resolve_device(settings.model.device).type
     precision = _mixed_precision(settings, device_type)
     if device_type == "cuda":
@@ -840,6 +864,7 @@ def _write_package(
             id=settings.model.name,
             revision=record.revision if record else None,
             unet_config_hash=unet_config_hash(dict(unet.config)),
+            family=trainer.components.family.name,
         ),
         clips=[ClipRecord(c.name, c.sha256, c.indices, c.prompt) for c in dataset.clips],
         prompts=[c.prompt for c in dataset.clips],

@@ -60,10 +60,13 @@ def prepare(
 ) -> None:
     from motionsep.data import prepare as prepare_clips
     from motionsep.store import Store
+    from motionsep.train import check_training_base
 
     settings = settings_from_cli(
         preset, config, set_options, {"model": {"name": model}, "data": {"prompt": prompt}}
     )
+    if settings.data.inversion:  # the inversion runs the U-Net over data.frames frames
+        check_training_base(settings, Store(settings.store.home))
     with RichProgress() as progress:
         dataset = prepare_clips(
             clips, settings, Store(settings.store.home), out=out, progress=progress, rebuild=rebuild

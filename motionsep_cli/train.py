@@ -104,7 +104,7 @@ def train(
 ) -> None:
     from motionsep.launch import is_main_process
     from motionsep.store import Store
-    from motionsep.train import resume_command_line, train_motion
+    from motionsep.train import check_training_base, resume_command_line, train_motion
 
     overrides = {
         "model": {"name": model},
@@ -119,8 +119,10 @@ def train(
         },
     }
     settings = settings_from_cli(preset, config, set_options, overrides)
-    relaunch_as(settings.train.num_processes)
     store = Store(settings.store.home)
+    if settings.train.num_processes > 1:  # refuse a bad base before launching processes
+        check_training_base(settings, store)
+    relaunch_as(settings.train.num_processes)
     command = resume_command_line(sys.argv[1:])
     if is_main_process():
         if verbose:

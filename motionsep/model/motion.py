@@ -35,6 +35,7 @@ from motionsep.errors import (
 )
 from motionsep.model import lora, recipes, tap
 from motionsep.model.components import unet_config_hash
+from motionsep.model.family import FAMILIES, ZEROSCOPE, Family
 from motionsep.store import Store, atomic_folder, file_sha256, validate_motion_name
 
 if TYPE_CHECKING:
@@ -79,11 +80,27 @@ class BaseModelRecord:
         revision: Hub revision (commit), if known.
         unet_config_hash: :func:`~motionsep.model.components.unet_config_hash`
             of its U-Net config.
+        family: Its base-model family (:mod:`motionsep.model.family`):
+            ``zeroscope`` or ``animatediff``. Packages written before families
+            existed record none and are ZeroScope ones.
     """
 
     id: str
     revision: str | None
     unet_config_hash: str
+    family: str = ZEROSCOPE.name
+
+
+def _recorded_family(base: Mapping[str, Any]) -> str:
+    """The family a ``base_model`` record names; ZeroScope when it names none (older packages).
+
+    Raises:
+        ValueError: for a family this motionsep does not know.
+    """
+    family = base.get("family") or ZEROSCOPE.name
+    if family not in FAMILIES:
+        raise ValueError(f"base_model.family is {family!r}, expected one of {', '.join(FAMILIES)}")
+    return str(family)
 
 
 @dataclass(frozen=True)
@@ -136,6 +153,7 @@ class MotionMetadata:
                 "id": self.base_model.id,
                 "revision": self.base_model.revision,
                 "unet_config_hash": self.base_model.unet_config_hash,
+                "family": self.base_model.family,
             },
             "clips": [
                 {"name": c.name, "sha256": c.sha256, "frames": list(c.frames), "prompt": c.prompt}
@@ -170,6 +188,7 @@ class MotionMetadata:
                 id=str(base["id"]),
                 revision=base.get("revision"),
                 unet_config_hash=str(base["unet_config_hash"]),
+                family=_recorded_family(base),
             ),
             clips=[
                 ClipRecord(
@@ -426,20 +445,55 @@ def load_motion(path: Path) -> MotionPackage:
 # apply
 
 
-def check_base_model(package: MotionPackage, unet_config: Mapping[str, Any]) -> None:
+def config_family(unet_config: Mapping[str, Any]) -> Family | None:
+    """The family of a U-Net config (its ``_class_name``), or None for an unknown class."""
+    class_name = unet_config.get("_class_name")
+    return next((f for f in FAMILIES.values() if f.unet_class == class_name), None)
+
+
+def _short_title(family: Family) -> str:
+    """``a ZeroScope / ModelScope`` or ``an AnimateDiff``: the family's name with its article."""
+    title = family.title.split(" (")[0]
+    return f"{'an' if title[0] in 'AEIOU' else 'a'} {title}"
+
+
+def check_base_model(
+    package: MotionPackage, unet_config: Mapping[str, Any], family: Family | None = None
+) -> None:
     """Checks that a U-Net config is the architecture the motion was trained on.
+
+    The family is compared first, so a motion used on a base of the other
+    family is named as such rather than as a mere architecture mismatch.
+
+    Args:
+        package: The motion.
+        unet_config: The base model's U-Net config (for AnimateDiff the joined
+            ``UNetMotionModel``'s, as :func:`~motionsep.model.components.check_model_folder`
+            returns it).
+        family: The base model's family; read from ``unet_config`` when None.
 
     Raises:
         IncompatibleModelError: naming the expected model and how to install it.
     """
     expected = package.metadata.base_model
+    revision = f" (revision {expected.revision})" if expected.revision else ""
+    install = f"use --model {expected.id}; install it with `motionsep download {expected.id}`"
+    given = family or config_family(unet_config)
+    trained = FAMILIES[expected.family]
+    if given is not None and given is not trained:
+        raise IncompatibleModelError(
+            f"motion {package.name!r} was trained on {_short_title(trained)} base "
+            f"({expected.id!r}{revision}), this is {_short_title(given)} base: a motion LoRA "
+            "only fits the family of U-Net it was trained on",
+            f"{install}, or train the motion again on this base (`motionsep train CLIPS "
+            f"--name NAME --model MODEL`)",
+        )
     if unet_config_hash(dict(unet_config)) == expected.unet_config_hash:
         return
-    revision = f" (revision {expected.revision})" if expected.revision else ""
     raise IncompatibleModelError(
         f"motion {package.name!r} was trained on base model {expected.id!r}{revision}, whose "
         "U-Net architecture differs from the model given",
-        f"use --model {expected.id}; install it with `motionsep download {expected.id}`",
+        install,
     )
 
 
@@ -459,7 +513,7 @@ def apply_motion(
     leaves a half-set adapter behind: load the U-Net again after that error.)
 
     Args:
-        unet: The base ``UNet3DConditionModel``; changed in place.
+        unet: The base U-Net of either family; changed in place.
         package: A package from :func:`load_motion`.
         base_model_config: The base model's U-Net config; defaults to ``unet.config``.
         scale: Motion LoRA scale (``--lora-scale``; 0 gives the base model).
