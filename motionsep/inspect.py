@@ -94,7 +94,8 @@ DEFINITIONS: dict[str, str] = {
     "max_abs_difference": "max over the map of |motion - base|",
     "highway.cosine": "cosine similarity between the spatial-attention output "
     "(down_blocks.i.attentions.j) and the temporal-attention output it replaces "
-    "(down_blocks.i.temp_attentions.j, the stock skip), over the whole conditional "
+    "(the stock skip: down_blocks.i.temp_attentions.j on ZeroScope, "
+    "down_blocks.i.motion_modules.j on AnimateDiff), over the whole conditional "
     "half (all frames, channels and positions)",
     "highway.relative_change": "||temporal - spatial|| / ||spatial|| for the same tensors",
 }
@@ -325,6 +326,24 @@ def _map_numbers(attention_map: np.ndarray, entropy: float) -> dict[str, float]:
 # highway probe
 
 
+def skip_sources(unet: Any, skip: Skip) -> tuple[str, str]:
+    """The spatial attention and the temporal transformer of a down-block layer skip.
+
+    The first is what the highway hands to the up block, the second what the
+    stock U-Net does (its ``temp_attentions.j`` on ZeroScope, its
+    ``motion_modules.j`` on AnimateDiff: the layer's temporal transformer, as
+    the family names it).
+    """
+    from motionsep.model.family import family_of
+
+    if skip.down_block is None or skip.layer is None:
+        raise ValueError(f"{skip.name} is not the skip of a down-block layer")
+    family = family_of(unet)
+    prefix = f"down_blocks.{skip.down_block}."
+    temporal = [n for n in family.temporal_transformer_names(unet) if n.startswith(prefix)]
+    return family.spatial_attention_name(skip.down_block, skip.layer), temporal[skip.layer]
+
+
 class _SkipProbe:
     """Forward hooks comparing spatial and temporal attention outputs of rerouted skips.
 
@@ -343,12 +362,8 @@ class _SkipProbe:
         self._held: dict[str, torch.Tensor] = {}
         self._handles: list[RemovableHandle] = []
 
-    @staticmethod
-    def modules(skip: Skip) -> tuple[str, str]:
-        return (
-            f"down_blocks.{skip.down_block}.attentions.{skip.layer}",
-            f"down_blocks.{skip.down_block}.temp_attentions.{skip.layer}",
-        )
+    def modules(self, skip: Skip) -> tuple[str, str]:
+        return skip_sources(self.unet, skip)
 
     def _active(self) -> bool:
         return self.step is not None and self.step in self.steps
@@ -526,8 +541,16 @@ def _checked_request(
 ) -> tuple[ModelRef, list[str], tuple[int, ...], torch.Tensor | None, torch.Tensor | None]:
     """The model, the selected layers, the latent shape, the clip and the inversion, checked."""
     from motionsep.model.attention import match_layers
-    from motionsep.sample import ModelRef, check_inversion, load_inversion, resolve_model
+    from motionsep.sample import (
+        ModelRef,
+        check_frames,
+        check_inversion,
+        load_inversion,
+        resolve_model,
+    )
 
+    if components is not None:  # resolve_model checks the frames of a model folder
+        check_frames(components.unet.config, plan.frames, "sample.frames")
     if model is None:
         model = (
             resolve_model(settings, motion)
@@ -678,8 +701,8 @@ def _highway_items(
     return tuple(
         SkipSimilarity(
             skip=skip.name,
-            spatial=_SkipProbe.modules(skip)[0],
-            temporal=_SkipProbe.modules(skip)[1],
+            spatial=probe.modules(skip)[0],
+            temporal=probe.modules(skip)[1],
             step=step,
             timestep=timesteps[step],
             cosine={run: probe.values[(skip.name, step, run)][0] for run in RUNS},
@@ -795,8 +818,9 @@ def _run(
 def _model_facts(components: Components | None, folder: Path) -> tuple[list[str], int, int]:
     """Temporal attention names, latent channels and VAE factor, without loading weights.
 
-    Without components the U-Net is built on the meta device from its config
-    (no memory, no weights), so a bad ``--layers`` fails before the model loads.
+    Without components the U-Net of the folder's family is built on the meta
+    device from its config (no memory, no weights), so a bad ``--layers``
+    fails before the model loads.
     """
     from motionsep.model.attention import temporal_attention_names
 
@@ -804,15 +828,24 @@ def _model_facts(components: Components | None, folder: Path) -> tuple[list[str]
         unet: Any = components.unet
         scale = components.vae_scale_factor
     else:
-        import torch
-        from diffusers import UNet3DConditionModel
-
-        unet_config = json.loads((folder / "unet" / "config.json").read_text())
+        unet = _meta_unet(folder)
         vae_config = json.loads((folder / "vae" / "config.json").read_text())
-        with torch.device("meta"):
-            unet = UNet3DConditionModel.from_config(unet_config)
         scale = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
     return temporal_attention_names(unet), int(unet.config.in_channels), scale
+
+
+def _meta_unet(folder: Path) -> Any:
+    """The U-Net a model folder loads as (either family), on the meta device: names, no weights."""
+    import diffusers
+    import torch
+
+    from motionsep.model.family import folder_family, unet_config
+
+    family = folder_family(folder)
+    unet_class = getattr(diffusers, family.unet_class)
+    config = unet_config(folder)  # AnimateDiff: the joined U-Net's config
+    with torch.device("meta"):
+        return unet_class.from_config(config)
 
 
 def _latent_shape(

@@ -1,4 +1,4 @@
-"""Ablations of a 3D U-Net's temporal layers, to measure what they contribute.
+"""Ablations of a video U-Net's temporal layers, to measure what they contribute.
 
 Two context managers, each acting through a seam diffusers offers and putting
 the model back exactly as it was on exit, also when the block raises:
@@ -10,6 +10,11 @@ the model back exactly as it was on exit, also when the block raises:
 - :func:`bypass_temporal_convs` puts a forward hook on every
   ``TemporalConvLayer`` that returns the layer's input unchanged (the layer
   computes ``input + conv stack(input)``, so this removes the conv stack).
+  Only ZeroScope-family U-Nets have temporal convolutions; an AnimateDiff
+  U-Net is refused (its motion modules are its only path between frames).
+
+Both work on a U-Net of either family (:mod:`motionsep.model.family`); on
+AnimateDiff the temporal attentions are those of the motion modules.
 
 If the loss of a trained model barely moves under an ablation, the model does
 not use what was ablated.
@@ -92,7 +97,8 @@ def uniform_temporal_attention(unet: nn.Module) -> Iterator[list[str]]:
 
     Every attention module named by
     :func:`motionsep.model.attention.temporal_attention_names` (attn1 and attn2
-    of every temporal transformer, ``transformer_in`` included) gets a
+    of every temporal transformer: ``transformer_in`` included on ZeroScope,
+    every motion module on AnimateDiff) gets a
     :class:`UniformAttnProcessor`; on exit each gets back the very processor
     object it had.
 
@@ -106,7 +112,8 @@ def uniform_temporal_attention(unet: nn.Module) -> Iterator[list[str]]:
     if not names:
         raise IncompatibleModelError(
             f"{type(unet).__name__} has no temporal attention to make uniform",
-            "pass a UNet3DConditionModel (ZeroScope / ModelScope layout)",
+            "pass a video U-Net: ZeroScope / ModelScope (UNet3DConditionModel) or "
+            "AnimateDiff (UNetMotionModel)",
         )
     originals: dict[str, Any] = {}
     uniform = UniformAttnProcessor()
@@ -149,8 +156,19 @@ def bypass_temporal_convs(
         The names of the bypassed layers, in module order.
 
     Raises:
-        IncompatibleModelError: if ``unet`` has no temporal convolution.
+        IncompatibleModelError: if ``unet`` has no temporal convolution (an
+            AnimateDiff U-Net never has one).
     """
+    from motionsep.model.family import FAMILIES
+
+    family = next((f for f in FAMILIES.values() if f.owns(unet)), None)
+    if family is not None and not family.temporal_convolutions:
+        raise IncompatibleModelError(
+            f"an {family.title} U-Net has no temporal convolution to bypass: its motion "
+            "modules are the only path between frames",
+            "ablate its temporal attention instead (uniform_temporal_attention), or bypass "
+            "temporal convolutions on a ZeroScope / ModelScope U-Net",
+        )
     names = temporal_conv_names(unet) if names is None else list(names)
     if not names and not temporal_conv_names(unet):
         raise IncompatibleModelError(

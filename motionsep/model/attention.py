@@ -1,7 +1,10 @@
 """A recording attention processor for the temporal attentions (``inspect-attention``).
 
-In a ``TransformerTemporalModel`` the attention runs over frames: the hidden
-states reach ``attn1``/``attn2`` as ``(B * H * W, F, C)``, so every spatial
+In a temporal transformer (ZeroScope's ``TransformerTemporalModel``,
+AnimateDiff's motion modules, ``AnimateDiffTransformer3D``; see
+:mod:`motionsep.model.family`) the attention runs over frames: the hidden
+states reach ``attn1``/``attn2`` as ``(B * H * W, F, C)`` (on AnimateDiff with
+the frame positions already added), so every spatial
 position of every video is one "batch" row and the sequence is its ``F``
 frames. The attention probabilities of one call are therefore a tensor
 ``(B * H * W, heads, F, F)``: for every position and head, how much each
@@ -62,10 +65,12 @@ _FORWARD_ORDER = ("transformer_in.", "down_blocks.", "mid_block.", "up_blocks.")
 def temporal_attention_names(unet: nn.Module) -> list[str]:
     """Full names of every temporal attention module (attn1 and attn2), in forward order.
 
-    ``transformer_in`` comes first, then the down, mid and up blocks' temporal
-    transformers (the order the U-Net runs them, not the order it registers
-    them: diffusers registers ``mid_block`` after ``up_blocks``), e.g.
-    ``down_blocks.0.temp_attentions.1.transformer_blocks.0.attn2``.
+    ``transformer_in`` comes first (ZeroScope), then the down, mid and up
+    blocks' temporal transformers (the order the U-Net runs them, not the
+    order it registers them: diffusers registers ``mid_block`` after
+    ``up_blocks``), e.g. ``down_blocks.0.temp_attentions.1.transformer_blocks.0.attn2``
+    on ZeroScope, ``down_blocks.0.motion_modules.1.transformer_blocks.0.attn2``
+    on AnimateDiff.
     """
     from diffusers.models.attention_processor import Attention
 
@@ -359,7 +364,7 @@ def record_temporal_attention(
     module gets back the very processor object it had.
 
     Args:
-        unet: A ``UNet3DConditionModel`` (a peft motion LoRA may be injected).
+        unet: A video U-Net of either family (a peft motion LoRA may be injected).
         layers: ``--layers`` pattern or explicit names (see :func:`match_layers`);
             None records every temporal attention.
         steps: Step indices to record; None records all.
