@@ -1,5 +1,9 @@
 """What the training benches share: the real Trainer on in-memory models, and the record.
 
+Both base-model families are built: configuration names starting with
+``tiny`` run the family's tiny model on the CPU, the others the full-size
+U-Net on CUDA; a name containing ``animatediff`` is the AnimateDiff family.
+
 ``bench/train.py`` and ``bench/profile_train.py`` import it (a script's own
 folder is first on ``sys.path``).
 """
@@ -67,8 +71,28 @@ SD_VAE = {
 }
 
 
+FAMILIES = ("zeroscope", "animatediff")
+"""Base-model families the benches build (``--family``)."""
+
+
+def family_of_config(name: str) -> str:
+    """The family a bench configuration name runs on (``tiny-animatediff+ckpt``: animatediff)."""
+    return "animatediff" if "animatediff" in name else "zeroscope"
+
+
+def on_cuda(name: str) -> bool:
+    """Whether a configuration runs the full-size U-Net on CUDA (the tiny ones run on the CPU)."""
+    return not name.startswith("tiny")
+
+
 def build_trainer(name: str, set_options: tuple[str, ...] = ()) -> tuple[Any, Any, Any]:
     """The real Trainer of configuration ``name`` on in-memory components.
+
+    ``tiny...`` configurations run the tiny model of their family on the CPU;
+    the others the full-size U-Net with random weights on CUDA: ZeroScope v2
+    at 384x384, 16 frames (the ``dolly`` preset), or AnimateDiff (SD 1.5 + the
+    v1-5-2 motion adapter) at its native 512x512, 16 frames (the
+    ``animatediff`` preset); both fp16 autocast, LoRA rank 32.
 
     Returns:
         The trainer, its device and the VAE (None unless ``naive`` needs it).
@@ -80,38 +104,47 @@ def build_trainer(name: str, set_options: tuple[str, ...] = ()) -> tuple[Any, An
     from motionsep.config import load_settings
     from motionsep.model import lora, tap
     from motionsep.model.components import (
+        ANIMATEDIFF_SCHEDULER_CONFIG,
         SCHEDULER_CONFIG,
         Components,
+        build_animatediff_unet,
         build_tiny_components,
         build_zeroscope_unet,
     )
+    from motionsep.model.family import ANIMATEDIFF
     from motionsep.train import Trainer, enable_gradient_checkpointing, use_channels_last
 
-    cuda = name.startswith("zeroscope")
+    cuda = on_cuda(name)
+    animatediff = family_of_config(name) == "animatediff"
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
         settings = load_settings(
-            preset="dolly", set_options=["train.mixed_precision=fp16", *set_options]
+            preset="animatediff" if animatediff else "dolly",
+            set_options=["train.mixed_precision=fp16", *set_options],
         )
-        unet = build_zeroscope_unet(device=device, dtype=torch.float16)
-        vae = AutoencoderKL(**SD_VAE).to(device, torch.float16) if "naive" in name else None
-        size, frames, text = 384, 16, (77, 1024)
+        build = build_animatediff_unet if animatediff else build_zeroscope_unet
+        unet = build(device=device, dtype=torch.float16)
+        size, frames = settings.data.width, settings.data.frames
+        text = (77, int(unet.config.cross_attention_dim))
+        vae_config = {**SD_VAE, "sample_size": size}
+        vae = AutoencoderKL(**vae_config).to(device, torch.float16) if "naive" in name else None
         dtype = torch.float16
     else:
         settings = load_settings(
             preset="tiny", set_options=["data.width=64", "data.height=64", *set_options]
         )
-        parts = build_tiny_components()
+        parts = build_tiny_components(family=ANIMATEDIFF if animatediff else None)
         unet, vae = parts["unet"], parts["vae"]
         size, frames, text = 64, settings.data.frames, (77, 32)
         dtype = torch.float32
+    scheduler_config = ANIMATEDIFF_SCHEDULER_CONFIG if animatediff else SCHEDULER_CONFIG
     accelerator = Accelerator(cpu=not cuda, mixed_precision="fp16" if cuda else "no")
     components = Components(
         unet=unet,
         vae=vae,
         text_encoder=None,
         tokenizer=None,
-        scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+        scheduler=DDIMScheduler(**scheduler_config),
         path=Path(),
     )
     torch.manual_seed(0)

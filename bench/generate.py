@@ -19,9 +19,16 @@ Two tables:
    memory from ``torch.cuda.max_memory_allocated``. The highway must add less
    than 2 % to the time of the LoRA row.
 
+``--family animatediff`` runs both tables on the AnimateDiff family: the tiny
+AnimateDiff model on the CPU, and on CUDA the full AnimateDiff U-Net (Stable
+Diffusion 1.5 + the v1-5-2 motion adapter, 1.31 B parameters, random weights,
+text 77 x 768) at its native 512x512, 16 frames, 25 steps (the
+``animatediff`` preset's), with AnimateDiff's linear-beta DDIM schedule.
+
 Usage::
 
-    python bench/generate.py [--size 32x32] [--frames 8] [--steps 10] [--threads 1]
+    python bench/generate.py [--family zeroscope|animatediff] [--size 32x32] [--frames 8]
+        [--steps 10] [--threads 1]
     python bench/generate.py --skip-cpu [--repeats 2]   # only the CUDA table (GPU machine)
     python bench/generate.py --check-loop   # the CUDA table's code, tiny U-Net on the CPU
 """
@@ -79,7 +86,8 @@ def _child(config: str, args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     width, height = (int(v) for v in args.size.split("x"))
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = install_tiny(Store(Path(tmp) / "store")).path
+        tiny = "tiny" if args.family == "zeroscope" else f"tiny-{args.family}"
+        model_dir = install_tiny(Store(Path(tmp) / "store"), name=tiny).path
         package = None
         if config != "base":
             unet = load_unet(model_dir)
@@ -93,7 +101,7 @@ def _child(config: str, args: argparse.Namespace) -> None:
                 lora_rank=4,
                 lora_alpha=4.0,
                 base_model=motion.BaseModelRecord(
-                    str(model_dir), None, unet_config_hash(dict(unet.config))
+                    str(model_dir), None, unet_config_hash(dict(unet.config)), args.family
                 ),
             )
             folder = Path(tmp) / "motions" / "bench"
@@ -137,7 +145,8 @@ def _child(config: str, args: argparse.Namespace) -> None:
 
 def cpu_table(args: argparse.Namespace) -> None:
     print(
-        f"Tiny model, CPU ({args.threads} thread(s)), {args.size}, {args.frames} frames, "
+        f"Tiny {args.family} model, CPU ({args.threads} thread(s)), {args.size}, "
+        f"{args.frames} frames, "
         f"{args.steps} DDIM steps, guidance 12, {args.videos} videos, whole generate call "
         "(text encoder + U-Net loop + VAE decode)"
     )
@@ -158,32 +167,49 @@ def cpu_table(args: argparse.Namespace) -> None:
 def _passthrough(args: argparse.Namespace) -> list[str]:
     return [
         "--size", args.size, "--frames", str(args.frames), "--steps", str(args.steps),
-        "--videos", str(args.videos), "--threads", str(args.threads),
+        "--videos", str(args.videos), "--threads", str(args.threads), "--family", args.family,
     ]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
-# CUDA: the full ZeroScope U-Net
+# CUDA: the full-size U-Net of a family
 
 
 def cuda_table(args: argparse.Namespace) -> None:
-    """The full ZeroScope U-Net at 576x320, 24 frames, 30 steps, fp16, on CUDA."""
+    """The full U-Net of ``--family`` on CUDA, at that family's benchmark size, fp16.
+
+    ZeroScope v2: 576x320, 24 frames, 30 steps; AnimateDiff (SD 1.5 + v1-5-2):
+    512x512, 16 frames, 25 steps.
+    """
     import torch
 
     if not torch.cuda.is_available():
         print(
-            "\nZeroScope on CUDA: skipped, no CUDA device here (torch.cuda.is_available() is False)"
+            f"\n{args.family} on CUDA: skipped, no CUDA device here "
+            "(torch.cuda.is_available() is False)"
         )
         return
-    from motionsep.model.components import build_zeroscope_unet
+    from motionsep.model.components import (
+        ANIMATEDIFF_SCHEDULER_CONFIG,
+        build_animatediff_unet,
+        build_zeroscope_unet,
+    )
 
     device = torch.device("cuda")
     torch.manual_seed(0)
+    gpu = torch.cuda.get_device_name(device)
+    if args.family == "animatediff":
+        unet = build_animatediff_unet(device=device, dtype=torch.float16)
+        title = (
+            f"AnimateDiff U-Net (SD 1.5 + v1-5-2 motion adapter, random weights), {gpu}, "
+            "fp16, 512x512, 16 frames, 25 DDIM steps"
+        )
+        unet_loop_table(unet, title, width=512, height=512, frames=16, steps=25,
+                        text_dim=768, lora_rank=32, repeats=args.repeats,
+                        scheduler_config=ANIMATEDIFF_SCHEDULER_CONFIG)  # fmt: skip
+        return
     unet = build_zeroscope_unet(device=device, dtype=torch.float16)
-    title = (
-        f"ZeroScope v2 U-Net (random weights), {torch.cuda.get_device_name(device)}, fp16, "
-        "576x320, 24 frames, 30 DDIM steps"
-    )
+    title = f"ZeroScope v2 U-Net (random weights), {gpu}, fp16, 576x320, 24 frames, 30 DDIM steps"
     unet_loop_table(unet, title, width=576, height=320, frames=24, steps=30,
                     text_dim=1024, lora_rank=32, repeats=args.repeats)  # fmt: skip
 
@@ -199,6 +225,7 @@ def unet_loop_table(
     text_dim: int,
     lora_rank: int,
     repeats: int,
+    scheduler_config: dict[str, Any] | None = None,
 ) -> None:
     """Times ``motionsep.sample.denoise`` on one video: base, + motion LoRA, + highway.
 
@@ -219,7 +246,8 @@ def unet_loop_table(
     device, dtype = unet.device, unet.dtype
     on_cuda = device.type == "cuda"
     # denoise() needs only the U-Net and the scheduler of the components.
-    components: Any = SimpleNamespace(unet=unet, scheduler=DDIMScheduler(**SCHEDULER_CONFIG))
+    scheduler = DDIMScheduler(**(scheduler_config or SCHEDULER_CONFIG))
+    components: Any = SimpleNamespace(unet=unet, scheduler=scheduler)
     plan = SamplingPlan(
         steps=steps, guidance=12.0, width=width, height=height, frames=frames,
         negative_prompt="", recipe="paper", lora_scale=1.0, highway=False, highway_beta=None,
@@ -274,17 +302,31 @@ def check_loop(args: argparse.Namespace) -> None:
     """Runs the CUDA table's code on the tiny U-Net on the CPU, to check it without a GPU."""
     import torch
 
-    from motionsep.model.components import TINY_UNET_CONFIG, build_tiny_components
+    from motionsep.model.components import (
+        ANIMATEDIFF_SCHEDULER_CONFIG,
+        TINY_UNET_CONFIG,
+        build_tiny_components,
+    )
+    from motionsep.model.family import ANIMATEDIFF
 
     torch.set_num_threads(args.threads)
-    unet = build_tiny_components()["unet"]
-    unet_loop_table(unet, "check: tiny U-Net on the CPU (not a benchmark)", width=64, height=64,
-                    frames=4, steps=3, text_dim=TINY_UNET_CONFIG["cross_attention_dim"],
-                    lora_rank=4, repeats=1)  # fmt: skip
+    animatediff = args.family == "animatediff"
+    unet = build_tiny_components(family=ANIMATEDIFF if animatediff else None)["unet"]
+    unet_loop_table(unet, f"check: tiny {args.family} U-Net on the CPU (not a benchmark)",
+                    width=64, height=64, frames=4, steps=3,
+                    text_dim=TINY_UNET_CONFIG["cross_attention_dim"], lora_rank=4, repeats=1,
+                    scheduler_config=ANIMATEDIFF_SCHEDULER_CONFIG if animatediff else None,
+                    )  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--family",
+        choices=("zeroscope", "animatediff"),
+        default="zeroscope",
+        help="base-model family whose U-Nets are timed (default zeroscope)",
+    )
     parser.add_argument("--size", default="32x32", help="WIDTHxHEIGHT of the CPU runs")
     parser.add_argument("--frames", type=int, default=8, help="frames of the CPU runs")
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps of the CPU runs")

@@ -7,7 +7,10 @@ path's cost is always in the number) on in-memory components:
 * ``--model tiny`` (default on the CPU): the tiny seeded model, 64x64;
 * ``--model zeroscope`` (default with CUDA): the full ZeroScope U-Net with
   random weights at 384x384, 16 frames, LoRA rank 32, fp16 autocast (the
-  ``dolly`` preset), as ``bench/train.py`` builds it.
+  ``dolly`` preset), as ``bench/train.py`` builds it;
+* ``--model tiny-animatediff`` / ``--model animatediff``: the same for the
+  AnimateDiff family (the full one: SD 1.5 + the v1-5-2 motion adapter at
+  512x512, 16 frames, the ``animatediff`` preset; CUDA only).
 
 The step labels its parts with ``record_function`` (``motionsep.spatial_path``,
 ``motionsep.temporal_path``, ``motionsep.optimizer``). The table gives, per
@@ -21,7 +24,8 @@ CUDA, every op that
 It writes ``bench/results/profile_train-MODEL-DEVICE.json`` with the device,
 driver, library versions and the commit::
 
-    python bench/profile_train.py [--model tiny|zeroscope] [--steps 3] [--top 15]
+    python bench/profile_train.py [--model tiny|zeroscope|tiny-animatediff|animatediff]
+        [--steps 3] [--top 15]
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from bench_common import RESULTS, build_trainer, environment
+from bench_common import RESULTS, build_trainer, environment, on_cuda
 
 LABELS = ("motionsep.spatial_path", "motionsep.temporal_path", "motionsep.optimizer")
 SYNC_OPS = ("aten::_local_scalar_dense",)
@@ -154,14 +158,14 @@ def main() -> None:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("tiny", "zeroscope"))
+    parser.add_argument("--model", choices=("tiny", "zeroscope", "tiny-animatediff", "animatediff"))
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/...).")
     args = parser.parse_args()
     model = args.model or ("zeroscope" if torch.cuda.is_available() else "tiny")
-    if model == "zeroscope" and not torch.cuda.is_available():
-        raise SystemExit("--model zeroscope needs a CUDA device; none here")
+    if on_cuda(model) and not torch.cuda.is_available():
+        raise SystemExit(f"--model {model} needs a CUDA device; none here")
     result = profile(model, args.steps, args.top)
     print_table(result)
     device = "cuda" if result["device"].startswith("cuda") else "cpu"

@@ -13,15 +13,21 @@ loss, AdamW over LoRA tensors) on in-memory components
   channels-last, cuDNN benchmark, all of them), and the naive variant with a
   random Stable-Diffusion-sized VAE.
 
+``--family animatediff`` runs the same rows on the AnimateDiff family: the
+tiny AnimateDiff model on the CPU, and on CUDA the full AnimateDiff U-Net
+(Stable Diffusion 1.5 + the v1-5-2 motion adapter, 1.31 B parameters, random
+weights) at its native 512x512, 16 frames (the ``animatediff`` preset).
+
 The spatial path runs on a fixed schedule (every step, ``train.spatial_skip_prob=0``)
 so each row pays for both paths. Each configuration runs in a fresh
 subprocess (peak memory is its own): one warm-up step, then ``--repeats``
 timings of ``--steps`` steps, each step's loss checked finite; the median
 is reported. Memory: CPU peak resident set; CUDA peak allocated and reserved.
-Writes ``bench/results/train-DEVICE.json`` with the device, driver, versions
-and the commit::
+Writes ``bench/results/train-DEVICE.json`` (``train-DEVICE-animatediff.json``
+for that family) with the device, driver, versions and the commit::
 
-    python bench/train.py [--steps 10] [--repeats 3] [--skip-cpu] [--skip-cuda]
+    python bench/train.py [--family zeroscope|animatediff] [--steps 10] [--repeats 3]
+        [--skip-cpu] [--skip-cuda]
 """
 
 from __future__ import annotations
@@ -36,39 +42,53 @@ import sys
 import time
 from typing import Any
 
-from bench_common import RESULTS, build_trainer, environment
+from bench_common import FAMILIES, RESULTS, build_trainer, environment, on_cuda
 
 BOTH_PATHS = ("train.spatial_skip_prob=0",)
+CPU_LEVERS: dict[str, tuple[str, ...]] = {
+    "": (),
+    "+ckpt": ("train.gradient_checkpointing=true",),
+    "+fused+channels-last": ("optim.fused=true", "train.channels_last=true"),
+    " naive-vae": (),
+}
+CUDA_LEVERS: dict[str, tuple[str, ...]] = {
+    "": (),
+    "+ckpt": ("train.gradient_checkpointing=true",),
+    "+fused": ("optim.fused=true",),
+    "+channels-last": ("train.channels_last=true",),
+    "+cudnn-benchmark": ("train.cudnn_benchmark=true",),
+    "+all-levers": ("optim.fused=true", "train.channels_last=true", "train.cudnn_benchmark=true"),
+    " naive-vae": (),
+}
+
+
+def levers(family: str) -> dict[str, dict[str, tuple[str, ...]]]:
+    """Configuration name -> its settings, per device group, for one family.
+
+    ZeroScope's names are ``tiny...`` and ``zeroscope...`` (as before families);
+    AnimateDiff's ``tiny-animatediff...`` and ``animatediff...``.
+    """
+    tiny = "tiny" if family == "zeroscope" else f"tiny-{family}"
+    return {
+        "cpu": {tiny + suffix: options for suffix, options in CPU_LEVERS.items()},
+        "cuda": {family + suffix: options for suffix, options in CUDA_LEVERS.items()},
+    }
+
+
 LEVERS = {
-    "cpu": {
-        "tiny": (),
-        "tiny+ckpt": ("train.gradient_checkpointing=true",),
-        "tiny+fused+channels-last": ("optim.fused=true", "train.channels_last=true"),
-        "tiny naive-vae": (),
-    },
-    "cuda": {
-        "zeroscope": (),
-        "zeroscope+ckpt": ("train.gradient_checkpointing=true",),
-        "zeroscope+fused": ("optim.fused=true",),
-        "zeroscope+channels-last": ("train.channels_last=true",),
-        "zeroscope+cudnn-benchmark": ("train.cudnn_benchmark=true",),
-        "zeroscope+all-levers": (
-            "optim.fused=true",
-            "train.channels_last=true",
-            "train.cudnn_benchmark=true",
-        ),
-        "zeroscope naive-vae": (),
-    },
+    group: {k: v for f in FAMILIES for k, v in levers(f)[group].items()}
+    for group in ("cpu", "cuda")
 }
 
 
 def run_one(name: str, steps: int, repeats: int) -> dict[str, Any]:
     import torch
 
-    group = "cuda" if name.startswith("zeroscope") else "cpu"
+    group = "cuda" if on_cuda(name) else "cpu"
     trainer, device, vae = build_trainer(name, (*BOTH_PATHS, *LEVERS[group][name]))
     cuda = device.type == "cuda"
-    size, frames = (384, 16) if cuda else (64, trainer.settings.data.frames)
+    data = trainer.settings.data
+    size, frames = (data.width, data.frames) if cuda else (64, data.frames)
     dtype = torch.float16 if cuda else torch.float32
     pixels = torch.rand(frames, 3, size, size) * 2 - 1
 
@@ -111,6 +131,12 @@ def run_one(name: str, steps: int, repeats: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--family",
+        choices=FAMILIES,
+        default="zeroscope",
+        help="base-model family whose U-Net is timed (default zeroscope)",
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-cpu", action="store_true")
@@ -128,13 +154,13 @@ def main() -> None:
         if torch.cuda.is_available():
             groups.append("cuda")
         else:
-            print("ZeroScope on CUDA: skipped, no CUDA device here\n")
+            print(f"{args.family} on CUDA: skipped, no CUDA device here\n")
     for group in groups:
         memory = "peak RSS GiB" if group == "cpu" else "alloc / reserved GiB"
         print(f"{group}: median of {args.repeats} x {args.steps} steps after one warm-up step")
         print(f"{'config':<28} {'s/step':>9} {memory:>22}")
         rows = []
-        for name in LEVERS[group]:
+        for name in levers(args.family)[group]:
             command = [sys.executable, __file__, "--one", name]
             command += ["--steps", str(args.steps), "--repeats", str(args.repeats)]
             out = subprocess.run(command, capture_output=True, text=True)
@@ -150,7 +176,8 @@ def main() -> None:
                 else f"{row['peak_allocated_gib']:.1f} / {row['peak_reserved_gib']:.1f}"
             )
             print(f"{name:<28} {row['seconds_per_step']:>9.3f} {memory_text:>22}")
-        target = RESULTS / f"train-{group}.json"
+        suffix = "" if args.family == "zeroscope" else f"-{args.family}"
+        target = RESULTS / f"train-{group}{suffix}.json"
         target.parent.mkdir(parents=True, exist_ok=True)
         record = {"rows": rows, "steps": args.steps, "repeats": args.repeats}
         target.write_text(json.dumps({**record, "environment": environment()}, indent=2) + "\n")

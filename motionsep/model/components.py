@@ -338,6 +338,73 @@ def build_zeroscope_unet(device: str | torch.device = "cpu", dtype: Any = None) 
     return unet
 
 
+# The Stable Diffusion 1.5 U-Net that AnimateDiff animates (runwayml/stable-diffusion-v1-5's
+# unet/config.json); `attention_head_dim` here too is really the number of heads.
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ],
+}
+
+# The AnimateDiff v1-5-2 motion adapter (guoyww/animatediff-motion-adapter-v1-5-2):
+# two motion modules per block layer, 8 heads, 32 frame positions, a mid-block
+# motion module.
+ANIMATEDIFF_V152_ADAPTER_CONFIG: dict[str, Any] = {
+    "block_out_channels": [320, 640, 1280, 1280],
+    "motion_layers_per_block": 2,
+    "motion_mid_block_layers_per_block": 1,
+    "motion_num_attention_heads": 8,
+    "motion_norm_num_groups": 32,
+    "motion_max_seq_length": 32,
+    "use_motion_mid_block": True,
+}
+
+
+def build_animatediff_unet(device: str | torch.device = "cpu", dtype: Any = None) -> Any:
+    """The full AnimateDiff U-Net (SD 1.5 + the v1-5-2 motion adapter) with random weights.
+
+    The two parts are built from :data:`SD15_UNET_CONFIG` and
+    :data:`ANIMATEDIFF_V152_ADAPTER_CONFIG` and joined as the loaded model is
+    (:func:`motionsep.model.family.join_motion_unet`). Meant for speed and
+    memory benchmarks and for counting parameters; with ``device="meta"`` no
+    memory is allocated.
+    """
+    import torch
+    from diffusers import MotionAdapter, UNet2DConditionModel
+
+    with torch.device(device):
+        unet2d = UNet2DConditionModel(**SD15_UNET_CONFIG)
+        adapter = MotionAdapter(**ANIMATEDIFF_V152_ADAPTER_CONFIG)
+        unet = join_motion_unet(unet2d, adapter)
+    if dtype is not None:
+        unet = unet.to(dtype=dtype)
+    return unet
+
+
 def check_model_folder(folder: Path) -> dict[str, Any]:
     """Checks that a folder is a text-to-video model motionsep supports.
 
