@@ -45,9 +45,32 @@ output name ends in ``.pt``/``.pth``: then a pickle holding only a list of
 ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``, loadable with
 ``peft.PeftModel.from_pretrained(unet, folder)``.
 
-Every import is checked against the base U-Net (module names and Linear
-shapes, from its config alone: no weights are loaded) before anything is
-written; a mismatch names what was expected and what was found.
+**diffusers** (read and write; AnimateDiff motions): what
+``AnimateDiffPipeline.save_lora_weights`` writes and ``load_lora_weights``
+reads, one ``pytorch_lora_weights.safetensors`` (in a folder) with keys
+``unet.<module>.lora_A.weight`` / ``lora_B.weight`` and the adapter's ``r``,
+``lora_alpha`` and ``target_modules`` in its metadata (without them diffusers
+takes alpha = rank). ZeroScope motions are not written this way: diffusers'
+``TextToVideoSDPipeline`` has no LoRA loader for its ``UNet3DConditionModel``.
+
+**animatediff** (read): the original AnimateDiff MotionLoRA layout (``.ckpt``
+pickles or ``.safetensors``), keys such as
+``down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.processor.to_q_lora.down.weight``:
+``attention_blocks.0`` / ``.1`` are ``attn1`` / ``attn2``, ``to_out_lora`` is
+``to_out.0``, ``down`` / ``up`` are ``lora_A`` / ``lora_B``, scale 1 (alpha =
+rank). diffusers has no converter for it, so the keys are renamed here.
+
+Both named layouts (diffusers, animatediff) give the recipe by which
+projections they adapt: ``to_k`` only is ``paper``, ``to_k`` + ``to_out.0`` is
+``reference``, ``to_q``/``to_k``/``to_v``/``to_out.0`` (with or without the
+``ff`` layers) is ``motiondirector``. They must cover every temporal
+transformer of the base U-Net; only the mid block's may be missing.
+
+Every import is checked against the base U-Net of its family (module names
+and Linear shapes, from its config alone: no weights are loaded) before
+anything is written; a mismatch names what was expected and what was found,
+and a LoRA of the other family (AnimateDiff onto ZeroScope or the reverse) is
+named as such.
 """
 
 from __future__ import annotations
@@ -63,9 +86,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from motionsep.config import Recipe
-from motionsep.errors import PackageError, UsageError
+from motionsep.errors import ModelFormatError, PackageError, UsageError
 from motionsep.model import lora, recipes
 from motionsep.model.components import check_model_folder, unet_config_hash
+from motionsep.model.family import ANIMATEDIFF, FAMILIES, ZEROSCOPE, Family, family_of
 from motionsep.model.motion import (
     BaseModelRecord,
     MotionMetadata,
@@ -94,9 +118,36 @@ PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_KEY_PREFIX = "base_model.model."
 
+# What AnimateDiffPipeline.save_lora_weights writes and load_lora_weights reads.
+DIFFUSERS_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+DIFFUSERS_KEY_PREFIX = "unet."
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+
+# The original AnimateDiff MotionLoRAs are .ckpt pickles (or .safetensors).
+ANIMATEDIFF_SUFFIXES = (*PICKLE_SUFFIXES, ".ckpt", SAFETENSORS_SUFFIX)
+# An AnimateDiff checkpoint may wrap its LoRA tensors and carry its config: its loader
+# unwraps the one and drops the other, and so does the import.
+ANIMATEDIFF_WRAPPER_KEY = "state_dict"
+ANIMATEDIFF_CONFIG_KEY = "animatediff_config"
+
+# Module-name fragments only one family's temporal layers have: how a LoRA's
+# family shows in its tensor names before any shape is compared.
+FAMILY_MARKERS: dict[str, tuple[str, ...]] = {
+    ANIMATEDIFF.name: (".motion_modules.", ".temporal_transformer."),
+    ZEROSCOPE.name: (".temp_attentions.", "transformer_in."),
+}
+
 _SAFELORAS_KEY = re.compile(r"^(?P<model>[^:]+):(?P<index>\d+):(?P<direction>up|down)$")
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>A|B)\.weight$")
+# An attention-processor LoRA key (AnimateDiff's, and diffusers' before peft).
+_PROCESSOR_KEY = re.compile(
+    r"^(?P<module>.+?)(?:\.processor)?\.(?P<projection>to_q|to_k|to_v|to_out)_lora\."
+    r"(?P<direction>down|up)\.weight$"
+)
+_ATTENTION_BLOCK = re.compile(r"\.attention_blocks\.(?P<index>\d+)(?=\.|$)")
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+# Names under the U-Net's mid block (a MotionLoRA may leave its motion module out).
+MID_BLOCK_PREFIX = "mid_block."
 _PREVIEW = 4
 
 
@@ -107,6 +158,8 @@ class ImportFormat(str, Enum):
     UPSTREAM = "upstream"
     MOTIONDIRECTOR = "motiondirector"
     PEFT = "peft"
+    DIFFUSERS = "diffusers"
+    ANIMATEDIFF = "animatediff"
 
 
 class ExportFormat(str, Enum):
@@ -114,6 +167,7 @@ class ExportFormat(str, Enum):
 
     PEFT = "peft"
     UPSTREAM = "upstream"
+    DIFFUSERS = "diffusers"
 
 
 @dataclass(frozen=True)
@@ -157,12 +211,55 @@ class ConvertedMotion:
 
 
 def unet_skeleton(unet_config: Mapping[str, Any]) -> nn.Module:
-    """A U-Net built from its config on the meta device: names and shapes, no memory."""
-    import torch
-    from diffusers import UNet3DConditionModel
+    """A U-Net built from its config on the meta device: names and shapes, no memory.
 
+    Args:
+        unet_config: The config of the U-Net a model folder loads as
+            (:func:`~motionsep.model.components.check_model_folder`); its
+            ``_class_name`` says the family.
+
+    Raises:
+        ModelFormatError: for a U-Net class of no supported family.
+    """
+    import diffusers
+    import torch
+
+    class_name = unet_config.get("_class_name")
+    family = next((f for f in FAMILIES.values() if f.unet_class == class_name), None)
+    if family is None:
+        raise ModelFormatError(
+            f"a {class_name!r} U-Net is not a video U-Net motionsep supports",
+            "use a ZeroScope / ModelScope or an AnimateDiff base model (--model)",
+        )
     with torch.device("meta"):
-        return UNet3DConditionModel.from_config(dict(unet_config))
+        unet_class = getattr(diffusers, family.unet_class)
+        return cast("nn.Module", unet_class.from_config(dict(unet_config)))
+
+
+def names_family(names: Sequence[str]) -> Family | None:
+    """The family whose temporal layers a LoRA's module or tensor names belong to, if any says."""
+    for family in FAMILIES.values():
+        markers = FAMILY_MARKERS[family.name]
+        if any(marker in f".{name}" for name in names for marker in markers):
+            return family
+    return None
+
+
+def check_family(names: Sequence[str], unet: nn.Module, source: str) -> None:
+    """Refuses a LoRA whose names belong to the other family than the base U-Net's.
+
+    Raises:
+        UsageError: naming both families and what to pass instead.
+    """
+    base = family_of(unet)
+    found = names_family(names)
+    if found is None or found is base:
+        return
+    raise UsageError(
+        f"{source} is a LoRA for {found.title}, but the base model is {base.title}",
+        f"pass a base model of the {found.name} family with --model, or use a motion LoRA "
+        f"trained on {base.name}",
+    )
 
 
 def recipe_layers(unet: nn.Module, recipe: Recipe | str) -> list[LinearLayer]:
@@ -404,8 +501,8 @@ def convert_upstream(
     if not matching:
         kind = "a MotionDirector temporal LoRA" if motiondirector else "an upstream motion LoRA"
         raise UsageError(
-            f"{source} holds {count} tensors; {kind} for this base model has "
-            + _layer_counts(layouts, transformers),
+            f"{source} holds {count} tensors; {kind} for this base model "
+            f"({family_of(unet).title}) has " + _layer_counts(layouts, transformers),
             "is it a LoRA for this base model (--model), and the temporal LoRA (not a spatial "
             "or text-encoder one)?",
         )
@@ -574,6 +671,7 @@ def convert_peft(
             f"{source}: unexpected tensor names {_preview(odd)}",
             "a peft LoRA adapter holds only <module>.lora_A.weight / lora_B.weight tensors",
         )
+    check_family(list(modules), unet, source)
     found = set(modules)
     layouts = {recipe: recipe_layers(unet, recipe) for recipe in Recipe}
     recipe = next((r for r, layers in layouts.items() if {x.name for x in layers} == found), None)
@@ -629,6 +727,297 @@ def convert_peft(
 
 
 # ---------------------------------------------------------------------------
+# named layouts: diffusers LoRAs and AnimateDiff MotionLoRAs
+
+
+@dataclass(frozen=True)
+class NamedLora:
+    """LoRA tensors keyed by the module they adapt, read from a named layout, not yet checked.
+
+    Attributes:
+        modules: Module name (peft naming) -> ``{"A": down (r, in), "B": up (out, r)}``.
+        alpha: peft ``lora_alpha`` from the file's adapter metadata; None when the
+            file records none (scale 1: alpha = rank).
+        layout: How the names were written, for notes (``diffusers`` or ``animatediff``).
+    """
+
+    modules: dict[str, dict[str, torch.Tensor]]
+    alpha: float | None
+    layout: str
+
+
+def peft_module_key(key: str) -> tuple[str, str] | None:
+    """``(module, "A" | "B")`` of a LoRA tensor name, in the U-Net's own module names.
+
+    Reads peft names (``<module>.lora_A.weight``) and attention-processor names
+    (``<attention>.processor.to_q_lora.down.weight``); AnimateDiff's
+    ``temporal_transformer.`` level and ``attention_blocks.0`` / ``.1`` become
+    the U-Net's ``attn1`` / ``attn2``. None for any other name.
+    """
+    match = _PROCESSOR_KEY.match(key)
+    if match is not None:
+        projection = "to_out.0" if match["projection"] == "to_out" else match["projection"]
+        kind = "A" if match["direction"] == "down" else "B"
+        return f"{_unet_module(match['module'])}.{projection}", kind
+    match = _PEFT_KEY.match(key)
+    if match is not None:
+        return _unet_module(match["module"]), match["kind"]
+    return None
+
+
+def _unet_module(path: str) -> str:
+    path = path.replace(".temporal_transformer.", ".")
+    return _ATTENTION_BLOCK.sub(lambda m: f".attn{int(m['index']) + 1}", path)
+
+
+def read_named_lora(path: Path) -> NamedLora:
+    """Reads a diffusers LoRA (folder or file) or an AnimateDiff MotionLoRA file.
+
+    A folder must hold ``pytorch_lora_weights.safetensors``; pickles
+    (``.ckpt``, ``.pt``, ``.pth``) go through ``torch.load(weights_only=True)``
+    only. An AnimateDiff checkpoint's ``state_dict`` wrapper and its
+    ``animatediff_config`` entry are dropped, as AnimateDiff's loader does.
+
+    Raises:
+        UsageError: if the file is missing or unreadable, holds anything but
+            U-Net LoRA tensors, or its adapter metadata asks for what a motion
+            LoRA cannot reproduce.
+    """
+    path = Path(path)
+    weights = path / DIFFUSERS_WEIGHTS_FILE if path.is_dir() else path
+    if not weights.is_file():
+        raise UsageError(
+            f"{path} holds no {DIFFUSERS_WEIGHTS_FILE}"
+            if path.is_dir()
+            else f"{path} is not a file",
+            f"pass the folder AnimateDiffPipeline.save_lora_weights wrote, or a LoRA file "
+            f"({', '.join(ANIMATEDIFF_SUFFIXES)})",
+        )
+    suffix = weights.suffix.lower()
+    if suffix == SAFETENSORS_SUFFIX:
+        tensors, metadata = _load_safetensors(weights)
+        content: Any = tensors
+    elif suffix in ANIMATEDIFF_SUFFIXES:
+        content, metadata = _load_pickle(weights), {}
+    else:
+        raise UsageError(
+            f"{weights}: unknown LoRA file type {weights.suffix!r}",
+            f"AnimateDiff and diffusers LoRAs are {', '.join(ANIMATEDIFF_SUFFIXES)} files",
+        )
+    modules = _named_modules(_lora_mapping(content, weights), weights)
+    alpha = _metadata_alpha(metadata, weights)
+    layout = (
+        "diffusers" if all(k.startswith(DIFFUSERS_KEY_PREFIX) for k in modules) else "animatediff"
+    )
+    return NamedLora(
+        modules={k.removeprefix(DIFFUSERS_KEY_PREFIX): v for k, v in modules.items()},
+        alpha=alpha,
+        layout=layout,
+    )
+
+
+def _lora_mapping(content: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a named LoRA file, without AnimateDiff's wrapper and config entry."""
+    import torch
+
+    if isinstance(content, Mapping) and isinstance(content.get(ANIMATEDIFF_WRAPPER_KEY), Mapping):
+        content = content[ANIMATEDIFF_WRAPPER_KEY]
+    if not isinstance(content, Mapping):
+        raise UsageError(
+            f"{path} holds a {_type_name(content)}, not tensors keyed by name",
+            "a diffusers or AnimateDiff LoRA maps tensor names to tensors; a list of "
+            "tensors is an upstream LoRA (--format upstream)",
+        )
+    tensors = {}
+    for key, value in content.items():
+        if key == ANIMATEDIFF_CONFIG_KEY:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise UsageError(
+                f"{path}: the value of key {key!r} is a {_type_name(value)}, not a tensor",
+                "a LoRA file holds only tensors",
+            )
+        tensors[str(key)] = value
+    if not tensors:
+        raise UsageError(f"{path} holds no tensors")
+    return tensors
+
+
+def _named_modules(
+    tensors: Mapping[str, torch.Tensor], path: Path
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Groups tensors by module; names keep a ``unet.`` prefix when the file has one."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    odd = []
+    others = sorted({key.split(".", 1)[0] for key in tensors if key.startswith("text_encoder")})
+    if others:
+        raise UsageError(
+            f"{path} holds LoRAs for {', '.join(others)} besides the U-Net",
+            "a motion LoRA adapts only the U-Net's temporal layers; save the U-Net's LoRA alone",
+        )
+    for key, tensor in tensors.items():
+        prefix = DIFFUSERS_KEY_PREFIX if key.startswith(DIFFUSERS_KEY_PREFIX) else ""
+        parsed = peft_module_key(key.removeprefix(prefix))
+        if parsed is None:
+            odd.append(key)
+            continue
+        module, kind = parsed
+        modules.setdefault(prefix + module, {})[kind] = tensor
+    if odd:
+        raise UsageError(
+            f"{path}: unexpected tensor names {_preview(odd)}",
+            "a diffusers LoRA holds unet.<module>.lora_A.weight / lora_B.weight tensors; an "
+            "AnimateDiff MotionLoRA holds <attention>.processor.to_q_lora.down.weight / "
+            ".up.weight tensors",
+        )
+    return modules
+
+
+def _metadata_alpha(metadata: Mapping[str, str], path: Path) -> float | None:
+    """``lora_alpha`` of diffusers' adapter metadata (``unet.r``, ``unet.lora_alpha``, ...)."""
+    text = metadata.get(DIFFUSERS_METADATA_KEY)
+    if not text:
+        return None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path}: its {DIFFUSERS_METADATA_KEY} is not valid JSON: {exc}") from exc
+    if not isinstance(document, dict):
+        raise UsageError(f"{path}: its {DIFFUSERS_METADATA_KEY} is not a JSON object")
+    config = {
+        key.removeprefix(DIFFUSERS_KEY_PREFIX): value
+        for key, value in document.items()
+        if key.startswith(DIFFUSERS_KEY_PREFIX)
+    }
+    if not config:
+        return None
+    _, alpha = _peft_rank({"peft_type": "LORA", **config}, str(path))
+    return alpha
+
+
+def _recipe_of(modules: Sequence[str], source: str) -> tuple[Recipe, bool]:
+    """The recipe whose projections a LoRA adapts, and whether it adapts the ``ff`` layers."""
+    projections: set[str] = set()
+    feed_forward = False
+    for name in modules:
+        if ".ff." in name:
+            feed_forward = True
+        elif match := re.search(r"\.attn[12]\.(?P<projection>to_q|to_k|to_v|to_out\.0)$", name):
+            projections.add(match["projection"])
+    for recipe in Recipe:
+        spec = recipes.get_recipe(recipe)
+        if set(spec.projections) == projections and (spec.feed_forward or not feed_forward):
+            return recipe, feed_forward
+    described = ", ".join(sorted(projections)) or "no attention projection"
+    raise UsageError(
+        f"{source} adapts {described}"
+        + (" and the ff layers" if feed_forward else "")
+        + "; that is no recipe's set of projections",
+        "motionsep reads LoRAs of to_k (paper), to_k + to_out.0 (reference) or to_q, to_k, "
+        "to_v, to_out.0, with or without the ff layers (motiondirector), of every temporal "
+        "attention",
+    )
+
+
+def convert_named(
+    named: NamedLora, unet: nn.Module, *, source: str = "the file"
+) -> ConvertedMotion:
+    """Checks a named LoRA against a U-Net and infers its recipe from the projections it adapts.
+
+    It must adapt the same projections in every temporal transformer of the
+    base U-Net; the mid block's may be missing (MotionLoRAs trained without
+    it), and a ``motiondirector`` LoRA may leave out the ``ff`` layers
+    (AnimateDiff's MotionLoRAs do): those layers stay the base model's.
+
+    Raises:
+        UsageError: for a LoRA of the other family, a set of projections that
+            is no recipe's, modules the base U-Net lacks or that are missing,
+            or wrong shapes.
+    """
+    check_family(list(named.modules), unet, source)
+    recipe, feed_forward = _recipe_of(list(named.modules), source)
+    layers = [
+        layer for layer in recipe_layers(unet, recipe) if feed_forward or ".ff." not in layer.name
+    ]
+    found = set(named.modules)
+    unknown = sorted(found - {layer.name for layer in layers})
+    missing = [layer.name for layer in layers if layer.name not in found]
+    mid_only = all(name.startswith(MID_BLOCK_PREFIX) for name in missing)
+    if unknown or not mid_only:
+        parts = []
+        if unknown:
+            parts.append(f"not temporal attention targets of this base model: {_preview(unknown)}")
+        if not mid_only:
+            parts.append(f"missing for {recipe.value}: {_preview(missing)}")
+        raise UsageError(
+            f"{source} does not fit the base U-Net ({family_of(unet).title}): " + "; ".join(parts),
+            "is it a motion LoRA for this base model (--model)?",
+        )
+    layers = [layer for layer in layers if layer.name in found]
+    rank, state = _checked_pairs(named.modules, layers, source)
+    alpha = float(rank) if named.alpha is None else named.alpha
+    notes = [f"{named.layout} layout: {recipe.value} ({len(layers)} layers), rank {rank}"]
+    if named.alpha is None:
+        notes.append(f"no adapter metadata: alpha = rank ({rank}), scale 1")
+    if missing:
+        notes.append("no LoRA on the mid block's temporal transformer: it stays the base model's")
+    if recipe is Recipe.MOTIONDIRECTOR and not feed_forward:
+        notes.append("no LoRA on the ff layers: they stay the base model's")
+    return ConvertedMotion(
+        recipe=recipe,
+        rank=rank,
+        alpha=alpha,
+        targets=[layer.name for layer in layers],
+        state=state,
+        notes=notes,
+    )
+
+
+def _checked_pairs(
+    modules: Mapping[str, Mapping[str, torch.Tensor]],
+    layers: Sequence[LinearLayer],
+    source: str,
+) -> tuple[int, dict[str, torch.Tensor]]:
+    """Checks every (A, B) pair against its layer; returns the rank and the fp32 peft state."""
+    import torch
+
+    first = modules[layers[0].name].get("A")
+    rank = int(first.shape[0]) if first is not None and first.dim() == 2 else 0
+    problems = []
+    for layer in layers:
+        pair = modules[layer.name]
+        for kind, shape in (("A", (rank, layer.in_features)), ("B", (layer.out_features, rank))):
+            item = pair.get(kind)
+            if item is None:
+                problems.append(f"{layer.name}.lora_{kind}.weight is missing")
+            elif tuple(item.shape) != shape:
+                problems.append(
+                    f"{layer.name}.lora_{kind}.weight: expected {shape}, found {tuple(item.shape)}"
+                )
+            elif str(item.dtype).removeprefix("torch.") not in _FLOAT_DTYPES:
+                problems.append(f"{layer.name}.lora_{kind}.weight is {item.dtype}, not a float")
+            elif not bool(item.isfinite().all()):
+                problems.append(f"{layer.name}.lora_{kind}.weight holds NaN or inf")
+    if problems:
+        more = f"; ... ({len(problems) - _PREVIEW} more)" if len(problems) > _PREVIEW else ""
+        raise UsageError(
+            f"{source} does not fit the base U-Net (rank {rank}): "
+            + "; ".join(problems[:_PREVIEW])
+            + more,
+            "every layer needs lora_A (r, in) and lora_B (out, r) of one rank r",
+        )
+    state = {
+        f"{layer.name}.lora_{kind}.weight": modules[layer.name][kind]
+        .detach()
+        .to("cpu", torch.float32)
+        .contiguous()
+        for layer in layers
+        for kind in ("A", "B")
+    }
+    return rank, state
+
+
+# ---------------------------------------------------------------------------
 # import
 
 
@@ -663,12 +1052,52 @@ class ImportResult:
 
 
 def detect_format(source: Path) -> ImportFormat:
-    """``peft`` for a folder with ``adapter_config.json``, else ``upstream``."""
-    return ImportFormat.PEFT if Path(source).is_dir() else ImportFormat.UPSTREAM
+    """The format of an import source, from its layout and its tensor names.
+
+    A folder is ``diffusers`` when it holds ``pytorch_lora_weights.safetensors``
+    and no ``adapter_config.json``, else ``peft``. A file is ``animatediff``
+    when its tensors have attention-processor names (``..._lora.down.weight``),
+    ``diffusers`` when they are ``unet.<module>.lora_A.weight`` / ``lora_B``,
+    else ``upstream``. Pickles are read for that with
+    ``torch.load(weights_only=True)`` only.
+    """
+    source = Path(source)
+    if source.is_dir():
+        diffusers = (source / DIFFUSERS_WEIGHTS_FILE).is_file()
+        peft = (source / PEFT_CONFIG_FILE).is_file()
+        return ImportFormat.DIFFUSERS if diffusers and not peft else ImportFormat.PEFT
+    keys = _tensor_names(source)
+    if any(_PROCESSOR_KEY.match(key.removeprefix(DIFFUSERS_KEY_PREFIX)) for key in keys):
+        return ImportFormat.ANIMATEDIFF
+    if any(key.startswith(DIFFUSERS_KEY_PREFIX) and _PEFT_KEY.match(key) for key in keys):
+        return ImportFormat.DIFFUSERS
+    return ImportFormat.UPSTREAM
+
+
+def _tensor_names(path: Path) -> list[str]:
+    """The keys of a LoRA file, for :func:`detect_format` (none for lists and unknown types)."""
+    suffix = path.suffix.lower()
+    if suffix == SAFETENSORS_SUFFIX:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                return list(handle.keys())
+        except (SafetensorError, OSError):
+            return []  # the reader of the format says what is wrong
+    if suffix not in ANIMATEDIFF_SUFFIXES or not path.is_file():
+        return []
+    content = _load_pickle(path)
+    if isinstance(content, Mapping) and isinstance(content.get(ANIMATEDIFF_WRAPPER_KEY), Mapping):
+        content = content[ANIMATEDIFF_WRAPPER_KEY]
+    return [str(key) for key in content] if isinstance(content, Mapping) else []
 
 
 def _source_digest(source: Path, fmt: ImportFormat) -> str:
-    return file_sha256(source / PEFT_WEIGHTS_FILE if fmt is ImportFormat.PEFT else source)
+    if source.is_dir():
+        name = PEFT_WEIGHTS_FILE if fmt is ImportFormat.PEFT else DIFFUSERS_WEIGHTS_FILE
+        return file_sha256(source / name)
+    return file_sha256(source)
 
 
 def import_motion(
@@ -687,10 +1116,11 @@ def import_motion(
 
     Args:
         store: The store to write ``motions/NAME`` into.
-        source: An upstream / MotionDirector file, or a peft adapter folder.
+        source: An upstream / MotionDirector / AnimateDiff file, a diffusers LoRA
+            (folder or file), or a peft adapter folder.
         name: The new motion's name.
         model: Base model (store name, hub id or folder) the LoRA belongs to.
-        fmt: The input format; ``auto`` picks peft for a folder, upstream for a file.
+        fmt: The input format; ``auto``: see :func:`detect_format`.
         force: Replace an existing motion of that name.
 
     Returns:
@@ -698,8 +1128,9 @@ def import_motion(
 
     Raises:
         UsageError: bad name, existing name without ``force``, unreadable or
-            mismatching input (see :func:`read_upstream_file`, :func:`convert_upstream`,
-            :func:`convert_peft`).
+            mismatching input, a LoRA of the other base-model family (see
+            :func:`read_upstream_file`, :func:`convert_upstream`,
+            :func:`convert_peft`, :func:`read_named_lora`, :func:`convert_named`).
         ModelNotFoundError, ModelFormatError: if the base model cannot be used.
         StoreLockedError: while a training (or another command) holds the name.
     """
@@ -715,6 +1146,8 @@ def import_motion(
     if fmt is ImportFormat.PEFT:
         config, tensors = read_peft_folder(source)
         converted = convert_peft(config, tensors, unet, source=label)
+    elif fmt in (ImportFormat.DIFFUSERS, ImportFormat.ANIMATEDIFF):
+        converted = convert_named(read_named_lora(source), unet, source=label)
     else:
         converted = convert_upstream(
             read_upstream_file(source),
@@ -732,7 +1165,10 @@ def import_motion(
         lora_rank=converted.rank,
         lora_alpha=converted.alpha,
         base_model=BaseModelRecord(
-            id=model, revision=revision, unet_config_hash=unet_config_hash(unet_config)
+            id=model,
+            revision=revision,
+            unet_config_hash=unet_config_hash(unet_config),
+            family=family_of(unet).name,
         ),
         settings={"lora": {"recipe": converted.recipe.value, "rank": converted.rank}},
         training={
@@ -797,8 +1233,9 @@ def export_motion(
 
     Args:
         package: A verified package (:func:`~motionsep.model.motion.load_motion`).
-        fmt: ``peft`` (a folder) or ``upstream`` (a ``.safetensors`` file, or a
-            ``.pt``/``.pth`` pickle when the name asks for it).
+        fmt: ``peft`` (a folder), ``diffusers`` (a folder ``AnimateDiffPipeline.
+            load_lora_weights`` reads; AnimateDiff motions only) or ``upstream`` (a
+            ``.safetensors`` file, or a ``.pt``/``.pth`` pickle when the name asks for it).
         out: Where to write.
         force: Replace an existing output.
 
@@ -806,16 +1243,21 @@ def export_motion(
         The written path.
 
     Raises:
-        UsageError: if ``out`` exists without ``force``, or an upstream name has
-            another suffix.
+        UsageError: if ``out`` exists without ``force``, an upstream name has
+            another suffix, or a ZeroScope motion is asked for as ``diffusers``.
     """
     out = Path(out).expanduser()
+    if fmt is ExportFormat.DIFFUSERS:
+        check_diffusers_exportable(package)
     if out.exists() and not force:
         raise UsageError(f"{out} already exists", "choose another --out, or pass --force")
-    if fmt is ExportFormat.PEFT:
+    if fmt in (ExportFormat.PEFT, ExportFormat.DIFFUSERS):
         if out.exists() and not out.is_dir():
-            raise UsageError(f"{out} is a file; a peft adapter is a folder")
-        _write_peft(package, out)
+            raise UsageError(f"{out} is a file; a {fmt.value} LoRA is written as a folder")
+        if fmt is ExportFormat.PEFT:
+            _write_peft(package, out)
+        else:
+            _write_diffusers(package, out)
         return out
     suffix = out.suffix.lower()
     if suffix not in UPSTREAM_SUFFIXES:
@@ -880,3 +1322,45 @@ def _write_peft(package: MotionPackage, out: Path) -> None:
         document["target_modules"] = sorted(metadata.lora_targets)
         config_file.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(tmp / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def check_diffusers_exportable(package: MotionPackage) -> None:
+    """Refuses to write a motion of a family that no diffusers pipeline loads LoRAs into.
+
+    Raises:
+        UsageError: for a ZeroScope motion (``TextToVideoSDPipeline``'s
+            ``UNet3DConditionModel`` has no LoRA loader), naming the formats that work.
+    """
+    # The adapted module names tell the family even where the record does not
+    # (packages written before motion.json recorded it read as ZeroScope ones).
+    metadata = package.metadata
+    family = names_family(metadata.lora_targets) or FAMILIES[metadata.base_model.family]
+    if family is ANIMATEDIFF:
+        return
+    raise UsageError(
+        f"motion {package.name!r} is a {family.title} motion; the diffusers LoRA format is for "
+        "AnimateDiff motions (diffusers' TextToVideoSDPipeline cannot load LoRAs into its "
+        "UNet3DConditionModel)",
+        "export it with --format peft (peft.PeftModel.from_pretrained(unet, FOLDER)) or "
+        "--format upstream (the paper's scripts)",
+    )
+
+
+def _write_diffusers(package: MotionPackage, out: Path) -> None:
+    """``AnimateDiffPipeline.save_lora_weights`` with the adapter metadata (r, alpha, targets)."""
+    from diffusers import AnimateDiffPipeline
+
+    metadata = package.metadata
+    layers = {key: value.contiguous() for key, value in package.adapter_state.items()}
+    adapter = {
+        "r": metadata.lora_rank,
+        "lora_alpha": metadata.lora_alpha,
+        "target_modules": list(metadata.lora_targets),
+    }
+    with atomic_folder(out, overwrite=True) as tmp:
+        AnimateDiffPipeline.save_lora_weights(
+            str(tmp),
+            unet_lora_layers=layers,
+            unet_lora_adapter_metadata=adapter,
+            weight_name=DIFFUSERS_WEIGHTS_FILE,
+        )
