@@ -20,9 +20,10 @@ if TYPE_CHECKING:
 HELP = """Manage the motions in the store: list, show, rm, rename, import, export.
 
 Motions live in $MOTIONSEP_HOME/motions/NAME. `import` brings in the paper's
-released checkpoints (cloneofsimo LoRA lists), MotionDirector temporal LoRAs
-and peft adapters; `export` writes a motion as a peft adapter folder or as an
-upstream LoRA file the paper's own scripts load.
+released checkpoints (cloneofsimo LoRA lists), MotionDirector temporal LoRAs,
+peft adapters, diffusers LoRAs and AnimateDiff MotionLoRAs; `export` writes a
+motion as a peft adapter folder, an upstream LoRA file the paper's own scripts
+load, or (AnimateDiff motions) a LoRA AnimateDiffPipeline.load_lora_weights loads.
 
 Examples:
 
@@ -33,6 +34,8 @@ Examples:
   motionsep motions import dolly_zoom_unet.pt --name dolly-upstream
 
   motionsep motions export dolly --format peft --out dolly-peft/
+
+  motionsep motions import v2_lora_ZoomIn.ckpt --name zoom-in --model animatediff
 """
 
 LIST_HELP = """List the motions in the store.
@@ -88,7 +91,9 @@ Examples:
 
 IMPORT_HELP = """Import a motion LoRA from another program as the motion NAME.
 
-Formats (--format; by default a folder is read as peft, a file as upstream):
+Formats (--format; auto: a folder with adapter_config.json is peft, one with
+pytorch_lora_weights.safetensors diffusers; a file is animatediff or diffusers
+when its tensor names say so, else upstream):
 
   upstream        the paper's released checkpoints: cloneofsimo LoRA lists
                   [up0, down0, up1, down1, ...] over the temporal transformers'
@@ -105,9 +110,27 @@ Formats (--format; by default a folder is read as peft, a file as upstream):
   peft            a peft adapter folder (adapter_config.json +
                   adapter_model.safetensors) of one recipe's modules.
 
+  diffusers       an AnimateDiff LoRA as save_lora_weights writes it: a
+                  folder with pytorch_lora_weights.safetensors (or the file),
+                  keys unet.<module>.lora_A.weight / .lora_B.weight, alpha
+                  from its adapter metadata (without: alpha = rank).
+
+  animatediff     an original AnimateDiff MotionLoRA (.ckpt, read only with
+                  torch.load(weights_only=True), or .safetensors), keys like
+                  ...motion_modules.0.temporal_transformer.transformer_blocks
+                  .0.attention_blocks.0.processor.to_q_lora.down.weight;
+                  scale 1.
+
+For diffusers and animatediff the recipe follows from the projections the LoRA
+adapts: to_k (paper), to_k + to_out.0 (reference), to_q/k/v/out.0 with or
+without ff (motiondirector). Every temporal transformer must be covered; only
+the mid block's may be missing (it then stays the base model's).
+
 Every tensor is checked against the base model (--model, default: the
 settings' model) before anything is written; a mismatch names what was
-expected and what was found, exits 2 and leaves the store untouched.
+expected and what was found, exits 2 and leaves the store untouched. A LoRA
+for the other base-model family (AnimateDiff onto ZeroScope, or the reverse)
+is refused as such.
 
 Examples:
 
@@ -117,6 +140,8 @@ Examples:
       --format motiondirector --model zeroscope
 
   motionsep motions import my-peft-adapter/ --name dolly2 --format peft
+
+  motionsep motions import v2_lora_PanLeft.ckpt --name pan-left --model animatediff
 """
 
 EXPORT_HELP = """Write the motion NAME in another program's format.
@@ -132,6 +157,14 @@ EXPORT_HELP = """Write the motion NAME in another program's format.
             A paper motion is written in the reference layout with zero LoRA
             weights on to_out.0, the projection its recipe does not adapt.
 
+  diffusers an AnimateDiff motion as a folder holding
+            pytorch_lora_weights.safetensors (keys unet.<module>.lora_A.weight
+            / .lora_B.weight; rank, alpha and targets in its metadata):
+            AnimateDiffPipeline.load_lora_weights(FOLDER, adapter_name="m")
+            then draws what `generate --no-highway` draws. ZeroScope motions
+            are refused (exit 2): diffusers' TextToVideoSDPipeline cannot
+            load LoRAs; use peft or upstream for them.
+
 Examples:
 
   motionsep motions export dolly --format peft --out dolly-peft/
@@ -139,6 +172,8 @@ Examples:
   motionsep motions export dolly --format upstream --out dolly_unet.safetensors
 
   motionsep motions export dolly --format upstream --out lora/500_unet.pt
+
+  motionsep motions export ad-dolly --format diffusers --out ad-dolly-lora/
 """
 
 
@@ -340,12 +375,19 @@ def rename(
 @app.command("import", help=IMPORT_HELP)
 def import_(
     source: Annotated[
-        Path, typer.Argument(help="Upstream .pt/.safetensors file, or a peft adapter folder.")
+        Path,
+        typer.Argument(
+            help="Upstream .pt/.safetensors, AnimateDiff .ckpt/.safetensors or diffusers "
+            "LoRA file, or a peft / diffusers LoRA folder."
+        ),
     ],
     name: Annotated[str, typer.Option("--name", help="Name of the new motion.")],
     fmt: Annotated[
         ImportFormat,
-        typer.Option("--format", help="Input format (auto: peft for a folder, else upstream)."),
+        typer.Option(
+            "--format",
+            help="Input format (auto: from the folder's files or the file's tensor names).",
+        ),
     ] = ImportFormat.AUTO,
     model: ModelOption = None,
     force: ForceOption = False,
@@ -381,7 +423,8 @@ def export(
     name: Annotated[str, typer.Argument(help="Motion name in the store, or a package folder.")],
     fmt: Annotated[ExportFormat, typer.Option("--format", help="Output format.")],
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Output folder (peft) or file (upstream).")
+        Path,
+        typer.Option("--out", "-o", help="Output folder (peft, diffusers) or file (upstream)."),
     ],
     force: ForceOption = False,
     as_json: JsonOption = False,
