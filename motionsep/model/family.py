@@ -26,6 +26,7 @@ a forward pre-hook that repeats a per-video text batch (one that already has
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -312,8 +313,13 @@ def split_motion_unet(unet: Any) -> tuple[nn.Module, nn.Module]:
     # num_attention_heads, which the 2D U-Net refuses: move it back.
     config["attention_head_dim"] = config["num_attention_heads"]
     config["num_attention_heads"] = None
+    # Only the 2D U-Net's own arguments: the motion keys would be saved into its
+    # config.json and diffusers would warn about them at every load.
+    accepted = inspect.signature(UNet2DConditionModel.__init__).parameters
     with _quiet_diffusers():
-        unet2d = UNet2DConditionModel.from_config(config)
+        unet2d = UNet2DConditionModel.from_config(
+            {key: value for key, value in config.items() if key in accepted}
+        )
     adapter = MotionAdapter(
         block_out_channels=list(config["block_out_channels"]),
         motion_layers_per_block=config["layers_per_block"],
