@@ -402,6 +402,16 @@ def test_animatediff_more_frames_than_motion_positions_exit_2_before_any_work(
     assert f"data.frames is {frames}" in _stderr(train) and "--set data.frames=N" in _stderr(train)
     assert not home.exists() or not any(home.rglob("*.safetensors"))  # nothing prepared
 
+    prepare = runner.invoke(
+        app,
+        ["prepare", str(clips_dir / "dolly.mp4"), "--preset", "tiny",
+         "--model", str(tiny_animatediff_dir), "--set", "data.inversion=true",
+         "--set", f"data.frames={frames}"],
+        env={"MOTIONSEP_HOME": str(home)},
+    )  # fmt: skip
+    assert prepare.exit_code == 2 and f"data.frames is {frames}" in _stderr(prepare)
+    assert not home.exists() or not any(home.rglob("*.safetensors"))
+
     # exactly the limit is fine as far as the check goes
     from motionsep.model.family import unet_config
     from motionsep.sample import check_frames
