@@ -419,6 +419,14 @@ class PretrainSettings(_Section):
             "'mid_block') are never bypassed by conv_skip."
         ),
     )
+    family: str = Field(
+        "zeroscope",
+        description=(
+            "Base-model family of the toy model: zeroscope (a 3D U-Net in ZeroScope's layout) "
+            "or animatediff (UNetMotionModel: the same layout in Stable Diffusion's 2D blocks "
+            "plus motion modules with frame positions, the only path between frames)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> PretrainSettings:
@@ -465,6 +473,13 @@ def _pretrain_problems(cfg: PretrainSettings) -> list[str]:
     if not 0 <= cfg.trail_opacity <= TOY_TRAIL_OPACITY:
         problems.append(
             f"trail_opacity must be in [0, {TOY_TRAIL_OPACITY}] (got {cfg.trail_opacity})"
+        )
+    if cfg.family not in ("zeroscope", "animatediff"):
+        problems.append(f"family must be zeroscope or animatediff (got {cfg.family!r})")
+    if cfg.family == "animatediff" and (cfg.conv_skip or cfg.conv_keep):
+        problems.append(
+            "the animatediff family has no temporal convolutions: leave conv_skip at 0 "
+            "and conv_keep empty"
         )
     if cfg.vae_from and cfg.vae_steps:
         problems.append("vae_from takes a trained VAE: set vae_steps to 0")

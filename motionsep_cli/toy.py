@@ -169,6 +169,15 @@ def pretrain(
             "built-in one) instead of random weights: fine-tune it under new levers.",
         ),
     ] = None,
+    family: Annotated[
+        str | None,
+        typer.Option(
+            "--family",
+            help="zeroscope (a 3D U-Net, the built-in toy's family) or animatediff (motion "
+            "modules with frame positions and no temporal convolution; start it from the 3D "
+            "toy's spatial layers with --init-from toy).",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N.")] = "cpu",
     workers: Annotated[
         int, typer.Option("--workers", min=0, help="Processes rendering clips ahead (0: inline).")
@@ -184,7 +193,8 @@ def pretrain(
 ) -> None:
     """Pretrain a toy base model on the toy world (from scratch: about 2 h on 2 CPU cores).
 
-    First the VAE, then the 3D U-Net and the text encoder; the exported model
+    First the VAE, then the U-Net (a 3D one; a motion U-Net with --family
+    animatediff) and the text encoder; the exported model
     is an exponential moving average. Everything is seeded: a rerun draws the
     same clips and noise. Checkpoints go to models/.partial-NAME (or
     OUT.partial); Ctrl-C writes one, and --resume continues bit for bit. The
@@ -216,6 +226,7 @@ def pretrain(
         "conv_skip": conv_skip,
         "conv_keep": conv_keep,
         "motion_dropout": motion_dropout,
+        "family": family,
     }
     settings = settings_from_cli(preset, config, set_options, {"pretrain": values})
     run_config = PretrainConfig.from_settings(settings.pretrain)

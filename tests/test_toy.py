@@ -773,6 +773,41 @@ def test_init_from_starts_the_unet_and_encoder_from_a_trained_model(tmp_path: Pa
         pretrain(tmp_path / "m", tmp_path / "run", PretrainConfig(init_from=str(tmp_path)))
 
 
+def test_an_animatediff_toy_starts_from_the_3d_toy_spatial_layers() -> None:
+    """pretrain.family=animatediff: the shipped toy's spatial layers draw as before, the
+    motion modules are new, and levers on temporal convolutions are refused."""
+    import torch
+
+    from motionsep.errors import UsageError
+    from motionsep.model.family import load_unet
+    from motionsep.toy.model import builtin_path
+    from motionsep.toy.pretrain import PretrainConfig, build_run
+
+    config = PretrainConfig(family="animatediff", vae_steps=0, init_from="toy", vae_from="toy")
+    run = build_run(config, torch.device("cpu"))
+    unet = run.parts["unet"]
+    assert type(unet).__name__ == "UNetMotionModel"
+    assert unet.config.motion_max_seq_length >= 16
+    shipped = load_unet(builtin_path()).float()
+    trained, ours = shipped.state_dict(), unet.state_dict()
+    spatial = [k for k in ours if ".motion_modules." not in k]
+    assert len(spatial) > 600 and all(torch.equal(ours[k], trained[k]) for k in spatial)
+    # same heads too: each spatial transformer computes what the shipped one does
+    hidden = torch.randn(8, 64, 4, 4, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(8, 8, 32, generator=torch.Generator().manual_seed(1))
+    for name in (
+        "down_blocks.1.attentions.0",
+        "mid_block.attentions.0",
+        "up_blocks.1.attentions.2",
+    ):
+        with torch.no_grad():
+            expected = shipped.get_submodule(name)(hidden, encoder_hidden_states=text).sample
+            got = unet.get_submodule(name)(hidden, encoder_hidden_states=text).sample
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    with pytest.raises(UsageError, match="no temporal convolutions"):
+        PretrainConfig(family="animatediff", conv_skip=0.5)
+
+
 def test_an_unfinished_run_exports_its_newest_checkpoint(tmp_path: Path) -> None:
     from motionsep.model.components import load_components
     from motionsep.toy.pretrain import PretrainConfig, export_checkpoint, pretrain

@@ -13,7 +13,7 @@ import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from motionsep.model.components import TINY_TEXT_CONFIG, TINY_UNET_CONFIG
+from motionsep.model.components import TINY_TEXT_CONFIG, TINY_UNET2D_CONFIG, TINY_UNET_CONFIG
 from motionsep.toy import world
 
 if TYPE_CHECKING:
@@ -120,15 +120,40 @@ def unet_config(head_width: int = 4) -> dict[str, Any]:
     return {**TOY_UNET_CONFIG, "attention_head_dim": head_width}
 
 
-def build_components(seed: int, head_width: int = 4) -> dict[str, Any]:
-    """The toy model's components with seeded random weights (before pretraining)."""
+def unet2d_config(head_width: int = 4) -> dict[str, Any]:
+    """The toy layout in Stable Diffusion's 2D blocks (the ``animatediff`` family).
+
+    Its spatial layers are the 3D toy U-Net's under the same names and with
+    the same heads: the 2D U-Net's ``attention_head_dim`` is the head count,
+    so each block gets its channels divided by ``head_width``; its spatial
+    projections are Linear as in the 3D U-Net.
+    """
+    channels = TOY_UNET_CONFIG["block_out_channels"]
+    return {
+        **TINY_UNET2D_CONFIG,
+        "sample_size": world.SIZE // 4,
+        "attention_head_dim": [c // head_width for c in channels],
+        "use_linear_projection": True,
+    }
+
+
+def build_components(seed: int, head_width: int = 4, family: str = "zeroscope") -> dict[str, Any]:
+    """The toy model's components with seeded random weights (before pretraining).
+
+    ``family="animatediff"`` gives a ``UNetMotionModel`` (:func:`unet2d_config`
+    plus motion modules with 4 heads and 32 frame positions) instead of the
+    3D U-Net; VAE, text encoder and tokenizer are the same.
+    """
     import torch
 
     from motionsep.model.components import build_tiny_components
+    from motionsep.model.family import FAMILIES
 
+    motion = family == "animatediff"
     parts = build_tiny_components(
         seed,
-        unet_config=unet_config(head_width),
+        family=FAMILIES[family],
+        unet_config=unet2d_config(head_width) if motion else unet_config(head_width),
         vae_config=TOY_VAE_CONFIG,
         text_config=TOY_TEXT_CONFIG,
         tokenizer=build_tokenizer(),

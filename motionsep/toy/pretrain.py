@@ -434,6 +434,8 @@ def skippable_convs(config: PretrainConfig) -> list[str]:
     """
     from motionsep.model.ablations import temporal_conv_names
 
+    if config.family == "animatediff":
+        return []  # no temporal convolutions (the settings refuse conv_skip and conv_keep)
     names = temporal_conv_names(_meta_unet(config.head_width))
     kept: set[str] = set()
     for path in (part.strip() for part in config.conv_keep.split(",")):
@@ -467,7 +469,7 @@ def build_run(config: PretrainConfig, device: torch.device) -> PretrainRun:
 
     from motionsep.toy.model import build_components
 
-    parts = build_components(config.seed, head_width=config.head_width)
+    parts = build_components(config.seed, head_width=config.head_width, family=config.family)
     if config.vae_from:
         _load_vae(parts["vae"], config.vae_from)
     if config.init_from:
@@ -542,24 +544,49 @@ def _load_denoiser(parts: dict[str, Any], source: str) -> None:
     except in ``transformer_in``, which diffusers gives ``attention_head_dim``
     heads of 8 channels: then that one block starts fresh with its output
     projection at zero, so it starts as the identity.
+
+    A motion U-Net (the ``animatediff`` family) started from a 3D toy U-Net
+    takes its spatial layers, every tensor of the 2D blocks under the same
+    name; its motion modules keep their fresh weights.
     """
-    import torch
-    from diffusers import UNet3DConditionModel
     from transformers import CLIPTextModel
+
+    from motionsep.model.family import folder_family, load_unet
 
     folder = _model_folder(source, "unet", "--init-from")
     unet = parts["unet"]
-    trained = UNet3DConditionModel.from_pretrained(folder / "unet").state_dict()
+    trained = load_unet(folder).state_dict()
     own = unet.state_dict()
+    source_family = folder_family(folder)
+    if source_family.owns(unet):
+        _copy_weights(unet, _same_family_weights(unet, trained, own), folder, "--init-from")
+    else:
+        missing = sorted(k for k in own if ".motion_modules." not in k and k not in trained)
+        if missing or source_family.name != "zeroscope":
+            raise UsageError(
+                f"the U-Net in {folder} ({source_family.name}) has no spatial layers for this "
+                f"{type(unet).__name__}" + (f" (missing {missing[0]}, ...)" if missing else ""),
+                "give --init-from a toy model of the same family, or a 3D toy model "
+                "(e.g. 'toy') to start an animatediff one",
+            )
+        spatial = {k: v for k, v in own.items() if ".motion_modules." not in k}
+        _copy_weights(unet, {**own, **{k: trained[k] for k in spatial}}, folder, "--init-from")
+    encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict()
+    _copy_weights(parts["text_encoder"], encoder, folder, "--init-from")
+
+
+def _same_family_weights(unet: Any, trained: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """``trained`` for a U-Net of its own family; a 3D ``transformer_in`` of another width
+    is replaced by the fresh one, its output projection zeroed (the identity)."""
+    import torch
+
     fresh = {key for key, value in trained.items() if own.get(key, value).shape != value.shape}
     if fresh and all(key.startswith("transformer_in.") for key in fresh):
         with torch.no_grad():
             unet.transformer_in.proj_out.weight.zero_()
             unet.transformer_in.proj_out.bias.zero_()
-        trained |= {k: v for k, v in own.items() if k.startswith("transformer_in.")}
-    _copy_weights(unet, trained, folder, "--init-from")
-    encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict()
-    _copy_weights(parts["text_encoder"], encoder, folder, "--init-from")
+        trained |= {k: v for k, v in unet.state_dict().items() if k.startswith("transformer_in.")}
+    return trained
 
 
 # ---------------------------------------------------------------------------
