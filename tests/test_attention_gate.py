@@ -189,3 +189,20 @@ def test_attention_gate_command_reports_both_ratios_reproducibly(store_home: Pat
     assert plain.exit_code == 0, plain.output
     assert "uniform_attention_loss_ratio:" in plain.stdout
     assert "transformer_in.transformer_blocks.0.attn1" in plain.stdout
+
+
+def test_attention_gate_on_an_animatediff_toy_ablates_only_its_motion_modules() -> None:
+    """No temporal convolution to bypass: that ratio is 1 by construction, and uniform
+    attention over the 42 motion-module attentions is the only ablation that bites."""
+    from motionsep.toy.attention_gate import attention_gate
+    from motionsep.toy.pretrain import PretrainConfig, build_run, components_of, export_parts
+
+    config = PretrainConfig(family="animatediff", vae_steps=0, init_from="toy", vae_from="toy")
+    components = components_of(export_parts(build_run(config, torch.device("cpu"))))
+    report = attention_gate(components, clips=2, timesteps=(500,), batch_size=2)
+    assert report["no_temporal_conv_loss_ratio"] == 1.0
+    assert report["no_temporal_mixing_loss"] == report["uniform_attention_loss"]
+    assert report["uniform_attention_loss"] != report["loss"]  # the motion modules do act
+    assert math.isfinite(report["uniform_attention_loss_ratio"])
+    assert len(report["layers"]) == 42
+    assert all(".motion_modules." in layer["name"] for layer in report["layers"])

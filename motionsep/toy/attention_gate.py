@@ -185,6 +185,7 @@ def _ablated_losses(
 ) -> dict[str, torch.Tensor]:
     """Per-clip noise MSE of the intact model (recording its attention) and of both ablations."""
     from motionsep.model.ablations import bypass_temporal_convs, uniform_temporal_attention
+    from motionsep.model.family import family_of
 
     def losses() -> torch.Tensor:
         prediction = unet(noisy, t, encoder_hidden_states=text).sample
@@ -194,6 +195,15 @@ def _ablated_losses(
     recorder.step = None  # the ablated passes are not recorded
     with uniform_temporal_attention(unet):
         uniform = losses()
+    if not family_of(unet).temporal_convolutions:
+        # AnimateDiff: nothing to bypass, so bypassing changes nothing (ratio 1 by
+        # construction) and uniform attention alone leaves frames only their mean
+        return {
+            "loss": intact,
+            "uniform_attention_loss": uniform,
+            "no_temporal_conv_loss": intact,
+            "no_temporal_mixing_loss": uniform,
+        }
     with bypass_temporal_convs(unet):
         no_conv = losses()
         with uniform_temporal_attention(unet):
