@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from motionsep.store import Store
 from motionsep.train import partial_dir, train_motion
 from motionsep.video import probe
 from motionsep_cli.app import app
+from tests.test_highway import record_spatial, record_up_skips
 
 runner = CliRunner()
 
@@ -470,51 +470,6 @@ def test_animatediff_motion_on_a_zeroscope_base_and_back_names_the_families(
 # the highway and ablations on the motion U-Net
 
 
-@contextmanager
-def _record_up_skips(unet: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Skip name -> tensor, as the up blocks receive it."""
-    consumers = {skip.consumer: skip.name for skip in skip_layout(unet)}
-    received: dict[str, torch.Tensor] = {}
-
-    def make_hook(up_index: int) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            skips = kwargs["res_hidden_states_tuple"]
-            for resnet in range(len(skips)):  # resnet r takes the r-th skip from the end
-                received[consumers[(up_index, resnet)]] = skips[-1 - resnet]
-
-        return hook
-
-    handles = [
-        block.register_forward_pre_hook(make_hook(index), with_kwargs=True)
-        for index, block in enumerate(unet.up_blocks)
-    ]
-    try:
-        yield received
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextmanager
-def _record_spatial(unet: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Layer skip name -> output of that layer's spatial attention (before its motion module)."""
-    outputs: dict[str, torch.Tensor] = {}
-    handles = []
-    for index, block in enumerate(unet.down_blocks):
-        for layer, attention in enumerate(getattr(block, "attentions", [])):
-            name = f"down_blocks.{index}.layers.{layer}"
-
-            def hook(module: nn.Module, args: Any, output: Any, name: str = name) -> None:
-                outputs[name] = output[0]
-
-            handles.append(attention.register_forward_hook(hook))
-    try:
-        yield outputs
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @pytest.mark.parametrize("recipe", ["paper", "reference"])
 def test_animatediff_highway_reroutes_and_scales_exactly_the_planned_skips(
     tiny_animatediff_unet: nn.Module, recipe: str
@@ -535,13 +490,13 @@ def test_animatediff_highway_reroutes_and_scales_exactly_the_planned_skips(
     else:  # down_blocks[2]'s layers; beta on what up_blocks[1] and resnet 0 of up_blocks[2] take
         assert plan.reroute == {"down_blocks.2.layers.0", "down_blocks.2.layers.1"}
         assert "down_blocks.1.downsamplers.0" in plan.scale
-    with torch.no_grad(), _record_up_skips(unet) as stock:
+    with torch.no_grad(), record_up_skips(unet) as stock:
         stock_out = unet(**inputs).sample
     with (
         torch.no_grad(),
         recipe_highway(unet, recipe),
-        _record_up_skips(unet) as received,
-        _record_spatial(unet) as spatial,
+        record_up_skips(unet) as received,
+        record_spatial(unet) as spatial,
     ):
         out = unet(**inputs).sample
     assert received.keys() == stock.keys() == {s.name for s in skip_layout(unet)}

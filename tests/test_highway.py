@@ -87,8 +87,8 @@ def record_spatial(unet: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     """Layer skip name -> output of that layer's spatial attention."""
     outputs: dict[str, torch.Tensor] = {}
     handles = []
-    for index in ATTENTION_DOWN_BLOCKS:
-        for layer, attention in enumerate(unet.down_blocks[index].attentions):
+    for index, block in enumerate(unet.down_blocks):
+        for layer, attention in enumerate(getattr(block, "attentions", ())):
             name = f"down_blocks.{index}.layers.{layer}"
 
             def hook(module: nn.Module, args: Any, output: Any, name: str = name) -> None:
