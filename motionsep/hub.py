@@ -47,7 +47,13 @@ from motionsep.errors import (
     MotionsepError,
     UsageError,
 )
-from motionsep.model.family import ANIMATEDIFF, MOTION_ADAPTER_FOLDER, ZEROSCOPE, folder_family
+from motionsep.model.family import (
+    ANIMATEDIFF,
+    MOTION_ADAPTER_FOLDER,
+    ZEROSCOPE,
+    folder_family,
+    read_config,
+)
 from motionsep.progress import Progress, or_null
 from motionsep.store import (
     MODEL_RECORD,
@@ -179,7 +185,6 @@ def install_tiny(
         DamagedModelError: it is installed but damaged, without ``repair``.
     """
     from motionsep.model.components import TINY_SEED, build_tiny_components, save_components
-    from motionsep.model.family import ANIMATEDIFF, ZEROSCOPE
 
     family = ANIMATEDIFF if name == "tiny-animatediff" else ZEROSCOPE
     existing = store.model_record(name)
@@ -453,18 +458,6 @@ def verify_model_folder(folder: Path, kind: str) -> None:
         raise ModelFormatError(f"{folder} has no image processor config (preprocessor_config.json)")
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise ModelFormatError(f"{path.parent.name}/{path.name} is missing") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFormatError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise ModelFormatError(f"{path} does not hold a JSON object")
-    return value
-
-
 def sd15_problems(folder: Path) -> list[str]:
     """Why the Stable Diffusion folder ``folder`` is not shaped like SD 1.5 (empty: it is).
 
@@ -475,9 +468,9 @@ def sd15_problems(folder: Path) -> list[str]:
     labels. The block layout is checked against the motion adapter by
     :func:`adapter_problems`.
     """
-    index = _read_config(folder / "model_index.json")
-    unet = _read_config(folder / "unet" / "config.json")
-    text = _read_config(folder / "text_encoder" / "config.json")
+    index = read_config(folder / "model_index.json")
+    unet = read_config(folder / "unet" / "config.json")
+    text = read_config(folder / "text_encoder" / "config.json")
     problems = []
     if unet.get("_class_name") != IMAGE_UNET_CLASS:
         problems.append(f"its U-Net is a {unet.get('_class_name')!r}, not a {IMAGE_UNET_CLASS}")
@@ -558,8 +551,8 @@ def check_animatediff_parts(
             f"AnimateDiff motion adapters go on Stable Diffusion 1.5 and its fine-tunes, "
             f"e.g. `motionsep download animatediff` ({SD15_REPO})",
         )
-    unet = _read_config(folder / "unet" / "config.json")
-    adapter = _read_config(folder / MOTION_ADAPTER_FOLDER / "config.json")
+    unet = read_config(folder / "unet" / "config.json")
+    adapter = read_config(folder / MOTION_ADAPTER_FOLDER / "config.json")
     problems = adapter_problems(unet, adapter)
     if problems:
         raise ModelFormatError(
@@ -582,7 +575,7 @@ def _precheck(folder: Path, kind: str, where: str, base_hint: str) -> None:
             its base (``--base REPO`` or ``--from PATH``).
     """
     if kind == KIND_CLIP:
-        config = _read_config(folder / "config.json")
+        config = read_config(folder / "config.json")
         if config.get("model_type") != "clip":
             raise ModelFormatError(
                 f"{where} is a {config.get('model_type')!r} model, not a CLIP model",
@@ -591,7 +584,7 @@ def _precheck(folder: Path, kind: str, where: str, base_hint: str) -> None:
         return
     if kind != KIND_T2V:
         return
-    unet_class = _read_config(folder / "unet" / "config.json").get("_class_name")
+    unet_class = read_config(folder / "unet" / "config.json").get("_class_name")
     has_adapter = (folder / MOTION_ADAPTER_FOLDER / "config.json").is_file()
     if unet_class == IMAGE_UNET_CLASS and not has_adapter:
         raise ModelFormatError(
@@ -1612,7 +1605,7 @@ def _write_animatediff_configs(folder: Path) -> None:
         (folder / "model_index.json", animatediff_model_index),
         (folder / "scheduler" / "scheduler_config.json", animatediff_scheduler_config),
     ):
-        value = rewrite(_read_config(path))
+        value = rewrite(read_config(path))
         path.unlink()
         path.write_text(json.dumps(value, indent=2) + "\n")
 

@@ -140,11 +140,22 @@ def family_of(unet: nn.Module) -> Family:
     )
 
 
-def _read_json(path: Path, folder: Path) -> dict[str, Any]:
+def read_config(path: Path, root: Path | None = None) -> dict[str, Any]:
+    """A JSON object from a model folder's config file.
+
+    Args:
+        path: The file.
+        root: The model folder, to name a missing file relative to it
+            (default: the file's parent folder and name).
+
+    Raises:
+        ModelFormatError: naming the file that is missing, unreadable or not an object.
+    """
     try:
         value = json.loads(path.read_text())
     except FileNotFoundError as exc:
-        raise ModelFormatError(f"{folder}: {path.relative_to(folder)} is missing") from exc
+        where = f"{root}: {path.relative_to(root)}" if root else f"{path.parent.name}/{path.name}"
+        raise ModelFormatError(f"{where} is missing") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelFormatError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(value, dict):
@@ -158,7 +169,7 @@ def folder_family(folder: Path) -> Family:
     Raises:
         ModelFormatError: naming what the folder lacks or holds instead.
     """
-    unet_class = _read_json(folder / "unet" / "config.json", folder).get("_class_name")
+    unet_class = read_config(folder / "unet" / "config.json", folder).get("_class_name")
     if unet_class == ZEROSCOPE.unet_class:
         return ZEROSCOPE
     if unet_class == "UNet2DConditionModel":
@@ -193,13 +204,13 @@ def unet_config(folder: Path) -> dict[str, Any]:
     the loaded model: that is what motion packages hash.
     """
     family = folder_family(folder)
-    raw = _read_json(folder / "unet" / "config.json", folder)
+    raw = read_config(folder / "unet" / "config.json", folder)
     if family is ZEROSCOPE:
         return raw
     import torch
     from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
-    adapter_config = _read_json(folder / MOTION_ADAPTER_FOLDER / "config.json", folder)
+    adapter_config = read_config(folder / MOTION_ADAPTER_FOLDER / "config.json", folder)
     with _quiet_diffusers(), torch.device("meta"):
         try:
             unet2d = UNet2DConditionModel.from_config(raw)

@@ -655,7 +655,6 @@ def convert_peft(
             (DoRA, rsLoRA, per-module ranks, bias), unknown tensor names, modules
             that are no recipe's, or wrong shapes.
     """
-    import torch
 
     rank, alpha = _peft_rank(config, source)
     modules: dict[str, dict[str, torch.Tensor]] = {}
@@ -688,34 +687,7 @@ def convert_peft(
             "expected the temporal transformers' to_k (paper), to_k + to_out.0 (reference) or "
             "to_q/k/v/out.0 + ff (motiondirector) of this base model (--model)",
         )
-    problems = []
-    for layer in layouts[recipe]:
-        pair = modules[layer.name]
-        for kind, shape in (("A", (rank, layer.in_features)), ("B", (layer.out_features, rank))):
-            item = pair.get(kind)
-            if item is None:
-                problems.append(f"{layer.name}.lora_{kind}.weight is missing")
-            elif tuple(item.shape) != shape:
-                found_shape = tuple(item.shape)
-                problems.append(
-                    f"{layer.name}.lora_{kind}.weight: expected {shape}, found {found_shape}"
-                )
-            elif not bool(item.isfinite().all()):
-                problems.append(f"{layer.name}.lora_{kind}.weight holds NaN or inf")
-    if problems:
-        raise UsageError(
-            f"{source} does not fit the base U-Net (rank {rank}): "
-            + "; ".join(problems[:_PREVIEW]),
-            "is it an adapter for this base model (--model)?",
-        )
-    state = {
-        f"{layer.name}.lora_{kind}.weight": modules[layer.name][kind]
-        .detach()
-        .to("cpu", torch.float32)
-        .contiguous()
-        for layer in layouts[recipe]
-        for kind in ("A", "B")
-    }
+    _, state = _checked_pairs(modules, layouts[recipe], source, rank=rank)
     return ConvertedMotion(
         recipe=recipe,
         rank=rank,
@@ -977,12 +949,18 @@ def _checked_pairs(
     modules: Mapping[str, Mapping[str, torch.Tensor]],
     layers: Sequence[LinearLayer],
     source: str,
+    rank: int | None = None,
 ) -> tuple[int, dict[str, torch.Tensor]]:
-    """Checks every (A, B) pair against its layer; returns the rank and the fp32 peft state."""
+    """Checks every (A, B) pair against its layer; returns the rank and the fp32 peft state.
+
+    ``rank`` is the one the adapter's config states; without it the first
+    ``lora_A`` says it.
+    """
     import torch
 
-    first = modules[layers[0].name].get("A")
-    rank = int(first.shape[0]) if first is not None and first.dim() == 2 else 0
+    if rank is None:
+        first = modules[layers[0].name].get("A")
+        rank = int(first.shape[0]) if first is not None and first.dim() == 2 else 0
     problems = []
     for layer in layers:
         pair = modules[layer.name]
