@@ -265,6 +265,18 @@ def test_diffusers_export_is_animatediff_only_and_names_the_zeroscope_formats(
     assert not out.exists()
 
 
+def test_upstream_export_is_zeroscope_only_and_names_the_animatediff_formats(
+    tiny_animatediff_dir: Path, tmp_path: Path
+) -> None:
+    package = save_ad_package(tmp_path / "ad", tiny_animatediff_dir, Recipe.REFERENCE)
+    out = tmp_path / "ad.safetensors"
+    result = invoke("motions", "export", str(package), "--format", "upstream", "-o", str(out))
+    assert result.exit_code == 2
+    message = " ".join(result.stderr.split())
+    assert "ZeroScope" in message and "--format diffusers" in message
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------------------
 # import
 

@@ -1222,11 +1222,14 @@ def export_motion(
 
     Raises:
         UsageError: if ``out`` exists without ``force``, an upstream name has
-            another suffix, or a ZeroScope motion is asked for as ``diffusers``.
+            another suffix, a ZeroScope motion is asked for as ``diffusers`` or an
+            AnimateDiff one as ``upstream``.
     """
     out = Path(out).expanduser()
     if fmt is ExportFormat.DIFFUSERS:
         check_diffusers_exportable(package)
+    elif fmt is ExportFormat.UPSTREAM:
+        check_upstream_exportable(package)
     if out.exists() and not force:
         raise UsageError(f"{out} already exists", "choose another --out, or pass --force")
     if fmt in (ExportFormat.PEFT, ExportFormat.DIFFUSERS):
@@ -1302,6 +1305,31 @@ def _write_peft(package: MotionPackage, out: Path) -> None:
         save_file(tensors, str(tmp / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
 
 
+def motion_family(package: MotionPackage) -> Family:
+    """A motion's base family; its adapted module names tell it even where the record
+    does not (packages written before motion.json recorded it read as ZeroScope ones)."""
+    metadata = package.metadata
+    return names_family(metadata.lora_targets) or FAMILIES[metadata.base_model.family]
+
+
+def check_upstream_exportable(package: MotionPackage) -> None:
+    """Refuses the paper's cloneofsimo list for an AnimateDiff motion (only the paper's
+    ZeroScope scripts read that layout).
+
+    Raises:
+        UsageError: naming the formats AnimateDiff tools load.
+    """
+    family = motion_family(package)
+    if family is ZEROSCOPE:
+        return
+    raise UsageError(
+        f"motion {package.name!r} is a {family.title} motion; the upstream format is the "
+        "paper's list for ZeroScope's temporal transformers",
+        "export it with --format diffusers (AnimateDiffPipeline.load_lora_weights) or "
+        "--format peft",
+    )
+
+
 def check_diffusers_exportable(package: MotionPackage) -> None:
     """Refuses to write a motion of a family that no diffusers pipeline loads LoRAs into.
 
@@ -1309,10 +1337,7 @@ def check_diffusers_exportable(package: MotionPackage) -> None:
         UsageError: for a ZeroScope motion (``TextToVideoSDPipeline``'s
             ``UNet3DConditionModel`` has no LoRA loader), naming the formats that work.
     """
-    # The adapted module names tell the family even where the record does not
-    # (packages written before motion.json recorded it read as ZeroScope ones).
-    metadata = package.metadata
-    family = names_family(metadata.lora_targets) or FAMILIES[metadata.base_model.family]
+    family = motion_family(package)
     if family is ANIMATEDIFF:
         return
     raise UsageError(
