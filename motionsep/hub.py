@@ -458,6 +458,11 @@ def verify_model_folder(folder: Path, kind: str) -> None:
         raise ModelFormatError(f"{folder} has no image processor config (preprocessor_config.json)")
 
 
+SD15_CHANNELS = [320, 640, 1280, 1280]
+SD15_TEXT_WIDTH = 768
+"""The channels of a full-size Stable Diffusion 1.x / 2.x U-Net, and SD 1.x's text width."""
+
+
 def sd15_problems(folder: Path) -> list[str]:
     """Why the Stable Diffusion folder ``folder`` is not shaped like SD 1.5 (empty: it is).
 
@@ -491,6 +496,13 @@ def sd15_problems(folder: Path) -> list[str]:
         problems.append(
             f"its U-Net attends to {width}-wide text but its text encoder gives "
             f"{text.get('hidden_size')} (SD 1.5: 768 and 768)"
+        )
+    elif list(unet.get("block_out_channels") or []) == SD15_CHANNELS and width != SD15_TEXT_WIDTH:
+        # SD 2.x has SD 1.5's blocks, so the adapter joins, but its text is
+        # OpenCLIP's 1024 wide and the motion modules were never trained on it.
+        problems.append(
+            f"its full-size U-Net attends to {width}-wide text, not CLIP ViT-L's "
+            f"{SD15_TEXT_WIDTH}: a Stable Diffusion 2.x model?"
         )
     return problems
 

@@ -439,3 +439,26 @@ def test_help_teaches_the_animatediff_usage() -> None:
     assert result.exit_code == 0
     for usage in ("motionsep download animatediff", "--base OWNER/REPO", "--adapter"):
         assert usage in result.stdout, usage
+
+
+def test_sd2_shaped_base_is_refused_and_sd15_shaped_passes(tmp_path: Path) -> None:
+    """SD 2.x has SD 1.5's blocks (the adapter would join) but 1024-wide OpenCLIP text."""
+    from motionsep.hub import sd15_problems
+    from motionsep.model.components import SD15_UNET_CONFIG
+
+    def folder(name: str, width: int) -> Path:
+        root = tmp_path / name
+        for part, config in (
+            ("unet", {**SD15_UNET_CONFIG, "_class_name": "UNet2DConditionModel"}),
+            ("text_encoder", {"hidden_size": width}),
+        ):
+            (root / part).mkdir(parents=True)
+            if part == "unet":
+                config["cross_attention_dim"] = width
+            (root / part / "config.json").write_text(json.dumps(config))
+        (root / "model_index.json").write_text(json.dumps({"_class_name": "X"}))
+        return root
+
+    assert sd15_problems(folder("sd15", 768)) == []
+    (problem,) = sd15_problems(folder("sd2", 1024))
+    assert "1024" in problem and "2.x" in problem
