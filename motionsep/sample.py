@@ -673,11 +673,12 @@ def denoise(
     return sample
 
 
-def decode_latents(vae: Any, latents: torch.Tensor, frames_per_call: int) -> np.ndarray:
-    """VAE-decodes video latents ``(B, C, F, h, w)`` into ``uint8`` frames ``(B, F, H, W, 3)``.
+def decode_pixels(vae: Any, latents: torch.Tensor, frames_per_call: int) -> torch.Tensor:
+    """VAE-decodes video latents ``(B, C, F, h, w)`` into float pixels ``(B, F, 3, H, W)``.
 
-    Decodes ``frames_per_call`` frames per VAE call (VAE slicing), so the
-    decoder's activations stay small whatever the video length.
+    The decoder's own range, about [-1, 1], in fp32 on the CPU. Decodes
+    ``frames_per_call`` frames per VAE call (VAE slicing), so the decoder's
+    activations stay small whatever the video length.
     """
     import torch
 
@@ -690,8 +691,16 @@ def decode_latents(vae: Any, latents: torch.Tensor, frames_per_call: int) -> np.
             chunk = flat[start : start + frames_per_call].to(vae.device, vae.dtype)
             images.append(vae.decode(chunk).sample.to("cpu", torch.float32))
     pixels = torch.cat(images)
+    return pixels.reshape(batch, frames, 3, pixels.shape[-2], pixels.shape[-1])
+
+
+def decode_latents(vae: Any, latents: torch.Tensor, frames_per_call: int) -> np.ndarray:
+    """VAE-decodes video latents ``(B, C, F, h, w)`` into ``uint8`` frames ``(B, F, H, W, 3)``
+    (:func:`decode_pixels`, then quantized)."""
+    import torch
+
+    pixels = decode_pixels(vae, latents, frames_per_call)
     pixels = ((pixels + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    pixels = pixels.reshape(batch, frames, 3, pixels.shape[-2], pixels.shape[-1])
     return pixels.permute(0, 1, 3, 4, 2).contiguous().numpy()
 
 

@@ -201,9 +201,17 @@ def test_animatediff_sampler_equals_the_animatediff_pipeline(tiny_animatediff_di
             "sample": {**SAMPLE, "negative_prompt": "blurry"},
         }
     )
+    from motionsep.model.components import load_components
+    from motionsep.sample import decode_pixels
+
     video = generate_videos([PROMPT], settings)[0]
     latents, frames = pipeline_video(pipeline(tiny_animatediff_dir), negative_prompt="blurry")
     assert float((video.latents - latents).abs().max()) <= 1e-5
+    # motionsep's own decode, before it rounds to 8 bits: the pipeline's frames in [0, 1]
+    vae = load_components(tiny_animatediff_dir).vae
+    pixels = decode_pixels(vae, video.latents[None], frames_per_call=16)[0]
+    ours = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert np.abs(ours - frames).max() <= 1e-5
     assert_same_frames(video.frames, frames, 1e-5)
 
 
