@@ -440,6 +440,23 @@ def experiment(
     fresh: Annotated[
         bool, typer.Option("--fresh", help="Redo the runs already finished in OUT.")
     ] = False,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Base model to customize: toy (ZeroScope layout, the default) or "
+            "toy-animatediff (AnimateDiff layout).",
+        ),
+    ] = None,
+    units: Annotated[
+        Path | None,
+        typer.Option(
+            "--units",
+            help="Also keep each finished unit's scores (a few KB of JSON, no frames) in "
+            "this folder, and reuse the units found there: commit it and a later run "
+            "continues the table.",
+        ),
+    ] = None,
     set_options: SetOption = None,
     no_report: Annotated[
         bool, typer.Option("--no-report", help="Skip the HTML page (OUT/report/index.html).")
@@ -483,6 +500,8 @@ def experiment(
             progress=progress,
             fresh=fresh,
             protocol=protocol,
+            model=model,
+            units=units,
         )
     err_console.print((out / "results.md").read_text(), markup=False, soft_wrap=True)
     if not no_report:

@@ -586,6 +586,35 @@ def test_a_rerun_experiment_reuses_finished_units_only_under_the_same_settings(
         run_experiment(out, ["orbit"], set_options=options, fresh=True, **kwargs)
 
 
+def test_committed_unit_records_let_a_new_folder_continue_the_table(
+    store_home: Path, tmp_path: Path, toy_random_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import motionsep.train
+    from motionsep.toy.experiment import run_experiment
+
+    units = tmp_path / "units"  # what a session commits: scores, no frames
+    options = [f"model.name={toy_random_model}", "train.steps=1", "sample.steps=2"]
+    kwargs: dict[str, Any] = {"seeds": 1, "recipes": ["paper"], "references": 2, "prompts": 1}
+    first = run_experiment(tmp_path / "a", ["orbit"], set_options=options, units=units, **kwargs)
+    records = sorted(units.iterdir())
+    assert [p.suffix for p in records] == [".json"] * 3  # ceiling, base, paper; no frames
+    assert all(p.stat().st_size < 20_000 for p in records)
+
+    def no_training(*args: object, **kw: object) -> None:
+        raise RuntimeError("trained again")
+
+    monkeypatch.setattr(motionsep.train, "train_motion", no_training)
+    # the run folder is gone (a new session): the records alone rebuild the same table
+    again = run_experiment(tmp_path / "b", ["orbit"], set_options=options, units=units, **kwargs)
+    assert again["rows"] == first["rows"]
+    assert again["settings"]["reused_units"] == 3
+    assert (tmp_path / "b" / "frames.png").is_file()  # the reference row, without videos
+    with pytest.raises(RuntimeError, match="trained again"):  # other settings: not reused
+        run_experiment(
+            tmp_path / "c", ["orbit"], set_options=[*options, "lora.rank=2"], units=units, **kwargs
+        )
+
+
 def test_toy_pretrain_command_installs_a_usable_model(store_home: Path) -> None:
     runner = CliRunner()
     args = [

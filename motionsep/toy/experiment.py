@@ -247,6 +247,8 @@ def run_experiment(
     progress: Progress | None = None,
     fresh: bool = False,
     protocol: str = "named",
+    model: str | None = None,
+    units: Path | None = None,
 ) -> dict[str, Any]:
     """Runs the experiment; writes ``results.json``, ``results.md`` and ``frames.png`` to ``out``.
 
@@ -272,6 +274,11 @@ def run_experiment(
             ``out/runs`` under the same settings are reused, so a stopped
             experiment continues where it was.
         protocol: ``named`` or ``leak`` (see :data:`PROTOCOLS`).
+        model: The base model (default: the toy preset's, ``toy``).
+        units: A second home for each finished unit's record (scores and
+            specs, a few KB of JSON, no frames), e.g. a folder kept in git:
+            a unit found there under the same settings and model weights is
+            reused, so a later session continues the table from it.
 
     Returns:
         The results (rows with mean and 95% interval over seeds).
@@ -282,7 +289,7 @@ def run_experiment(
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     experiment = _Experiment.open(
-        out, chosen, references, prompts, set_options, progress, fresh=fresh
+        out, chosen, references, prompts, set_options, progress, fresh, model, units
     )
     runs: list[ToyRun] = []
     events.start("experiment", total=len(motions) * seeds * len(recipes), unit="motion")
@@ -311,7 +318,10 @@ def run_experiment(
         "prompts": prompts,
         "reference_look": chosen.reference_look,
         "set": set_options or [],
+        "model": experiment.model,
         "seconds": round(time.monotonic() - started, 1),
+        "reused_units": experiment.saved.reused,
+        "unit_seconds": round(experiment.saved.unit_seconds(), 1),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(results_markdown(results))
@@ -355,6 +365,7 @@ class _Experiment:
     progress: Progress | None
     components: Any
     saved: _SavedRuns
+    model: str
 
     @classmethod
     def open(
@@ -366,21 +377,37 @@ class _Experiment:
         set_options: list[str] | None,
         progress: Progress | None,
         fresh: bool,
+        model: str | None = None,
+        units: Path | None = None,
     ) -> _Experiment:
         from motionsep.model.components import load_components
         from motionsep.store import Store
 
-        base_settings = _settings(out / "store", protocol.settings, set_options)
-        components = load_components(Store(out / "store").resolve_model(base_settings.model.name))
+        overrides = _model_override(protocol.settings, model)
+        base_settings = _settings(out / "store", overrides, set_options)
+        folder = Store(out / "store").resolve_model(base_settings.model.name)
+        components = load_components(folder)
         fingerprint = {
             "version": __version__,
             "protocol": protocol.name,
             "set": list(set_options or []),
             "references": references,
             "prompts": prompts,
+            "model": base_settings.model.name,
+            "weights": weights_digest(folder),
         }
-        saved = _SavedRuns(out / "runs", fingerprint, fresh=fresh)
-        return cls(out, protocol, references, prompts, set_options, progress, components, saved)
+        saved = _SavedRuns(out / "runs", fingerprint, fresh=fresh, mirror=units)
+        return cls(
+            out,
+            protocol,
+            references,
+            prompts,
+            set_options,
+            progress,
+            components,
+            saved,
+            base_settings.model.name,
+        )
 
     @property
     def store_home(self) -> Path:
@@ -389,7 +416,7 @@ class _Experiment:
     def settings(self, overrides: dict[str, Any] | None = None) -> Any:
         from motionsep.config import deep_merge
 
-        tree = deep_merge(self.protocol.settings, overrides or {})
+        tree = deep_merge(_model_override(self.protocol.settings, self.model), overrides or {})
         return _settings(self.store_home, tree, self.set_options)
 
     def unit(self, *parts: object) -> str:
@@ -414,13 +441,14 @@ class _Experiment:
     ) -> list[ToyRun]:
         runs = self.saved.load(unit)
         if runs is None:
+            started = time.monotonic()
             motions = dict.fromkeys(spec.motion for spec in specs)
             refs = {motion: self.reference_clips(motion, seed) for motion in motions}
             run = ToyRun(label, seed, None, False)
             frames = _generate(self.settings(), None, specs, self.components, seed)
             _score_run(run, frames, specs, refs)
             runs = [run]
-            self.saved.save(unit, runs)
+            self.saved.save(unit, runs, time.monotonic() - started)
         return runs
 
     def recipe(self, motion: str, seed: int, recipe: str) -> list[ToyRun]:
@@ -434,6 +462,7 @@ class _Experiment:
         runs = self.saved.load(unit)
         if runs is not None:
             return runs
+        started = time.monotonic()
         ref_specs = reference_specs(motion, self.references, seed, self.protocol.reference_look)
         paths = write_clips(
             ref_specs,
@@ -459,8 +488,28 @@ class _Experiment:
             frames = _generate(gen, package, specs, self.components, seed)
             _score_run(run, frames, specs, references)
             runs.append(run)
-        self.saved.save(unit, runs)
+        self.saved.save(unit, runs, time.monotonic() - started)
         return runs
+
+
+def _model_override(tree: dict[str, Any], model: str | None) -> dict[str, Any]:
+    """``tree`` with ``model.name`` set when a model was asked for."""
+    from motionsep.config import deep_merge
+
+    return tree if model is None else deep_merge(tree, {"model": {"name": model}})
+
+
+def weights_digest(folder: Path) -> str:
+    """SHA-256 over a model folder's weight files (names and bytes), for unit fingerprints."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.safetensors")):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 CEILING_LABEL = "held-in (ceiling)"
@@ -468,57 +517,98 @@ CEILING_LABEL = "held-in (ceiling)"
 
 
 class _SavedRuns:
-    """Finished experiment units in ``folder``, so that a stopped experiment resumes.
+    """Finished experiment units, so that a stopped experiment resumes.
 
     Each unit (the base model, or one recipe trained and scored, for one motion
-    and seed) is a JSON file of scores and specs plus an ``.npz`` of its frames.
-    A unit is reused only if it was made under the same ``fingerprint``
-    (motionsep version, ``--set`` options, reference and prompt counts).
+    and seed) is a JSON record of scores and specs in ``folder``, next to an
+    ``.npz`` of its frames for the pictures. With ``mirror``, the record (not
+    the frames) is also kept there, and a record found only there is reused
+    too: its runs have scores but no frames. A unit is reused only if it was
+    made under the same ``fingerprint`` (motionsep version, ``--set``
+    options, reference and prompt counts, the base model and its weights).
     """
 
-    def __init__(self, folder: Path, fingerprint: dict[str, Any], fresh: bool = False) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        fingerprint: dict[str, Any],
+        fresh: bool = False,
+        mirror: Path | None = None,
+    ) -> None:
         self.folder = folder
         self.fingerprint = fingerprint
         self.fresh = fresh
+        self.mirror = mirror
         self.reused = 0
+        self._seconds: dict[str, float] = {}
+
+    def unit_seconds(self) -> float:
+        """Seconds the units of this experiment took when they were made (reused ones too)."""
+        return sum(self._seconds.values())
 
     def load(self, unit: str) -> list[ToyRun] | None:
-        record_path, frames_path = self.folder / f"{unit}.json", self.folder / f"{unit}.npz"
-        if self.fresh or not (record_path.is_file() and frames_path.is_file()):
+        if self.fresh:
+            return None
+        places = [self.folder] + ([self.mirror] if self.mirror is not None else [])
+        for place in places:
+            runs = self._read(place / f"{unit}.json", self.folder / f"{unit}.npz")
+            if runs is not None:
+                self.reused += 1
+                if self.mirror is not None and not (self.mirror / f"{unit}.json").is_file():
+                    self._write_record(self.mirror, unit, runs)
+                return runs
+        return None
+
+    def _read(self, record_path: Path, frames_path: Path) -> list[ToyRun] | None:
+        if not record_path.is_file():
             return None
         try:
             record = json.loads(record_path.read_text())
             if record.get("fingerprint") != self.fingerprint:
                 return None
-            with np.load(frames_path) as frames:
-                runs = [
-                    ToyRun(
-                        motion=item["motion"],
-                        seed=item["seed"],
-                        recipe=item["recipe"],
-                        highway=item["highway"],
-                        scores=[metrics.Score(**score) for score in item["scores"]],
-                        specs=[world.ClipSpec(**spec) for spec in item["specs"]],
-                        frames=list(frames[f"arr_{index}"]),
-                        train_seconds=item["train_seconds"],
-                    )
-                    for index, item in enumerate(record["runs"])
-                ]
+            runs = [
+                ToyRun(
+                    motion=item["motion"],
+                    seed=item["seed"],
+                    recipe=item["recipe"],
+                    highway=item["highway"],
+                    scores=[metrics.Score(**score) for score in item["scores"]],
+                    specs=[world.ClipSpec(**spec) for spec in item["specs"]],
+                    train_seconds=item["train_seconds"],
+                )
+                for item in record["runs"]
+            ]
+            self._seconds[record_path.stem] = float(record.get("seconds", 0.0))
         except (OSError, ValueError, KeyError, TypeError):
             return None  # unreadable (e.g. cut off mid-write): redo the unit
-        self.reused += 1
+        try:
+            with np.load(frames_path) as frames:
+                for index, run in enumerate(runs):
+                    run.frames = list(frames[f"arr_{index}"])
+        except (OSError, ValueError, KeyError):
+            for run in runs:  # scores without pictures (e.g. a committed record)
+                run.frames = []
         return runs
 
-    def save(self, unit: str, runs: Sequence[ToyRun]) -> None:
+    def save(self, unit: str, runs: Sequence[ToyRun], seconds: float = 0.0) -> None:
         import io
 
         from motionsep.store import atomic_write_bytes
 
+        self._seconds[unit] = seconds
         frames = io.BytesIO()
         np.savez_compressed(frames, *[np.stack(run.frames) for run in runs])
         atomic_write_bytes(self.folder / f"{unit}.npz", frames.getvalue())
+        self._write_record(self.folder, unit, runs)
+        if self.mirror is not None:
+            self._write_record(self.mirror, unit, runs)
+
+    def _write_record(self, folder: Path, unit: str, runs: Sequence[ToyRun]) -> None:
+        from motionsep.store import atomic_write_bytes
+
         record = {
             "fingerprint": self.fingerprint,
+            "seconds": round(self._seconds.get(unit, 0.0), 1),
             "runs": [
                 {
                     "motion": run.motion,
@@ -532,7 +622,8 @@ class _SavedRuns:
                 for run in runs
             ],
         }
-        atomic_write_bytes(self.folder / f"{unit}.json", (json.dumps(record) + "\n").encode())
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / f"{unit}.json", (json.dumps(record, indent=1) + "\n").encode())
 
 
 DEMO_MOTION = "diagonal"
@@ -808,7 +899,7 @@ def write_frames_grid(
         for spec in references
     ]
     for run in runs:
-        if run.seed != 0:
+        if run.seed != 0 or not run.frames:  # a unit reused from its record alone has none
             continue
         for video, spec in list(zip(run.frames, run.specs, strict=True))[:per_condition]:
             rows.append((f"{run.motion} | {run.label} | {spec.color} {spec.shape}", video))
