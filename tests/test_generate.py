@@ -636,3 +636,48 @@ def test_two_processes_write_exactly_the_files_one_process_writes(
             left, right = json.loads(a.read_text()), json.loads(b.read_text())
             left.pop("created"), right.pop("created")
             assert left == right, name
+
+
+def test_zeroscope_sampler_equals_the_text_to_video_pipeline(tiny_model_dir: Path) -> None:
+    """``generate`` without a motion is diffusers' TextToVideoSDPipeline, latents and frames."""
+    from diffusers import DDIMScheduler, TextToVideoSDPipeline
+
+    from motionsep.sample import decode_pixels
+
+    sample = {"steps": 3, "guidance": 6.0, "width": 16, "height": 16, "frames": 4, "seed": 3}
+    settings = load_settings(
+        overrides={
+            "model": {"name": str(tiny_model_dir), "dtype": "fp32", "device": "cpu"},
+            "sample": {**sample, "negative_prompt": "blurry"},
+        }
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # both sides alike, so they can agree bit for bit
+    try:
+        video = generate_videos(["a red car"], settings)[0]
+        pipe = TextToVideoSDPipeline.from_pretrained(tiny_model_dir)
+        assert isinstance(pipe.scheduler, DDIMScheduler)
+        pipe.set_progress_bar_config(disable=True)
+        latents = pipe(
+            "a red car",
+            negative_prompt="blurry",
+            num_frames=sample["frames"],
+            height=sample["height"],
+            width=sample["width"],
+            num_inference_steps=sample["steps"],
+            guidance_scale=sample["guidance"],
+            generator=torch.Generator("cpu").manual_seed(sample["seed"]),
+            output_type="latent",
+        ).frames
+        with torch.no_grad():
+            theirs = pipe.video_processor.postprocess_video(
+                video=pipe.decode_latents(latents), output_type="np"
+            )[0]
+            pixels = decode_pixels(pipe.vae, video.latents[None], frames_per_call=16)[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert float((video.latents - latents[0]).abs().max()) == 0.0
+    ours = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert np.abs(ours - np.asarray(theirs)).max() <= 1e-5
+    rounded = np.abs(video.frames.astype(np.float64) / 255.0 - np.asarray(theirs))
+    assert rounded.max() <= 0.5 / 255.0 + 1e-5  # the written 8-bit frames, up to rounding
