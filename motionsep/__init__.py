@@ -11,3 +11,4 @@ __version__ = "0.1.0"
 from motionsep.store import register_builtin_model
 
 register_builtin_model("toy", "motionsep.toy.model:builtin_path")
+register_builtin_model("toy-animatediff", "motionsep.toy.model:builtin_animatediff_path")

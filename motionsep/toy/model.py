@@ -57,6 +57,11 @@ def builtin_path() -> Path:
     return Path(__file__).resolve().parent / "weights"
 
 
+def builtin_animatediff_path() -> Path:
+    """Where the shipped toy model of the AnimateDiff family lives inside the package."""
+    return Path(__file__).resolve().parent / "weights-animatediff"
+
+
 def _bpe_merges(words: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """Learns byte-pair merges until every word is one token.
 
