@@ -144,6 +144,12 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         "pretrained toy-world model shipped with motionsep (no download; see `motionsep toy`)",
         KIND_BUILTIN,
     ),
+    "toy-animatediff": KnownModel(
+        "toy-animatediff",
+        None,
+        "pretrained toy-world model of the AnimateDiff family, shipped with motionsep",
+        KIND_BUILTIN,
+    ),
     "tiny": KnownModel(
         "tiny",
         None,
@@ -949,8 +955,8 @@ def download(
         DamagedModelError: the installed model is damaged and neither
             ``repair`` nor ``force`` was given.
     """
-    if name == "toy":
-        return _builtin_toy(store, progress)
+    if name in BUILTIN_TOYS:
+        return _builtin_toy(store, progress, name)
     if name in TINY_MODELS:
         if revision or variant:
             raise UsageError(f"the built-in {name} model has no revisions or variants")
@@ -1157,22 +1163,27 @@ def _needs_repair(record: ModelRecord, repair: bool, progress: Progress | None) 
     return bool(problems)
 
 
-def _builtin_toy(store: Store, progress: Progress | None) -> ModelRecord:
+BUILTIN_TOYS = ("toy", "toy-animatediff")
+"""The pretrained toy models that ship inside the package (``download NAME`` fetches nothing)."""
+
+
+def _builtin_toy(store: Store, progress: Progress | None, name: str = "toy") -> ModelRecord:
     """``download toy``: nothing to fetch; the record of the shipped (or store) toy model."""
     from motionsep.store import builtin_model_path, folder_size
 
-    existing = store.model_record("toy")
+    existing = store.model_record(name)
     if existing is not None:
         return existing
-    path = builtin_model_path("toy")
+    path = builtin_model_path(name)
     if path is None:
+        family = " --family animatediff" if name == "toy-animatediff" else ""
         raise ModelNotFoundError(
-            "this install of motionsep does not ship the toy model",
-            "pretrain it with `motionsep toy pretrain` (it installs as `toy` in the store)",
+            f"this install of motionsep does not ship the {name} model",
+            f"pretrain it with `motionsep toy pretrain --name {name}{family}`",
         )
-    or_null(progress).log(f"toy ships with motionsep ({path}); nothing to download")
+    or_null(progress).log(f"{name} ships with motionsep ({path}); nothing to download")
     return ModelRecord(
-        name="toy",
+        name=name,
         path=path,
         source="built-in",
         revision=None,

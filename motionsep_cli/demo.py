@@ -39,6 +39,14 @@ def demo(
         str, typer.Option("--motion", help="Held-out motion: diagonal, orbit, bounce or dolly.")
     ] = "diagonal",
     prompts: Annotated[int, typer.Option("--prompts", min=1, max=6, help="New looks.")] = 3,
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help="Built-in toy model: toy-animatediff (AnimateDiff layout, the default) or toy "
+            "(ZeroScope layout); each with its preset of the same name.",
+        ),
+    ] = "toy-animatediff",
     set_options: SetOption = None,
     no_report: Annotated[
         bool, typer.Option("--no-report", help="Skip the HTML page (report/index.html).")
@@ -50,7 +58,12 @@ def demo(
 
     with RichProgress() as progress:
         results = run_demo(
-            out, motion=motion, prompts=prompts, set_options=set_options, progress=progress
+            out,
+            motion=motion,
+            prompts=prompts,
+            set_options=set_options,
+            progress=progress,
+            model=model,
         )
     if not no_report:
         page = write_report(out, out / "report", force=True)

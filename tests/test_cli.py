@@ -102,7 +102,9 @@ def test_download_list_json_is_parseable(store_home: Path) -> None:
 
     rows = json.loads(result.stdout)
     assert {row["name"] for row in rows} >= {"zeroscope", "modelscope", "clip", "tiny"}
-    # an empty store: only the toy model, which ships inside the package, is there
-    assert not any(row["installed"] for row in rows if row["name"] != "toy")
-    toy = next(row for row in rows if row["name"] == "toy")
-    assert toy["installed"] and Path(toy["path"]) == builtin_model_path("toy")
+    # an empty store: only the toy models, which ship inside the package, are there
+    shipped = {"toy", "toy-animatediff"}
+    assert not any(row["installed"] for row in rows if row["name"] not in shipped)
+    for name in shipped:
+        toy = next(row for row in rows if row["name"] == name)
+        assert toy["installed"] and Path(toy["path"]) == builtin_model_path(name)

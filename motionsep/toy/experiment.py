@@ -196,13 +196,16 @@ def write_clips(
 
 
 def _settings(
-    store_home: Path | None, overrides: dict[str, Any], set_options: list[str] | None
+    store_home: Path | None,
+    overrides: dict[str, Any],
+    set_options: list[str] | None,
+    preset: str = TOY_PRESET,
 ) -> Any:
     """The toy preset under ``overrides``; ``store_home`` None keeps the user's store."""
     from motionsep.config import load_settings
 
     tree = dict(overrides) if store_home is None else {"store": {"home": store_home}, **overrides}
-    return load_settings(preset=TOY_PRESET, overrides=tree, set_options=set_options)
+    return load_settings(preset=preset, overrides=tree, set_options=set_options)
 
 
 def _score_run(
@@ -627,6 +630,8 @@ class _SavedRuns:
 
 
 DEMO_MOTION = "diagonal"
+DEMO_MODELS = ("toy-animatediff", "toy")
+"""The built-in toy models the demo runs on (each with its preset of the same name), default first."""
 
 
 def run_demo(
@@ -636,11 +641,12 @@ def run_demo(
     prompts: int = 3,
     set_options: list[str] | None = None,
     progress: Progress | None = None,
+    model: str = DEMO_MODELS[0],
 ) -> dict[str, Any]:
-    """The whole pipeline on the built-in toy model, in a few minutes on a CPU.
+    """The whole pipeline on a built-in toy model, in a few minutes on a CPU.
 
     Renders three reference clips of a held-out ``motion`` (one look), trains
-    the motion with the toy preset's recipe into the store as ``name``
+    the motion with the recipe of ``model``'s preset into the store as ``name``
     (default ``toy-MOTION``), generates ``prompts`` videos with new looks
     with and without the motion, scores them with the toy metrics, and
     writes a report folder: ``clips/``, ``videos/``, ``frames.png``,
@@ -659,10 +665,12 @@ def run_demo(
         raise UsageError(
             f"unknown toy motion {motion!r}", f"choose from {', '.join(world.HELD_OUT_MOTIONS)}"
         )
+    if model not in DEMO_MODELS:
+        raise UsageError(f"unknown demo model {model!r}", f"choose from {', '.join(DEMO_MODELS)}")
     events = or_null(progress)
     started = time.monotonic()
     name = name or f"toy-{motion}"
-    settings = _settings(None, {}, set_options)
+    settings = _settings(None, {}, set_options, preset=model)
     store = Store(settings.store.home)
     out.mkdir(parents=True, exist_ok=True)
     ref_specs = reference_specs(motion, 3, seed=0)
@@ -694,6 +702,8 @@ def run_demo(
     results["settings"] = {
         "motion": motion,
         "name": name,
+        "model": settings.model.name,
+        "recipe": str(getattr(settings.lora.recipe, "value", settings.lora.recipe)),
         "reference_look": REFERENCE_LOOK,
         "prompts": [s.prompt for s in specs],
         "seeds": 1,
