@@ -40,10 +40,17 @@ from typing import Any
 import numpy as np
 
 from motionsep.errors import UsageError
+from motionsep.outputs import (
+    MEDIA_DIR,
+    METRIC_TITLES,
+    REPORT_FILE,
+    find_eval_videos,
+    group_key,
+    read_sidecar,
+    read_video,
+)
 from motionsep.store import atomic_folder
 
-REPORT_FILE = "index.html"
-MEDIA_DIR = "media"
 TILE_PX = 192
 """Displayed width of a tile; small videos are scaled up without smoothing."""
 
@@ -142,12 +149,6 @@ def write_report(
     return out / REPORT_FILE
 
 
-def is_report_media(path: Path) -> bool:
-    """Whether ``path`` is one of a report page's copies (``.../media/`` beside ``index.html``)."""
-    parent = Path(path).parent
-    return parent.name == MEDIA_DIR and (parent.parent / REPORT_FILE).is_file()
-
-
 # ---------------------------------------------------------------------------
 # media
 
@@ -168,13 +169,13 @@ class _Media:
     def video(self, path: Path, caption: list[str], scores: dict[str, Any] | None = None) -> Tile:
         """A tile of a video file or PNG-frame folder, re-encoded if a browser cannot play it."""
         if path.is_dir():
-            return self.frames(_read_any(path), path.name, caption, scores)
+            return self.frames(read_video(path), path.name, caption, scores)
         suffix = path.suffix.lower()
         playable = suffix == ".gif"
         if suffix == ".mp4":
             playable = _is_h264_yuv420p(path)
         if not playable:
-            return self.frames(_read_any(path), path.stem, caption, scores, fmt="mp4")
+            return self.frames(read_video(path), path.stem, caption, scores, fmt="mp4")
         target = self._name(path.stem, suffix)
         shutil.copyfile(path, self.root / target)
         return Tile(target.as_posix(), caption, dict(scores or {}))
@@ -199,12 +200,6 @@ class _Media:
         target = self._name(path.stem, path.suffix.lower())
         shutil.copyfile(path, self.root / target)
         return target.as_posix()
-
-
-def _read_any(path: Path) -> np.ndarray:
-    from motionsep.evaluate import read_video
-
-    return read_video(path)
 
 
 def _is_h264_yuv420p(path: Path) -> bool:
@@ -287,8 +282,6 @@ def _condition(run: dict[str, Any]) -> str:
 
 def _videos_page(source: Path, media: _Media, scores: Path | dict[str, Any] | None) -> Page:
     """Any folder of videos with sidecars, grouped as ``evaluate`` groups them."""
-    from motionsep.evaluate import METRIC_TITLES, group_key, read_sidecar
-
     by_path: dict[str, dict[str, Any]] = {}
     groups_table: list[dict[str, Any]] = []
     if scores is not None:
@@ -368,7 +361,6 @@ def _attention_images(source: Path, media: _Media) -> list[tuple[str, str]]:
 def _all_videos(source: Path) -> list[Path]:
     """Every video in ``source`` and its subfolders (an ablation keeps one folder per row)."""
     from motionsep.errors import VideoError
-    from motionsep.evaluate import find_eval_videos
 
     found: dict[Path, None] = {}
     for folder in [source, *sorted(p for p in source.rglob("*") if p.is_dir())]:
@@ -388,8 +380,6 @@ def _group_label(group: dict[str, Any]) -> str:
 
 
 def _caption(video: Path) -> str:
-    from motionsep.evaluate import read_sidecar
-
     sidecar = read_sidecar(video) or {}
     prompt = sidecar.get("prompt")
     seed = sidecar.get("seed")

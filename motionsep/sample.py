@@ -58,6 +58,7 @@ from motionsep.launch import SINGLE, Shard
 from motionsep.model import lora, tap
 from motionsep.model.motion import INVERSION_FILE, MotionPackage
 from motionsep.model.recipes import get_recipe
+from motionsep.outputs import sidecar_path
 from motionsep.progress import Progress, or_null
 
 if TYPE_CHECKING:
@@ -68,7 +69,6 @@ if TYPE_CHECKING:
     from motionsep.model.highway import AppearanceHighway
 
 INVERSION_KEY = "inversion"
-SIDECAR_SUFFIX = ".json"
 
 # Settings of a motion's training run that describe the machine it ran on,
 # not the motion; they must not leak into generation on another machine.
@@ -1246,12 +1246,6 @@ def output_targets(
     """
     writer = VideoWriter(out, fmt, count=len(items))
     return [writer.target(prompt, seed) for prompt, seed in items]
-
-
-def sidecar_path(target: Path) -> Path:
-    """The JSON sidecar beside a video file or PNG folder: ``NAME.json``."""
-    suffix = target.suffix if target.suffix.lower() in {".mp4", ".gif"} else ""
-    return target.with_name(target.name.removesuffix(suffix) + SIDECAR_SUFFIX)
 
 
 def save_videos(

@@ -310,7 +310,8 @@ def _show(report: EvaluationReport, title: str) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from motionsep.evaluate import METRIC_TITLES, METRICS, format_value
+    from motionsep.evaluate import format_value
+    from motionsep.outputs import METRIC_TITLES, METRICS
 
     table = Table(title=title, show_lines=False)
     table.add_column("video / group")
@@ -336,7 +337,8 @@ def _show(report: EvaluationReport, title: str) -> None:
 
 
 def _summary_lines(report: EvaluationReport) -> list[str]:
-    from motionsep.evaluate import METRICS, format_value
+    from motionsep.evaluate import format_value
+    from motionsep.outputs import METRICS
 
     lines = []
     for group in report.groups:
