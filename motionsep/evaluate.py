@@ -919,7 +919,11 @@ def _generate_ablation_batch(batch: _AblationBatch, context: _AblationContext) -
             **video.record,
             "ablation": {"variant": batch.row.name, "key": key, "seeds": context.seeds},
         }
-        sampling.save_videos([dataclasses.replace(video, record=record)], target, fps=context.fps)
+        # The name holds the key of its settings: what is there is this ablation's own
+        # unfinished write (no sidecar, or one of another key), so it is replaced.
+        sampling.save_videos(
+            [dataclasses.replace(video, record=record)], target, fps=context.fps, force=True
+        )
 
 
 def _row_settings(settings: Settings, row: AblationRow) -> Settings:
