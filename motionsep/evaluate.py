@@ -257,15 +257,25 @@ class EvaluationReport:
             "skipped": dict(self.skipped),
         }
 
-    def write_csv(self, path: Path | str) -> Path:
-        """Writes one row per video and one per group (column ``row``) to a CSV file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def write_csv(self, path: Path | str, *, force: bool = False) -> Path:
+        """Writes one row per video and one per group (column ``row``) to a CSV file.
+
+        The file is created complete and exclusively (:func:`motionsep.userfiles.new_file`).
+
+        Raises:
+            OutputExistsError: ``path`` exists and ``force`` is not given.
+        """
+        from motionsep.userfiles import new_file
+
+        path = Path(path).expanduser()
         columns = ["row", "label", "path", "prompt", "seed", "motion", "recipe", "highway"]
         columns += ["pli", "seeds", "count"]
         for name in METRICS:
             columns += [name, f"{name}_std"]
-        with path.open("w", newline="", encoding="utf-8") as handle:
+        with (
+            new_file(path, force=force, instead="another --csv") as tmp,
+            tmp.open("w", newline="", encoding="utf-8") as handle,
+        ):
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             for video in self.videos:
@@ -290,21 +300,28 @@ class EvaluationReport:
                 writer.writerow(row)
         return path
 
-    def plot(self, path: Path | str, width_px: int = 1200, height_px: int = 400) -> Path:
+    def plot(
+        self, path: Path | str, width_px: int = 1200, height_px: int = 400, *, force: bool = False
+    ) -> Path:
         """Writes a bar chart of the groups' means (error bars: std), one panel per metric.
 
         Args:
-            path: The PNG file.
+            path: The PNG file, created complete and exclusively.
             width_px: Image width in pixels.
             height_px: Image height in pixels.
+            force: Replace an existing file.
+
+        Raises:
+            OutputExistsError: ``path`` exists and ``force`` is not given.
         """
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from motionsep.userfiles import new_file
+
+        path = Path(path).expanduser()
         dpi = 100
         figure, axes = plt.subplots(
             1, len(METRICS), figsize=(width_px / dpi, height_px / dpi), dpi=dpi
@@ -326,8 +343,11 @@ class EvaluationReport:
                 axis.text(0.5, 0.5, "n/a", ha="center", va="center", transform=axis.transAxes)
         figure.tight_layout()
         # No bbox_inches="tight": the image keeps exactly the requested size.
-        figure.savefig(path, dpi=dpi)
-        plt.close(figure)
+        try:
+            with new_file(path, force=force, instead="another --plot") as tmp:
+                figure.savefig(tmp, dpi=dpi, format="png")
+        finally:
+            plt.close(figure)
         return path
 
 

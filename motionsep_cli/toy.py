@@ -491,9 +491,20 @@ def experiment(
 
       motionsep toy experiment --protocol leak --motions diagonal --recipes motiondirector
     """
+    from motionsep.config import load_settings
     from motionsep.toy import world
     from motionsep.toy.experiment import RECIPES, run_experiment
+    from motionsep.userfiles import OutputKind, check_new_folder
 
+    if not no_report:  # a page that may not be replaced stops the experiment before it starts
+        store_home = load_settings().store.home
+        check_new_folder(
+            out / "report",
+            OutputKind.REPORT,
+            force=True,
+            store_home=store_home,
+            instead="--no-report",
+        )
     with RichProgress() as progress:
         results = run_experiment(
             out,
