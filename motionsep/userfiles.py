@@ -290,7 +290,12 @@ def _replace(tmp: Path, final: Path) -> None:
     old = temporary_sibling(final, "old") if os.path.lexists(final) else None
     if old is not None:
         final.rename(old)
-    tmp.rename(final)
+    try:
+        tmp.rename(final)
+    except BaseException:
+        if old is not None and not os.path.lexists(final):
+            old.rename(final)  # the replaced folder comes back
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
