@@ -33,6 +33,20 @@ class UsageError(MotionsepError):
     exit_code = 2
 
 
+class OutputExistsError(UsageError):
+    """A file or folder the command was to write exists (or appeared meanwhile) and was kept.
+
+    Args:
+        message: What exists, naming it.
+        hint: What to do about it.
+        path: The path that was kept.
+    """
+
+    def __init__(self, message: str, hint: str | None = None, path: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.path = path
+
+
 class SettingsError(UsageError):
     """One or more settings are invalid; the message lists every bad field."""
 

@@ -3,7 +3,9 @@
 :func:`evaluate_videos` scores each generated video with the metrics of
 :mod:`motionsep.metrics` and groups the scores by what produced them, read
 from the JSON sidecar that ``generate`` writes beside every video: motion,
-recipe, highway, PLI and seed set. :func:`run_ablation` generates the rows of
+recipe, highway, PLI and seed set (finding the videos, reading them and their
+sidecars and grouping them live in :mod:`motionsep.outputs`, which the report
+page shares). :func:`run_ablation` generates the rows of
 the paper's ablation table (base model, MotionDirector, TAP, TAP + AH,
 TAP + AH + PLI) and evaluates them, reusing videos generated before with the
 same settings.
@@ -38,6 +40,15 @@ from motionsep import sample as sampling
 from motionsep.config import Recipe, Settings
 from motionsep.errors import ModelNotFoundError, UsageError, VideoError
 from motionsep.launch import SINGLE, Shard
+from motionsep.outputs import (
+    METRIC_TITLES,
+    METRICS,
+    GroupKey,
+    find_eval_videos,
+    group_key,
+    read_sidecar,
+    read_video,
+)
 from motionsep.progress import Progress, or_null
 
 if TYPE_CHECKING:
@@ -46,16 +57,6 @@ if TYPE_CHECKING:
     from motionsep.model.components import Components
     from motionsep.model.motion import MotionPackage
     from motionsep.store import Store
-
-METRICS = ("text_alignment", "temporal_consistency", "motion_fidelity", "appearance_leakage")
-"""Metric names, in report order."""
-
-METRIC_TITLES = {
-    "text_alignment": "CLIP-T",
-    "temporal_consistency": "temporal consistency",
-    "motion_fidelity": "motion fidelity",
-    "appearance_leakage": "appearance leakage",
-}
 
 METRIC_OPTIONS = {
     "motion": "motion_fidelity",
@@ -67,8 +68,6 @@ METRIC_OPTIONS = {
 
 CLIP_METRICS = frozenset({"appearance_leakage", "text_alignment", "temporal_consistency"})
 """Metrics that compare CLIP embeddings (motion fidelity tracks points and needs no CLIP)."""
-
-PNG_FRAME_GLOB = "*.png"
 
 
 def parse_metrics(names: Iterable[str] | None) -> tuple[str, ...] | None:
@@ -94,33 +93,7 @@ def parse_metrics(names: Iterable[str] | None) -> tuple[str, ...] | None:
 
 
 # ---------------------------------------------------------------------------
-# finding and reading videos
-
-
-def find_eval_videos(paths: Iterable[str | Path]) -> list[Path]:
-    """Expands files and folders into videos: video files and PNG-frame folders.
-
-    The media of a ``motionsep report`` page inside a folder (``report/``
-    beside ``index.html``) are copies, not videos of their own, and are left
-    out, as are ``inspect-attention`` folders (PNG maps, not frames) found
-    inside a folder.
-
-    Raises:
-        VideoError: for a missing path or a folder without videos.
-    """
-    from motionsep.inspect import is_inspection_folder
-    from motionsep.report import is_report_media
-    from motionsep.video import find_videos
-
-    found = find_videos(paths, frame_folders=True)
-    videos = [p for p in found if not is_report_media(p) and not is_inspection_folder(p)]
-    if found and not videos:
-        raise VideoError(
-            f"no videos in {', '.join(str(p) for p in found)}: report media or "
-            "inspect-attention maps only",
-            "pass the folder of generated videos",
-        )
-    return videos
+# reading videos
 
 
 def check_video(path: Path) -> None:
@@ -142,30 +115,6 @@ def check_video(path: Path) -> None:
     probe(path)
 
 
-def read_video(path: Path) -> np.ndarray:
-    """Every frame of a video file or PNG-frame folder, ``uint8`` RGB ``(F, H, W, 3)``.
-
-    Raises:
-        VideoError: naming the file when it cannot be read, or when the PNG
-            frames differ in size.
-    """
-    from motionsep.video import read_frames
-
-    if not path.is_dir():
-        return read_frames(path)
-    import cv2
-
-    frames = []
-    for frame_file in sorted(path.glob(PNG_FRAME_GLOB)):
-        image = cv2.imread(str(frame_file), cv2.IMREAD_COLOR)
-        if image is None:
-            raise VideoError(f"{frame_file} is not a readable PNG", path=str(frame_file))
-        frames.append(image[..., ::-1])
-    if len({f.shape for f in frames}) > 1:
-        raise VideoError(f"the PNG frames in {path} differ in size", path=str(path))
-    return np.ascontiguousarray(np.stack(frames))
-
-
 def read_reference(path: Path, settings: Settings) -> np.ndarray:
     """A reference clip's frames, sampled as training samples them (``data.*``).
 
@@ -185,102 +134,8 @@ def read_reference(path: Path, settings: Settings) -> np.ndarray:
     return read_frames(path, indices)
 
 
-def read_sidecar(video: Path) -> dict[str, Any] | None:
-    """The JSON sidecar ``generate`` wrote beside a video, or None."""
-    sidecar = sampling.sidecar_path(video)
-    if not sidecar.is_file():
-        return None
-    try:
-        data = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 # ---------------------------------------------------------------------------
 # report data
-
-
-@dataclass(frozen=True)
-class GroupKey:
-    """What produced a video, as far as its sidecar tells.
-
-    Attributes:
-        motion: Motion name; None for the base model or without a sidecar.
-        recipe: The motion's recipe.
-        highway: Whether the appearance highway was on.
-        pli: Phased LoRA integration fraction; None when off.
-        seeds: The seed set of the run that made it (``sample.seed`` to
-            ``sample.seed + num_videos - 1``), as text such as ``0-3``.
-        variant: The ablation row, for videos made by :func:`run_ablation`.
-        known: False for videos without a sidecar.
-    """
-
-    motion: str | None = None
-    recipe: str | None = None
-    highway: bool | None = None
-    pli: float | None = None
-    seeds: str = ""
-    variant: str | None = None
-    known: bool = True
-
-    @property
-    def label(self) -> str:
-        """A short name of the group for tables and plots."""
-        if not self.known:
-            return "no sidecar"
-        if self.variant:
-            return self.variant
-        if self.motion is None:
-            text = "base model"
-        else:
-            text = f"{self.motion} ({self.recipe})"
-            if self.highway:
-                text += " +AH"
-            if self.pli is not None:
-                text += f" +PLI {self.pli:g}"
-        return f"{text} seeds {self.seeds}" if self.seeds else text
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {
-            "label": self.label,
-            "motion": self.motion,
-            "recipe": self.recipe,
-            "highway": self.highway,
-            "pli": self.pli,
-            "seeds": self.seeds,
-        }
-
-
-def group_key(sidecar: dict[str, Any] | None) -> GroupKey:
-    """The group of a video from its sidecar (see :class:`GroupKey`)."""
-    if sidecar is None:
-        return GroupKey(known=False)
-    motion = sidecar.get("motion") or {}
-    sample = sidecar.get("sample") or {}
-    ablation = sidecar.get("ablation") or {}
-    seeds = ablation.get("seeds")
-    if seeds is None and "base_seed" in sample:
-        first = int(sample["base_seed"])
-        seeds = list(range(first, first + int(sample.get("num_videos") or 1)))
-    return GroupKey(
-        motion=motion.get("name"),
-        recipe=motion.get("recipe"),
-        highway=bool(sample.get("highway")) if motion else None,
-        pli=sample.get("pli") if motion else None,
-        seeds=_seed_text(seeds or []),
-        variant=ablation.get("variant"),
-    )
-
-
-def _seed_text(seeds: Sequence[int]) -> str:
-    ordered = sorted(set(int(s) for s in seeds))
-    if not ordered:
-        return ""
-    if ordered == list(range(ordered[0], ordered[-1] + 1)) and len(ordered) > 1:
-        return f"{ordered[0]}-{ordered[-1]}"
-    return ",".join(str(s) for s in ordered)
 
 
 @dataclass(frozen=True)
@@ -402,15 +257,25 @@ class EvaluationReport:
             "skipped": dict(self.skipped),
         }
 
-    def write_csv(self, path: Path | str) -> Path:
-        """Writes one row per video and one per group (column ``row``) to a CSV file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def write_csv(self, path: Path | str, *, force: bool = False) -> Path:
+        """Writes one row per video and one per group (column ``row``) to a CSV file.
+
+        The file is created complete and exclusively (:func:`motionsep.userfiles.new_file`).
+
+        Raises:
+            OutputExistsError: ``path`` exists and ``force`` is not given.
+        """
+        from motionsep.userfiles import new_file
+
+        path = Path(path).expanduser()
         columns = ["row", "label", "path", "prompt", "seed", "motion", "recipe", "highway"]
         columns += ["pli", "seeds", "count"]
         for name in METRICS:
             columns += [name, f"{name}_std"]
-        with path.open("w", newline="", encoding="utf-8") as handle:
+        with (
+            new_file(path, force=force, instead="another --csv") as tmp,
+            tmp.open("w", newline="", encoding="utf-8") as handle,
+        ):
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             for video in self.videos:
@@ -435,21 +300,28 @@ class EvaluationReport:
                 writer.writerow(row)
         return path
 
-    def plot(self, path: Path | str, width_px: int = 1200, height_px: int = 400) -> Path:
+    def plot(
+        self, path: Path | str, width_px: int = 1200, height_px: int = 400, *, force: bool = False
+    ) -> Path:
         """Writes a bar chart of the groups' means (error bars: std), one panel per metric.
 
         Args:
-            path: The PNG file.
+            path: The PNG file, created complete and exclusively.
             width_px: Image width in pixels.
             height_px: Image height in pixels.
+            force: Replace an existing file.
+
+        Raises:
+            OutputExistsError: ``path`` exists and ``force`` is not given.
         """
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from motionsep.userfiles import new_file
+
+        path = Path(path).expanduser()
         dpi = 100
         figure, axes = plt.subplots(
             1, len(METRICS), figsize=(width_px / dpi, height_px / dpi), dpi=dpi
@@ -471,8 +343,11 @@ class EvaluationReport:
                 axis.text(0.5, 0.5, "n/a", ha="center", va="center", transform=axis.transAxes)
         figure.tight_layout()
         # No bbox_inches="tight": the image keeps exactly the requested size.
-        figure.savefig(path, dpi=dpi)
-        plt.close(figure)
+        try:
+            with new_file(path, force=force, instead="another --plot") as tmp:
+                figure.savefig(tmp, dpi=dpi, format="png")
+        finally:
+            plt.close(figure)
         return path
 
 
@@ -1064,7 +939,11 @@ def _generate_ablation_batch(batch: _AblationBatch, context: _AblationContext) -
             **video.record,
             "ablation": {"variant": batch.row.name, "key": key, "seeds": context.seeds},
         }
-        sampling.save_videos([dataclasses.replace(video, record=record)], target, fps=context.fps)
+        # The name holds the key of its settings: what is there is this ablation's own
+        # unfinished write (no sidecar, or one of another key), so it is replaced.
+        sampling.save_videos(
+            [dataclasses.replace(video, record=record)], target, fps=context.fps, force=True
+        )
 
 
 def _row_settings(settings: Settings, row: AblationRow) -> Settings:

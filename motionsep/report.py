@@ -31,8 +31,9 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,10 +41,20 @@ from typing import Any
 import numpy as np
 
 from motionsep.errors import UsageError
-from motionsep.store import atomic_folder
+from motionsep.outputs import (
+    MEDIA_DIR,
+    METRIC_TITLES,
+    REPORT_FILE,
+    find_eval_videos,
+    group_key,
+    read_sidecar,
+    read_video,
+    sidecar_path,
+)
+from motionsep.progress import Progress, or_null
+from motionsep.store import Store, validate_motion_name
+from motionsep.userfiles import OutputKind, new_folder
 
-REPORT_FILE = "index.html"
-MEDIA_DIR = "media"
 TILE_PX = 192
 """Displayed width of a tile; small videos are scaled up without smoothing."""
 
@@ -103,49 +114,109 @@ def write_report(
     scores: Path | dict[str, Any] | None = None,
     references: Sequence[Path] = (),
     force: bool = False,
+    store_home: Path | None = None,
+    progress: Progress | None = None,
 ) -> Path:
     """Writes the report of ``source`` and returns its ``index.html``.
+
+    The page reads only files inside ``source`` (a link that leads out of it
+    is left out, with a note on the page and through ``progress``) and the
+    loss curves of the store's motions that its sidecars name (by a valid
+    motion name only).
 
     Args:
         source: A ``toy experiment``/``demo`` folder, or a folder of videos
             with sidecars.
-        out: The report folder (default ``SOURCE/report``), written atomically.
+        out: The report folder (default ``SOURCE/report``), written atomically
+            with a marker (:mod:`motionsep.userfiles`).
         scores: An ``evaluate --json`` file (or its content) whose per-video
             scores and groups to show.
         references: Reference clips to show on top (a demo or experiment
             folder brings its own).
-        force: Replace an existing report folder (never a folder that is not one).
+        force: Replace an existing report folder, only one motionsep wrote
+            (its marker) and only if nothing else was put in it.
+        store_home: The store (default: the settings' ``store.home``): its
+            motions' loss curves are shown, and nothing is written inside it.
+        progress: Receives a line for each file left out.
 
     Raises:
         UsageError: ``source`` is not a folder or holds no videos; ``out``
-            exists without ``force``, or is something else than a report.
+            exists without ``force``, is not a report page motionsep wrote,
+            holds other files, or lies inside the store.
     """
     source = Path(source).expanduser()
     if not source.is_dir():
         raise UsageError(f"{source} is not a folder", "pass the folder the videos are in")
     out = Path(out).expanduser() if out is not None else source / "report"
-    if out.exists() and not force:
-        raise UsageError(f"{out} exists", "pass --force to replace it, or another --out")
-    if out.exists() and not (out / REPORT_FILE).is_file():
-        raise UsageError(
-            f"{out} exists and is not a report page; it is left as it is",
-            "pass another --out (or --no-report)",
-        )
-    with atomic_folder(out, overwrite=force) as tmp:
+    if store_home is None:
+        from motionsep.config import load_settings
+
+        store_home = load_settings().store.home
+    reader = _Reader(source, Path(store_home), or_null(progress))
+    with new_folder(out, OutputKind.REPORT, force=force, store_home=store_home) as tmp:
         media = _Media(tmp)
-        if (source / "results.json").is_file():
-            page = _toy_page(source, media)
+        if reader.file(source / "results.json"):
+            page = _toy_page(source, media, reader)
         else:
-            page = _videos_page(source, media, scores)
+            page = _videos_page(source, media, scores, reader)
         page.references += [media.video(Path(p), [Path(p).name]) for p in references]
+        page.notes += reader.notes
         (tmp / REPORT_FILE).write_text(render(page), encoding="utf-8")
     return out / REPORT_FILE
 
 
-def is_report_media(path: Path) -> bool:
-    """Whether ``path`` is one of a report page's copies (``.../media/`` beside ``index.html``)."""
-    parent = Path(path).parent
-    return parent.name == MEDIA_DIR and (parent.parent / REPORT_FILE).is_file()
+class _Reader:
+    """What the page may read: files inside the source folder, and store motions by name.
+
+    Links are resolved before the check, so a link (or a sidecar's motion
+    name) cannot pull files from elsewhere into the page.
+    """
+
+    def __init__(self, source: Path, store_home: Path, progress: Progress) -> None:
+        self.source = source
+        self.root = source.resolve()
+        self.motions_dir = Store(store_home).motions_dir.resolve()
+        self.progress = progress
+        self.notes: list[str] = []
+
+    def inside(self, path: Path, root: Path | None = None) -> bool:
+        """Whether ``path`` (links resolved) lies in the source folder (or ``root``)."""
+        root = self.root if root is None else root
+        resolved = Path(path).resolve()
+        return resolved == root or root in resolved.parents
+
+    def file(self, path: Path) -> bool:
+        """Whether ``path`` exists and may be read; a link out of the folder is noted."""
+        if not path.exists():
+            return False
+        if self.inside(path):
+            return True
+        self.note(f"left out {path}: it leads out of {self.source} (to {path.resolve()})")
+        return False
+
+    def files(self, paths: Iterable[Path]) -> list[Path]:
+        """The ones of ``paths`` that may be read (see :meth:`file`)."""
+        return [path for path in paths if self.file(path)]
+
+    def sidecar(self, video: Path) -> dict[str, Any] | None:
+        """The video's sidecar, if it lies in the folder (None otherwise)."""
+        return read_sidecar(video) if self.file(sidecar_path(video)) else None
+
+    def motion_file(self, name: object, file: str) -> Path | None:
+        """``file`` of the store's motion ``name`` (a valid motion name only), if it exists."""
+        try:
+            validate_motion_name(str(name))
+        except UsageError:
+            self.note(f"left out the loss curve of motion {name!r}: not a valid motion name")
+            return None
+        path = self.motions_dir / str(name) / file
+        if not path.is_file() or not self.inside(path, self.motions_dir):
+            return None
+        return path
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        self.progress.log(text)
 
 
 # ---------------------------------------------------------------------------
@@ -168,13 +239,13 @@ class _Media:
     def video(self, path: Path, caption: list[str], scores: dict[str, Any] | None = None) -> Tile:
         """A tile of a video file or PNG-frame folder, re-encoded if a browser cannot play it."""
         if path.is_dir():
-            return self.frames(_read_any(path), path.name, caption, scores)
+            return self.frames(read_video(path), path.name, caption, scores)
         suffix = path.suffix.lower()
         playable = suffix == ".gif"
         if suffix == ".mp4":
             playable = _is_h264_yuv420p(path)
         if not playable:
-            return self.frames(_read_any(path), path.stem, caption, scores, fmt="mp4")
+            return self.frames(read_video(path), path.stem, caption, scores, fmt="mp4")
         target = self._name(path.stem, suffix)
         shutil.copyfile(path, self.root / target)
         return Tile(target.as_posix(), caption, dict(scores or {}))
@@ -201,12 +272,6 @@ class _Media:
         return target.as_posix()
 
 
-def _read_any(path: Path) -> np.ndarray:
-    from motionsep.evaluate import read_video
-
-    return read_video(path)
-
-
 def _is_h264_yuv420p(path: Path) -> bool:
     """Whether every browser plays this mp4 (H.264 in yuv420p), read from one open."""
     import av
@@ -220,40 +285,42 @@ def _is_h264_yuv420p(path: Path) -> bool:
 # sources
 
 
-def _toy_page(source: Path, media: _Media) -> Page:
+def _toy_page(source: Path, media: _Media, reader: _Reader) -> Page:
     """A ``toy experiment`` or ``demo`` folder: its references, videos and table."""
     results = json.loads((source / "results.json").read_text(encoding="utf-8"))
     settings = results.get("settings", {})
     demo = "protocol" not in settings
     page = Page(title=("motionsep demo" if demo else "toy experiment") + f": {source.name}")
-    for clip_dir in sorted({p.parent for p in (source / "clips").rglob("*.mp4")}):
-        clips = sorted(clip_dir.glob("*.mp4"))
+    clips_dir = source / "clips"
+    for clip_dir in sorted({p.parent for p in reader.files(clips_dir.rglob("*.mp4"))}):
+        clips = reader.files(sorted(clip_dir.glob("*.mp4")))
         # the demo's clips are all shown; of an experiment's units, the first of each
-        for clip in clips if clip_dir == source / "clips" else clips[:1]:
-            caption = [clip_dir.name if clip_dir != source / "clips" else clip.name]
-            page.references.append(media.video(clip, [*caption, _caption(clip)]))
+        for clip in clips if clip_dir == clips_dir else clips[:1]:
+            caption = [clip_dir.name if clip_dir != clips_dir else clip.name]
+            page.references.append(media.video(clip, [*caption, _caption(clip, reader)]))
     if demo:
-        for folder in sorted(p for p in (source / "videos").iterdir() if p.is_dir()):
+        folders = [p for p in (source / "videos").glob("*") if p.is_dir()]
+        for folder in sorted(reader.files(folders)):
             section = Section(folder.name)
-            for video in sorted(folder.glob("*.mp4")):
-                section.tiles.append(media.video(video, [_caption(video)]))
+            for video in reader.files(sorted(folder.glob("*.mp4"))):
+                section.tiles.append(media.video(video, [_caption(video, reader)]))
             page.sections.append(section)
     else:
-        page.sections += _experiment_sections(source, media)
+        page.sections += _experiment_sections(source, media, reader)
     page.tables.append(_rows_table(results.get("rows", [])))
-    if (source / "frames.png").is_file():
+    if (source / "frames.png").is_file() and reader.file(source / "frames.png"):
         page.images.append(("frames, left to right", media.image(source / "frames.png")))
     if demo and settings.get("name"):
-        page.images += _motion_images([str(settings["name"])], media)
+        page.images += _motion_images([settings["name"]], media, reader)
     return page
 
 
-def _experiment_sections(source: Path, media: _Media) -> list[Section]:
+def _experiment_sections(source: Path, media: _Media, reader: _Reader) -> list[Section]:
     """One section per (motion, condition) of a toy experiment, seed 0's videos as GIFs."""
     sections: dict[str, Section] = {}
-    for unit in sorted((source / "runs").glob("*.json")):
+    for unit in reader.files(sorted((source / "runs").glob("*.json"))):
         frames_file = unit.with_suffix(".npz")
-        if not frames_file.is_file():
+        if not frames_file.is_file() or not reader.file(frames_file):
             continue
         stored = np.load(frames_file)
         for index, run in enumerate(json.loads(unit.read_text(encoding="utf-8"))["runs"]):
@@ -285,99 +352,113 @@ def _condition(run: dict[str, Any]) -> str:
     return f"{motion} | {recipe}" + (" + highway" if run.get("highway") else "")
 
 
-def _videos_page(source: Path, media: _Media, scores: Path | dict[str, Any] | None) -> Page:
+def _videos_page(
+    source: Path, media: _Media, scores: Path | dict[str, Any] | None, reader: _Reader
+) -> Page:
     """Any folder of videos with sidecars, grouped as ``evaluate`` groups them."""
-    from motionsep.evaluate import METRIC_TITLES, group_key, read_sidecar
-
-    by_path: dict[str, dict[str, Any]] = {}
-    groups_table: list[dict[str, Any]] = []
-    if scores is not None:
-        report = (
-            scores
-            if isinstance(scores, dict)
-            else json.loads(Path(scores).read_text(encoding="utf-8"))
-        )
-        by_path = {str(Path(v["path"]).resolve()): v for v in report.get("videos", [])}
-        groups_table = list(report.get("groups", []))
+    by_path, groups_table = _read_scores(scores)
     page = Page(title=f"videos: {source.name}")
     sections: dict[str, Section] = {}
-    motions: list[str] = []
-    for path in _all_videos(source):
-        sidecar = read_sidecar(path)
+    motions: list[object] = []
+    for path in _all_videos(source, reader):
+        sidecar = reader.sidecar(path)
         label = group_key(sidecar).label
         name = ((sidecar or {}).get("motion") or {}).get("name")
         if name and name not in motions:
-            motions.append(str(name))
+            motions.append(name)
         numbers = {
             METRIC_TITLES[name]: value
             for name, value in by_path.get(str(path.resolve()), {}).items()
             if name in METRIC_TITLES
         }
-        tile = media.video(path, [_caption(path)], numbers)
+        tile = media.video(path, [_caption(path, reader)], numbers)
         sections.setdefault(label, Section(label)).tiles.append(tile)
     page.sections = list(sections.values())
-    page.images += _motion_images(motions, media)
-    page.images += _attention_images(source, media)
+    page.images += _motion_images(motions, media, reader)
+    page.images += _attention_images(source, media, reader)
     if groups_table:
-        names = list(METRIC_TITLES)
-        page.tables.append(
-            Table(
-                "groups (mean ± std over videos)",
-                ["group", "videos", *(METRIC_TITLES[n] for n in names)],
-                [
-                    [
-                        str(g.get("label") or _group_label(g)),
-                        str(g.get("count", "")),
-                        *(_mean_std(g["mean"].get(n), g["std"].get(n)) for n in names),
-                    ]
-                    for g in groups_table
-                ],
-            )
-        )
+        page.tables.append(_groups_table(groups_table))
     if not page.sections:
         raise UsageError(f"{source} holds no videos", "pass a folder that generate wrote into")
     return page
 
 
-def _motion_images(names: list[str], media: _Media) -> list[tuple[str, str]]:
-    """The loss curve of each named motion that is in the store and has one."""
-    from motionsep.config import load_settings
-    from motionsep.store import Store
+def _read_scores(
+    scores: Path | dict[str, Any] | None,
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """An ``evaluate --json`` report's scores by resolved video path, and its groups."""
+    if scores is None:
+        return {}, []
+    report = (
+        scores if isinstance(scores, dict) else json.loads(Path(scores).read_text(encoding="utf-8"))
+    )
+    by_path = {str(Path(v["path"]).resolve()): v for v in report.get("videos", [])}
+    return by_path, list(report.get("groups", []))
 
-    motions_dir = Store(load_settings().store.home).motions_dir
+
+def _groups_table(groups: list[dict[str, Any]]) -> Table:
+    names = list(METRIC_TITLES)
+    return Table(
+        "groups (mean ± std over videos)",
+        ["group", "videos", *(METRIC_TITLES[n] for n in names)],
+        [
+            [
+                str(g.get("label") or _group_label(g)),
+                str(g.get("count", "")),
+                *(_mean_std(g["mean"].get(n), g["std"].get(n)) for n in names),
+            ]
+            for g in groups
+        ],
+    )
+
+
+def _motion_images(names: list[object], media: _Media, reader: _Reader) -> list[tuple[str, str]]:
+    """The loss curve of each named motion that is in the store and has one."""
     found = []
     for name in names:
-        curve = motions_dir / name / "loss.png"
-        if curve.is_file():
+        curve = reader.motion_file(name, "loss.png")
+        if curve is not None:
             found.append((f"training loss of motion {name}", media.image(curve)))
     return found
 
 
-def _attention_images(source: Path, media: _Media) -> list[tuple[str, str]]:
+def _attention_images(source: Path, media: _Media, reader: _Reader) -> list[tuple[str, str]]:
     """``inspect-attention`` maps (base.png, motion.png, difference.png) found in ``source``."""
     found = []
-    for summary in sorted(source.rglob("summary.json")):
+    for summary in reader.files(sorted(source.rglob("summary.json"))):
         for name in ("base", "motion", "difference"):
             image = summary.parent / f"{name}.png"
-            if image.is_file():
+            if image.is_file() and reader.file(image):
                 title = f"temporal attention, {name}: {summary.parent.name}"
                 found.append((title, media.image(image)))
     return found
 
 
-def _all_videos(source: Path) -> list[Path]:
-    """Every video in ``source`` and its subfolders (an ablation keeps one folder per row)."""
-    from motionsep.errors import VideoError
-    from motionsep.evaluate import find_eval_videos
+def _all_videos(source: Path, reader: _Reader) -> list[Path]:
+    """Every video in ``source`` and its subfolders (an ablation keeps one folder per row).
 
+    Hidden folders (a report being written) are not searched; a video that
+    leads out of ``source`` is left out.
+    """
+    from motionsep.errors import VideoError
+
+    folders = [source]
+    for root, dirs, _ in os.walk(source):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        folders += [Path(root) / d for d in dirs]
     found: dict[Path, None] = {}
-    for folder in [source, *sorted(p for p in source.rglob("*") if p.is_dir())]:
+    for folder in folders:
         try:
             videos = find_eval_videos([folder])
         except VideoError:
             continue
-        found.update({video.resolve(): None for video in videos if video.resolve() != folder})
+        kept = reader.files(video for video in videos if video.resolve() != folder.resolve())
+        found.update({video: None for video in kept if video.resolve() not in _resolved(found)})
     return list(found)
+
+
+def _resolved(paths: Iterable[Path]) -> set[Path]:
+    return {path.resolve() for path in paths}
 
 
 def _group_label(group: dict[str, Any]) -> str:
@@ -387,10 +468,8 @@ def _group_label(group: dict[str, Any]) -> str:
     return " + ".join(parts) or "base model"
 
 
-def _caption(video: Path) -> str:
-    from motionsep.evaluate import read_sidecar
-
-    sidecar = read_sidecar(video) or {}
+def _caption(video: Path, reader: _Reader) -> str:
+    sidecar = reader.sidecar(video) or {}
     prompt = sidecar.get("prompt")
     seed = sidecar.get("seed")
     if prompt is None:

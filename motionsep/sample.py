@@ -42,6 +42,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -58,6 +59,7 @@ from motionsep.launch import SINGLE, Shard
 from motionsep.model import lora, tap
 from motionsep.model.motion import INVERSION_FILE, MotionPackage
 from motionsep.model.recipes import get_recipe
+from motionsep.outputs import sidecar_path
 from motionsep.progress import Progress, or_null
 
 if TYPE_CHECKING:
@@ -68,7 +70,6 @@ if TYPE_CHECKING:
     from motionsep.model.highway import AppearanceHighway
 
 INVERSION_KEY = "inversion"
-SIDECAR_SUFFIX = ".json"
 
 # Settings of a motion's training run that describe the machine it ran on,
 # not the motion; they must not leak into generation on another machine.
@@ -1133,20 +1134,30 @@ class VideoWriter:
     """Writes videos (mp4, gif or PNG folder) with their JSON sidecars, one at a time.
 
     ``out`` ending in ``.mp4`` or ``.gif`` names the file of a single video;
-    anything else is a folder, where each video goes to ``OUT/SLUG-SEED.EXT``
-    (a folder for png) and nothing is overwritten: when a name (or its
-    sidecar) exists already or was taken in this run, ``-2``, ``-3``, ... is
-    appended. Names are chosen as videos arrive, so nothing is allocated per
-    requested video up front.
+    it is refused when it or its sidecar exists, unless ``force``, and even
+    then a sidecar that is not this video's (its ``video`` names another
+    file) is kept. Anything else is a folder, where each video goes to
+    ``OUT/SLUG-SEED.EXT`` (a folder for png) and nothing is overwritten: when
+    a name (or its sidecar) exists already or was taken in this run, ``-2``,
+    ``-3``, ... is appended. Names are chosen as videos arrive, so nothing is
+    allocated per requested video up front.
+
+    Each video and its sidecar are written under temporary names and then
+    take their names exclusively (:func:`motionsep.userfiles.publish`): of
+    two runs writing the same name at once, one gets it and the other a new
+    numbered name in a folder, or an error for a single file.
 
     Args:
         out: The folder, or one file.
         fmt: mp4 (H.264), gif, or png (a folder of frames).
         fps: Frame rate of mp4 and gif.
         count: How many videos will come (checked against a single-file ``out``).
+        force: Replace a single-file ``out`` and its sidecar.
 
     Raises:
-        UsageError: for a file ``out`` with several videos or of another format.
+        UsageError: for a file ``out`` with several videos or of another
+            format, a folder ``out`` that is a file, or a file ``out`` (or its
+            sidecar) that exists without ``force``.
     """
 
     def __init__(
@@ -1155,27 +1166,48 @@ class VideoWriter:
         fmt: VideoFormat | str = VideoFormat.MP4,
         fps: float = 8,
         count: int = 1,
+        *,
+        force: bool = False,
     ) -> None:
         self.fmt = VideoFormat(fmt)
         self.out = Path(out).expanduser()
         self.fps = fps
         self.suffix = "" if self.fmt is VideoFormat.PNG else f".{self.fmt.value}"
         self.single = format_of_output(self.out) is not None
+        self.force = force and self.single
         self.saved: list[SavedVideo] = []
         self._taken: set[Path] = set()
         self._reserved: dict[tuple[int, int], Path] = {}
         if self.single:
-            if count != 1:
-                raise UsageError(
-                    f"--out {self.out} names one file but {count} videos are to be generated",
-                    "pass a folder to --out",
-                )
-            if self.out.suffix.lower() != self.suffix:
-                raise UsageError(
-                    f"--out {self.out} ends in {self.out.suffix} but the format is "
-                    f"{self.fmt.value}",
-                    f"pass --format {self.out.suffix[1:].lower()}, or a folder to --out",
-                )
+            self._check_single(count)
+        elif self.out.exists() and not self.out.is_dir():
+            raise UsageError(
+                f"--out {self.out} is a file, not a folder; it was left as it is",
+                "pass a folder, or a new .mp4/.gif file name for one video",
+            )
+
+    def _check_single(self, count: int) -> None:
+        """Refuses a single-file ``out`` that cannot take this run's video."""
+        from motionsep.userfiles import check_new_files
+
+        if count != 1:
+            raise UsageError(
+                f"--out {self.out} names one file but {count} videos are to be generated",
+                "pass a folder to --out",
+            )
+        if self.out.suffix.lower() != self.suffix:
+            raise UsageError(
+                f"--out {self.out} ends in {self.out.suffix} but the format is {self.fmt.value}",
+                f"pass --format {self.out.suffix[1:].lower()}, or a folder to --out",
+            )
+        sidecar = sidecar_path(self.out)
+        check_new_files([self.out, sidecar], force=self.force)
+        if self.force and sidecar.exists() and not _is_sidecar_of(sidecar, self.out):
+            raise UsageError(
+                f"{sidecar} is not the sidecar of {self.out.name} (motionsep did not write it "
+                "there); it was left as it is, and so was the video",
+                "move it away, or pass another --out",
+            )
 
     def target(self, prompt: str, seed: int) -> Path:
         """Reserves and returns the path of the next video."""
@@ -1184,7 +1216,11 @@ class VideoWriter:
             return self.out
         stem = f"{slugify(prompt)}-{seed}"
         candidate, n = self.out / f"{stem}{self.suffix}", 1
-        while candidate in self._taken or candidate.exists() or sidecar_path(candidate).exists():
+        while (
+            candidate in self._taken
+            or os.path.lexists(candidate)
+            or os.path.lexists(sidecar_path(candidate))
+        ):
             n += 1
             candidate = self.out / f"{stem}-{n}{self.suffix}"
         self._taken.add(candidate)
@@ -1210,30 +1246,69 @@ class VideoWriter:
         return planned
 
     def write(self, video: GeneratedVideo) -> SavedVideo:
-        """Writes one video and then its sidecar; returns where they went."""
-        from motionsep.store import atomic_write_bytes
+        """Writes one video and its sidecar, complete, under a name no one else took.
+
+        Raises:
+            OutputExistsError: the single file, or a name reserved for this
+                run, was written by someone else meanwhile.
+        """
+        from motionsep.errors import OutputExistsError
+        from motionsep.store import temporary_sibling
+        from motionsep.userfiles import discard
         from motionsep.video import write_video
 
         reserved = self._reserved.get((video.prompt_index, video.video_index))
         target = reserved or self.target(video.prompt, video.seed)
-        if reserved and (target.exists() or sidecar_path(target).exists()):
-            raise UsageError(
-                f"{target} was written by someone else while this run was making it "
-                "(another run writing to the same folder?); it was left as it is",
-                "pass another --out",
-            )
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_video(video.frames, target, fps=self.fps, format=self.fmt.value)
-        sidecar = sidecar_path(target)
+        written = temporary_sibling(target)
+        try:
+            write_video(video.frames, written, fps=self.fps, format=self.fmt.value)
+            while True:
+                try:
+                    self._publish(written, target, video)
+                    break
+                except OutputExistsError as exc:
+                    if self.single or reserved:
+                        raise OutputExistsError(
+                            f"{exc.path} was written by someone else while this run was making "
+                            f"{target.name} (another run writing to the same --out?); it was "
+                            "left as it is",
+                            "pass another --out",
+                            path=exc.path,
+                        ) from None
+                    target = self.target(video.prompt, video.seed)
+        finally:
+            discard(written)
+        saved = SavedVideo(path=target, sidecar=sidecar_path(target), video=video)
+        self.saved.append(saved)
+        return saved
+
+    def _publish(self, written: Path, target: Path, video: GeneratedVideo) -> None:
+        """Gives the written video and a sidecar for it their names, both or neither."""
+        from motionsep.store import temporary_sibling
+        from motionsep.userfiles import discard, publish
+
         record = {
             "video": target.name,  # the sidecar sits beside it
             **video.record,
             "sample": {**video.record["sample"], "fps": self.fps, "format": self.fmt.value},
         }
-        atomic_write_bytes(sidecar, (json.dumps(record, indent=2) + "\n").encode())
-        saved = SavedVideo(path=target, sidecar=sidecar, video=video)
-        self.saved.append(saved)
-        return saved
+        sidecar = sidecar_path(target)
+        sidecar_tmp = temporary_sibling(sidecar)
+        try:
+            sidecar_tmp.write_bytes((json.dumps(record, indent=2) + "\n").encode())
+            publish([(written, target), (sidecar_tmp, sidecar)], replace=self.force)
+        finally:
+            discard(sidecar_tmp)
+
+
+def _is_sidecar_of(sidecar: Path, video: Path) -> bool:
+    """Whether ``sidecar`` is the JSON record motionsep wrote beside ``video``."""
+    try:
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(record, dict) and record.get("video") == video.name
 
 
 def output_targets(
@@ -1248,22 +1323,25 @@ def output_targets(
     return [writer.target(prompt, seed) for prompt, seed in items]
 
 
-def sidecar_path(target: Path) -> Path:
-    """The JSON sidecar beside a video file or PNG folder: ``NAME.json``."""
-    suffix = target.suffix if target.suffix.lower() in {".mp4", ".gif"} else ""
-    return target.with_name(target.name.removesuffix(suffix) + SIDECAR_SUFFIX)
-
-
 def save_videos(
     videos: Sequence[GeneratedVideo],
     out: Path | str,
     fmt: VideoFormat | str = VideoFormat.MP4,
     fps: float = 8,
+    *,
+    force: bool = False,
 ) -> list[SavedVideo]:
     """Writes each video (mp4, gif or PNG folder) and its JSON sidecar (see :class:`VideoWriter`).
+
+    Args:
+        videos: The videos.
+        out: A folder, or one ``.mp4``/``.gif`` file for a single video.
+        fmt: mp4, gif or png.
+        fps: Frame rate of mp4 and gif.
+        force: Replace a single-file ``out`` and its sidecar.
 
     Returns:
         The written paths, in the order of ``videos``.
     """
-    writer = VideoWriter(out, fmt, fps, count=len(videos))
+    writer = VideoWriter(out, fmt, fps, count=len(videos), force=force)
     return [writer.write(video) for video in videos]

@@ -431,6 +431,17 @@ def atomic_folder(final: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def temporary_sibling(final: Path, tag: str = "") -> Path:
+    """A hidden, unused name beside ``final`` to write it under first.
+
+    ``.tmp-NAME-RANDOM[-TAG]SUFFIX``: the suffix is kept, so writers that read
+    the format from the name (video, image) write the right one.
+    """
+    final = Path(final)
+    tag = f"-{tag}" if tag else ""
+    return final.with_name(f"{_TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}{tag}{final.suffix}")
+
+
 def current_umask() -> int:
     """The process umask, read without changing it where the OS allows (Linux)."""
     try:

@@ -62,7 +62,8 @@ class RichProgress:
 
     def log(self, message: str) -> None:
         if not self._progress.disable:
-            self._progress.console.print(message)
+            # the library's lines are plain text (paths may hold "[...]"), never rich markup
+            self._progress.console.print(message, markup=False)
 
 
 def _short(value: Any) -> str:

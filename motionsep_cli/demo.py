@@ -53,9 +53,20 @@ def demo(
     ] = False,
     as_json: JsonOption = False,
 ) -> None:
+    from motionsep.config import load_settings
     from motionsep.report import write_report
     from motionsep.toy.experiment import run_demo
+    from motionsep.userfiles import OutputKind, check_new_folder
 
+    if not no_report:  # a page that may not be replaced stops the demo before it starts
+        store_home = load_settings().store.home
+        check_new_folder(
+            out / "report",
+            OutputKind.REPORT,
+            force=True,
+            store_home=store_home,
+            instead="--no-report",
+        )
     with RichProgress() as progress:
         results = run_demo(
             out,

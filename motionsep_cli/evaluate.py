@@ -6,10 +6,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from motionsep_cli._console import RichProgress, emit, err_console, relaunch_as
 from motionsep_cli._options import (
     ConfigOption,
+    ForceOption,
     JsonOption,
     NumProcessesOption,
     PresetOption,
@@ -151,6 +153,7 @@ def evaluate(
         ),
     ] = None,
     num_processes: NumProcessesOption = 1,
+    force: ForceOption = False,
     no_report: Annotated[
         bool,
         typer.Option(
@@ -167,9 +170,16 @@ def evaluate(
     from motionsep.config import load_settings
     from motionsep.errors import UsageError
     from motionsep.evaluate import parse_metrics
+    from motionsep.userfiles import check_new_files
 
     metric_names = parse_metrics(metric_options)
     overrides: dict[str, Any] = {"eval": {"clip_model": clip_model}}
+    settings = load_settings(
+        preset=preset, config_file=config, overrides=overrides, set_options=set_options
+    )
+    # Refuse what would not be written before any video is scored or generated.
+    check_new_files([p for p in (csv_file, plot_file) if p is not None], force=force)
+    page = _PageCheck(settings.store.home, enabled=not no_report)
     if ablation:
         if videos:
             raise UsageError(
@@ -195,6 +205,7 @@ def evaluate(
             set_options,
             as_json,
             metric_names,
+            page,
         )
         if shared is None:
             return  # another process of the run scores and reports
@@ -206,9 +217,7 @@ def evaluate(
             )
         from motionsep.evaluate import evaluate_videos
 
-        settings = load_settings(
-            preset=preset, config_file=config, overrides=overrides, set_options=set_options
-        )
+        page.check(videos[0] if len(videos) == 1 and videos[0].is_dir() else None)
         with RichProgress() as progress:
             report = evaluate_videos(
                 videos,
@@ -221,19 +230,61 @@ def evaluate(
         if as_json:
             emit(report.to_dict(), True)
     _show(report, title="ablation" if ablation else "evaluation")
-    folder = _report_folder(videos, report)
-    if not no_report and folder is not None:
-        from motionsep.report import write_report
-
-        scores, refs = report.to_dict(), reference or []
-        page = write_report(folder, folder / "report", scores=scores, references=refs, force=True)
-        err_console.print(f"[green]page:[/] {page} (open it in a browser)")
+    page.write(_report_folder(videos, report), report, reference or [])
     if csv_file is not None:
-        err_console.print(f"wrote {report.write_csv(csv_file)}")
+        err_console.print(f"wrote {escape(str(report.write_csv(csv_file, force=force)))}")
     if plot_file is not None:
-        err_console.print(f"wrote {report.plot(plot_file)}")
+        err_console.print(f"wrote {escape(str(report.plot(plot_file, force=force)))}")
     if not as_json:
         emit(None, False, lines=_summary_lines(report))
+
+
+class _PageCheck:
+    """The HTML page evaluate writes into FOLDER/report: checked before the work, written after.
+
+    The page replaces only a report page motionsep wrote there (its marker),
+    and says so; anything else at FOLDER/report stops the command before any
+    video is scored.
+    """
+
+    def __init__(self, store_home: Path, enabled: bool) -> None:
+        self.store_home = store_home
+        self.enabled = enabled
+
+    def check(self, folder: Path | None) -> None:
+        """Refuses a FOLDER/report that is not a page motionsep wrote (before any work)."""
+        from motionsep.userfiles import OutputKind, check_new_folder
+
+        if not self.enabled or folder is None:
+            return
+        check_new_folder(
+            folder / "report",
+            OutputKind.REPORT,
+            force=True,
+            store_home=self.store_home,
+            instead="--no-report",
+        )
+
+    def write(self, folder: Path | None, report: EvaluationReport, references: list[Path]) -> None:
+        from motionsep.report import write_report
+        from motionsep.userfiles import read_marker
+
+        if not self.enabled or folder is None:
+            return
+        self.check(folder)
+        replacing = read_marker(folder / "report") is not None
+        with RichProgress() as progress:
+            page = write_report(
+                folder,
+                folder / "report",
+                scores=report.to_dict(),
+                references=references,
+                force=True,
+                store_home=self.store_home,
+                progress=progress,
+            )
+        again = " (it replaces the page written there before)" if replacing else ""
+        err_console.print(f"[green]page:[/] {escape(str(page))}{again} (open it in a browser)")
 
 
 def _report_folder(videos: list[Path] | None, report: EvaluationReport) -> Path | None:
@@ -263,6 +314,7 @@ def _ablation(
     set_options: list[str] | None,
     as_json: bool,
     metric_names: tuple[str, ...] | None,
+    page: _PageCheck,
 ) -> EvaluationReport | None:
     """Runs the ablation; None in the processes of a shared run that do not score it."""
     from motionsep.devices import resolve_device
@@ -280,6 +332,7 @@ def _ablation(
     target = out if out is not None else Path("outputs") / f"ablation-{package.name}"
     shard = current_shard(resolve_device(settings.model.device).type)
     if shard.is_main:
+        page.check(target)
         err_console.print(
             f"ablation of motion {package.name} ({package.metadata.recipe.value}): "
             f"{len(prompts)} prompt(s) x {seeds} seed(s) into {target}"
@@ -310,7 +363,8 @@ def _show(report: EvaluationReport, title: str) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from motionsep.evaluate import METRIC_TITLES, METRICS, format_value
+    from motionsep.evaluate import format_value
+    from motionsep.outputs import METRIC_TITLES, METRICS
 
     table = Table(title=title, show_lines=False)
     table.add_column("video / group")
@@ -336,7 +390,8 @@ def _show(report: EvaluationReport, title: str) -> None:
 
 
 def _summary_lines(report: EvaluationReport) -> list[str]:
-    from motionsep.evaluate import METRICS, format_value
+    from motionsep.evaluate import format_value
+    from motionsep.outputs import METRICS
 
     lines = []
     for group in report.groups:

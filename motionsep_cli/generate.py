@@ -28,7 +28,9 @@ one the motion was trained on unless --model names another.
 
 Each video is written as an H.264 mp4 (or a gif, or a folder of PNG frames)
 with a JSON sidecar NAME.json beside it holding every setting actually used,
-the seed, the motion's adapter hash and the model. Video k of each prompt uses
+the seed, the motion's adapter hash and the model. In an --out folder every
+video gets a new name (-2, -3, ... when one is taken); an --out FILE.mp4 that
+exists, or whose FILE.json does, is refused unless --force. Video k of each prompt uses
 seed S + k. The paths go to stdout, one per line (a JSON list with --json),
 so the output can be piped: `motionsep generate ... | xargs -n1 open`.
 Progress goes to stderr.
@@ -181,6 +183,15 @@ def generate(
         ),
     ] = None,
     num_processes: NumProcessesOption = 1,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace an existing --out FILE.mp4/.gif and its sidecar (never an unrelated "
+            "FILE.json).",
+            rich_help_panel=_OUTPUT,
+        ),
+    ] = False,
     as_json: JsonOption = False,
     preset: PresetOption = None,
     config: ConfigOption = None,
@@ -196,6 +207,7 @@ def generate(
         load_motion_and_settings,
         resolve_model,
     )
+    from motionsep.userfiles import check_outside_store
 
     relaunch_as(num_processes)
     width, height = _parse_size(size)
@@ -238,7 +250,8 @@ def generate(
     target = out if out is not None else Path("outputs")
     total = len(all_prompts) * sample.num_videos
     # Fail on a bad --out before spending minutes on denoising.
-    writer = VideoWriter(target, sample.format, sample.fps, count=total)
+    check_outside_store(target, settings.store.home)
+    writer = VideoWriter(target, sample.format, sample.fps, count=total, force=force)
     planned = None
     if shard.count > 1:
         # every process names every video before any process writes one

@@ -165,6 +165,11 @@ EXPORT_HELP = """Write the motion NAME in another program's format.
             are refused (exit 2): diffusers' TextToVideoSDPipeline cannot
             load LoRAs; use peft or upstream for them.
 
+An existing --out is refused (exit 2) unless --force; even then a folder is
+replaced only if it is an export motionsep wrote (it keeps a
+.motionsep-output.json marker) holding nothing else, and nothing is ever
+written inside the store.
+
 Examples:
 
   motionsep motions export dolly --format peft --out dolly-peft/
@@ -432,8 +437,9 @@ def export(
     from motionsep.model.interop import export_motion
     from motionsep.model.motion import load_motion, resolve_motion
 
-    package = load_motion(resolve_motion(_store(), name))
-    written = export_motion(package, fmt, out, force=force)
+    store = _store()
+    package = load_motion(resolve_motion(store, name))
+    written = export_motion(package, fmt, out, force=force, store_home=store.home)
     err_console.print(
         f"[green]exported:[/] {package.name} ({package.metadata.recipe.value}) as {fmt.value}"
     )

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
-from motionsep_cli._console import emit, err_console
+from motionsep_cli._console import RichProgress, emit, err_console
 from motionsep_cli._options import ForceOption, JsonOption
 
 HELP = """Write one static HTML page of the videos in FOLDER, to open in any browser.
@@ -20,6 +21,12 @@ them) looping side by side with prompt, seed and scores, and the table of the
 groups. It is self-contained (FOLDER/report/ by default: index.html and
 media/, relative links, no server, no network). Videos a browser cannot play
 are re-encoded to H.264. `demo` and `toy experiment` write it themselves.
+
+The page reads only what lies inside FOLDER (a link that leads out of it is
+left out, with a warning) and the loss curves of the store's motions that the
+sidecars name. An existing --out is refused unless --force, and --force
+replaces only a report page motionsep wrote (it keeps a .motionsep-output.json
+marker) that holds nothing else.
 
 Examples:
 
@@ -50,6 +57,9 @@ def report(
 ) -> None:
     from motionsep.report import write_report
 
-    page = write_report(folder, out, scores=scores, references=reference or [], force=force)
-    err_console.print(f"[green]report:[/] {page} (open it in a browser)")
+    with RichProgress() as progress:
+        page = write_report(
+            folder, out, scores=scores, references=reference or [], force=force, progress=progress
+        )
+    err_console.print(f"[green]report:[/] {escape(str(page))} (open it in a browser)")
     emit({"report": str(page)}, as_json, lines=[str(page)])

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from motionsep_cli._console import RichProgress, emit, err_console
 from motionsep_cli._options import (
@@ -51,21 +52,33 @@ def clips(
     shape: Annotated[str, typer.Option("--shape")] = "square",
     background: Annotated[str, typer.Option("--background")] = "white",
     texture: Annotated[str, typer.Option("--texture")] = "striped",
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the small random offsets.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, help="Seed of the small random offsets.")
+    ] = 0,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace OUT, only if it holds clips this command wrote and nothing else.",
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Render toy clips as mp4 files, each with its prompt (NAME.txt) and ground truth (NAME.json).
 
-    The folder can go straight to `motionsep train ... --preset toy`.
+    The folder can go straight to `motionsep train ... --preset toy`. OUT must
+    be new or empty: a folder with files in it is refused unless --force, and
+    even then replaced only if it holds the clips of an earlier `toy clips`
+    and nothing else. The clips appear all at once, or not at all.
 
     Example: motionsep toy clips refs/ --motion orbit --color blue --shape circle
     """
+    from motionsep.config import load_settings
     from motionsep.errors import UsageError
     from motionsep.toy import world
     from motionsep.toy.experiment import write_clips
+    from motionsep.userfiles import OutputKind, new_folder
 
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} is a file, not a folder", "give a folder to write the clips into")
     try:
         specs = [
             world.ClipSpec(color, shape, background, texture, motion, seed=seed * 1000 + k)
@@ -73,8 +86,18 @@ def clips(
         ]
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    paths = write_clips(specs, out)
-    err_console.print(f"[green]wrote[/] {len(paths)} clips: {specs[0].prompt}")
+    store_home = load_settings().store.home
+    with new_folder(
+        out,
+        OutputKind.CLIPS,
+        force=force,
+        store_home=store_home,
+        instead="another OUT",
+        empty_is_new=True,
+    ) as folder:
+        written = write_clips(specs, folder)
+    paths = [out / path.name for path in written]
+    err_console.print(f"[green]wrote[/] {len(paths)} clips: {escape(specs[0].prompt)}")
     emit([str(p) for p in paths], as_json, lines=[str(p) for p in paths])
 
 
@@ -485,9 +508,20 @@ def experiment(
 
       motionsep toy experiment --protocol leak --motions diagonal --recipes motiondirector
     """
+    from motionsep.config import load_settings
     from motionsep.toy import world
     from motionsep.toy.experiment import RECIPES, run_experiment
+    from motionsep.userfiles import OutputKind, check_new_folder
 
+    if not no_report:  # a page that may not be replaced stops the experiment before it starts
+        store_home = load_settings().store.home
+        check_new_folder(
+            out / "report",
+            OutputKind.REPORT,
+            force=True,
+            store_home=store_home,
+            instead="--no-report",
+        )
     with RichProgress() as progress:
         results = run_experiment(
             out,

@@ -21,11 +21,12 @@ from typer.testing import CliRunner
 
 from motionsep import sample as sampling
 from motionsep.config import Recipe, load_settings
-from motionsep.evaluate import ABLATION_ROWS, evaluate_videos, group_key, run_ablation
+from motionsep.evaluate import ABLATION_ROWS, evaluate_videos, run_ablation
 from motionsep.hub import import_folder
 from motionsep.metrics import ClipScorer
 from motionsep.model import lora, motion, tap
 from motionsep.model.components import build_tiny_clip, load_unet, unet_config_hash
+from motionsep.outputs import group_key
 from motionsep.store import Store
 from motionsep.video import write_video
 from motionsep_cli.app import app
@@ -113,7 +114,7 @@ def test_inspect_attention_maps_beside_the_videos_are_not_scored_as_videos(
     outputs: Path,
 ) -> None:
     from motionsep.errors import VideoError
-    from motionsep.evaluate import find_eval_videos
+    from motionsep.outputs import find_eval_videos
 
     maps = outputs / "attention-a-red-car"  # what inspect-attention --out writes
     maps.mkdir()

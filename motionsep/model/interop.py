@@ -97,7 +97,13 @@ from motionsep.model.motion import (
     file_sha256,
     save_motion,
 )
-from motionsep.store import Store, atomic_folder, atomic_write_bytes
+from motionsep.store import Store
+from motionsep.userfiles import (
+    OutputKind,
+    check_outside_store,
+    new_folder,
+    write_new_file,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -1205,9 +1211,19 @@ def upstream_tensors(package: MotionPackage) -> list[torch.Tensor]:
 
 
 def export_motion(
-    package: MotionPackage, fmt: ExportFormat, out: Path, *, force: bool = False
+    package: MotionPackage,
+    fmt: ExportFormat,
+    out: Path,
+    *,
+    force: bool = False,
+    store_home: Path | None = None,
 ) -> Path:
     """Writes a motion in another format (atomically: the output appears complete or not at all).
+
+    The name is taken exclusively (:mod:`motionsep.userfiles`): an existing
+    output is refused without ``force``; with it a folder is replaced only if
+    it is an export motionsep wrote (its marker) and holds nothing else, a
+    file only if it is a file. Nothing is written inside the store.
 
     Args:
         package: A verified package (:func:`~motionsep.model.motion.load_motion`).
@@ -1215,30 +1231,33 @@ def export_motion(
             load_lora_weights`` reads; AnimateDiff motions only) or ``upstream`` (a
             ``.safetensors`` file, or a ``.pt``/``.pth`` pickle when the name asks for it).
         out: Where to write.
-        force: Replace an existing output.
+        force: Replace an existing output (as above).
+        store_home: The store to keep out of (default: the settings' ``store.home``).
 
     Returns:
         The written path.
 
     Raises:
-        UsageError: if ``out`` exists without ``force``, an upstream name has
-            another suffix, a ZeroScope motion is asked for as ``diffusers`` or an
-            AnimateDiff one as ``upstream``.
+        UsageError: if ``out`` exists without ``force`` or may not be replaced,
+            lies inside the store, an upstream name has another suffix, a
+            ZeroScope motion is asked for as ``diffusers`` or an AnimateDiff
+            one as ``upstream``.
     """
     out = Path(out).expanduser()
+    if store_home is None:
+        from motionsep.config import load_settings
+
+        store_home = load_settings().store.home
     if fmt is ExportFormat.DIFFUSERS:
         check_diffusers_exportable(package)
     elif fmt is ExportFormat.UPSTREAM:
         check_upstream_exportable(package)
-    if out.exists() and not force:
-        raise UsageError(f"{out} already exists", "choose another --out, or pass --force")
     if fmt in (ExportFormat.PEFT, ExportFormat.DIFFUSERS):
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"{out} is a file; a {fmt.value} LoRA is written as a folder")
-        if fmt is ExportFormat.PEFT:
-            _write_peft(package, out)
-        else:
-            _write_diffusers(package, out)
+        with new_folder(out, OutputKind.EXPORT, force=force, store_home=store_home) as tmp:
+            if fmt is ExportFormat.PEFT:
+                _write_peft(package, tmp)
+            else:
+                _write_diffusers(package, tmp)
         return out
     suffix = out.suffix.lower()
     if suffix not in UPSTREAM_SUFFIXES:
@@ -1247,11 +1266,11 @@ def export_motion(
             "name the file .safetensors (cloneofsimo save_safeloras layout) or .pt (a pickled "
             "list of tensors, what the paper's infer.py loads)",
         )
-    if out.is_dir():
-        raise UsageError(f"{out} is a folder; the upstream format is one file")
+    check_outside_store(out, store_home)
     tensors = upstream_tensors(package)
-    atomic_write_bytes(out, _upstream_bytes(tensors, pickled=suffix in PICKLE_SUFFIXES))
-    return out
+    return write_new_file(
+        out, _upstream_bytes(tensors, pickled=suffix in PICKLE_SUFFIXES), force=force
+    )
 
 
 def _upstream_bytes(tensors: Sequence[torch.Tensor], *, pickled: bool) -> bytes:
@@ -1295,14 +1314,13 @@ def _write_peft(package: MotionPackage, out: Path) -> None:
         f"{PEFT_KEY_PREFIX}{key}": value.contiguous()
         for key, value in package.adapter_state.items()
     }
-    with atomic_folder(out, overwrite=True) as tmp:
-        config.save_pretrained(str(tmp))
-        config_file = tmp / PEFT_CONFIG_FILE
-        document = json.loads(config_file.read_text(encoding="utf-8"))
-        # peft keeps target_modules as a set; a sorted list diffs and reads better.
-        document["target_modules"] = sorted(metadata.lora_targets)
-        config_file.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, str(tmp / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+    config.save_pretrained(str(out))
+    config_file = out / PEFT_CONFIG_FILE
+    document = json.loads(config_file.read_text(encoding="utf-8"))
+    # peft keeps target_modules as a set; a sorted list diffs and reads better.
+    document["target_modules"] = sorted(metadata.lora_targets)
+    config_file.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, str(out / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
 
 
 def motion_family(package: MotionPackage) -> Family:
@@ -1360,10 +1378,9 @@ def _write_diffusers(package: MotionPackage, out: Path) -> None:
         "lora_alpha": metadata.lora_alpha,
         "target_modules": list(metadata.lora_targets),
     }
-    with atomic_folder(out, overwrite=True) as tmp:
-        AnimateDiffPipeline.save_lora_weights(
-            str(tmp),
-            unet_lora_layers=layers,
-            unet_lora_adapter_metadata=adapter,
-            weight_name=DIFFUSERS_WEIGHTS_FILE,
-        )
+    AnimateDiffPipeline.save_lora_weights(
+        str(out),
+        unet_lora_layers=layers,
+        unet_lora_adapter_metadata=adapter,
+        weight_name=DIFFUSERS_WEIGHTS_FILE,
+    )

@@ -41,6 +41,7 @@ from motionsep.progress import Progress, or_null
 from motionsep.runs import TrainingInterruptedError
 from motionsep.store import atomic_folder, atomic_write_bytes
 from motionsep.toy import world
+from motionsep.userfiles import OutputKind, check_new_folder, new_folder
 
 if TYPE_CHECKING:
     import torch
@@ -653,9 +654,13 @@ def export_checkpoint(
     shipped) while the run goes on.
 
     Raises:
-        UsageError: no checkpoint in ``run_dir``; ``out`` exists without ``force``.
+        UsageError: no checkpoint in ``run_dir``; ``out`` exists without
+            ``force``, or is not a model folder written here (its marker,
+            :mod:`motionsep.userfiles`), or lies inside the store.
     """
     import torch
+
+    check_new_folder(out, OutputKind.MODEL, force=force, store_home=_store_home())
 
     if step is None:
         found = runs.intact_checkpoint(run_dir, (TENSORS_FILE,))
@@ -679,6 +684,12 @@ def export_checkpoint(
     return out
 
 
+def _store_home() -> Path:
+    from motionsep.config import load_settings
+
+    return load_settings().store.home
+
+
 def _write_model(
     out: Path,
     parts: dict[str, Any],
@@ -688,7 +699,14 @@ def _write_model(
 ) -> None:
     from motionsep.model.components import save_components
 
-    with atomic_folder(out, overwrite=force) as tmp:
+    # A store entry (finalize writes its record) is the store's to replace; a
+    # folder the user named is replaced only if it is a model folder written here.
+    writing = (
+        new_folder(out, OutputKind.MODEL, force=force, store_home=_store_home())
+        if finalize is None
+        else atomic_folder(out, overwrite=force)
+    )
+    with writing as tmp:
         # U-Net and VAE weights are stored in fp16 (half the size; diffusers
         # loads them back into fp32 models); the tiny text encoder stays fp32
         # because transformers would load it as fp16.
@@ -757,8 +775,9 @@ def pretrain(
         run_dir: Where checkpoints and the metrics log live while training.
         config: The run's settings. With ``resume`` they must match the run's.
         resume: Continue from the newest checkpoint in ``run_dir``.
-        force: Replace an existing ``out`` (only at the end) and start over a run
-            folder that holds an old run.
+        force: Replace an existing ``out`` (only at the end; a folder the
+            user named only if it is a model folder written here) and start
+            over a run folder that holds an old run.
         device: torch device to train on.
         workers: Processes that render clips ahead of the training step (0:
             render inline). The clips are the same either way.
@@ -776,7 +795,9 @@ def pretrain(
 
     events = or_null(progress)
     skippable_convs(config)  # a bad conv_keep fails before any folder is made
-    if out.exists() and not force:
+    if finalize is None:  # a folder the user named: refused now, not after the run
+        check_new_folder(out, OutputKind.MODEL, force=force, store_home=_store_home())
+    elif out.exists() and not force:
         raise UsageError(
             f"{out} already exists", "pass --force to replace it, or choose another --out"
         )
