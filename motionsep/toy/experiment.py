@@ -631,7 +631,7 @@ class _SavedRuns:
 
 DEMO_MOTION = "diagonal"
 DEMO_MODELS = ("toy-animatediff", "toy")
-"""The built-in toy models the demo runs on (each with its preset of the same name), default first."""
+"""The built-in toy models the demo runs on (each with its own preset), default first."""
 
 
 def run_demo(
