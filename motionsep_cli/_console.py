@@ -62,7 +62,8 @@ class RichProgress:
 
     def log(self, message: str) -> None:
         if not self._progress.disable:
-            self._progress.console.print(message)
+            # the library's messages are plain text (paths may hold "[...]")
+            self._progress.console.print(message, markup=False, soft_wrap=True)
 
 
 def _short(value: Any) -> str:

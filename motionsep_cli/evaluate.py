@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from motionsep_cli._console import RichProgress, emit, err_console, relaunch_as
 from motionsep_cli._options import (
@@ -227,11 +228,11 @@ def evaluate(
 
         scores, refs = report.to_dict(), reference or []
         page = write_report(folder, folder / "report", scores=scores, references=refs, force=True)
-        err_console.print(f"[green]page:[/] {page} (open it in a browser)")
+        err_console.print(f"[green]page:[/] {escape(str(page))} (open it in a browser)")
     if csv_file is not None:
-        err_console.print(f"wrote {report.write_csv(csv_file)}")
+        err_console.print(f"wrote {report.write_csv(csv_file)}", markup=False)
     if plot_file is not None:
-        err_console.print(f"wrote {report.plot(plot_file)}")
+        err_console.print(f"wrote {report.plot(plot_file)}", markup=False)
     if not as_json:
         emit(None, False, lines=_summary_lines(report))
 
@@ -282,7 +283,7 @@ def _ablation(
     if shard.is_main:
         err_console.print(
             f"ablation of motion {package.name} ({package.metadata.recipe.value}): "
-            f"{len(prompts)} prompt(s) x {seeds} seed(s) into {target}"
+            f"{len(prompts)} prompt(s) x {seeds} seed(s) into {escape(str(target))}"
             + (f", {shard.count} processes" if shard.count > 1 else "")
         )
     with RichProgress(enabled=shard.is_main) as progress:
@@ -307,7 +308,6 @@ def _ablation(
 
 
 def _show(report: EvaluationReport, title: str) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
     from motionsep.evaluate import METRIC_TITLES, METRICS, format_value

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from motionsep_cli._console import emit, err_console
 from motionsep_cli._options import ForceOption, JsonOption
@@ -51,5 +52,5 @@ def report(
     from motionsep.report import write_report
 
     page = write_report(folder, out, scores=scores, references=reference or [], force=force)
-    err_console.print(f"[green]report:[/] {page} (open it in a browser)")
+    err_console.print(f"[green]report:[/] {escape(str(page))} (open it in a browser)")
     emit({"report": str(page)}, as_json, lines=[str(page)])
