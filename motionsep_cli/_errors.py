@@ -7,6 +7,7 @@ interrupted. Tracebacks are shown only with ``MOTIONSEP_DEBUG=1``.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import typer
@@ -65,6 +66,21 @@ def _say(label: str, text: str) -> None:
 def _writing(exc: OSError, preposition: str = "while writing") -> str:
     """`` while writing PATH`` for an ``OSError`` that names its file, else nothing."""
     return f" {preposition} {exc.filename}" if exc.filename else ""
+
+
+def leave_if_stopped_worker(code: Any) -> None:
+    """Ends a launched process that was stopped (exit 130) at once, without teardown.
+
+    Its launcher is waiting for it to go, and every file it wrote is complete
+    and closed; tearing down the interpreter (collecting a loaded model's
+    objects) can take many seconds on a busy machine. Anything else returns.
+    """
+    from motionsep.launch import in_distributed_run
+
+    if code == EXIT_INTERRUPTED and in_distributed_run():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
 
 
 class MotionsepGroup(TyperGroup):
