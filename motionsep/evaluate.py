@@ -186,15 +186,20 @@ def read_reference(path: Path, settings: Settings) -> np.ndarray:
 
 
 def read_sidecar(video: Path) -> dict[str, Any] | None:
-    """The JSON sidecar ``generate`` wrote beside a video, or None."""
+    """The JSON sidecar ``generate`` wrote beside a video, or None when there is none.
+
+    Raises:
+        UsageError: for a sidecar that is not JSON or whose fields do not fit
+            (see :func:`motionsep.sample.check_sidecar`), naming it.
+    """
     sidecar = sampling.sidecar_path(video)
     if not sidecar.is_file():
         return None
     try:
         data = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"sidecar {sidecar} is not JSON ({exc})", sampling.SIDECAR_HINT) from exc
+    return sampling.check_sidecar(data, sidecar)
 
 
 # ---------------------------------------------------------------------------

@@ -1254,6 +1254,66 @@ def sidecar_path(target: Path) -> Path:
     return target.with_name(target.name.removesuffix(suffix) + SIDECAR_SUFFIX)
 
 
+# The sidecar fields that readers (evaluate, report) rely on -> the JSON types each may
+# have; any of them may also be missing or null.
+SIDECAR_FIELDS: dict[str, tuple[type, ...]] = {
+    "prompt": (str,),
+    "seed": (int,),
+    "motion": (dict,),
+    "motion.name": (str,),
+    "motion.recipe": (str,),
+    "sample": (dict,),
+    "sample.highway": (bool,),
+    "sample.pli": (int, float),
+    "sample.base_seed": (int,),
+    "sample.num_videos": (int,),
+    "ablation": (dict,),
+    "ablation.seeds": (list,),
+    "ablation.variant": (str,),
+}
+SIDECAR_HINT = (
+    "a sidecar is the JSON file generate writes beside each video; fix it, or move it away "
+    "to use the video without one"
+)
+
+
+def check_sidecar(content: Any, sidecar: Path) -> dict[str, Any]:
+    """``content`` (a parsed sidecar) if its fields have the types :data:`SIDECAR_FIELDS` says.
+
+    Raises:
+        UsageError: naming the sidecar file and the first field that does not fit.
+    """
+    if not isinstance(content, dict):
+        raise UsageError(
+            f"sidecar {sidecar} holds a {type(content).__name__}, not a JSON object", SIDECAR_HINT
+        )
+    for name, types in SIDECAR_FIELDS.items():
+        parent, _, key = name.rpartition(".")
+        holder = content.get(parent) if parent else content
+        value = holder.get(key) if isinstance(holder, dict) else None
+        wrong_bool = isinstance(value, bool) and bool not in types
+        if value is not None and (wrong_bool or not isinstance(value, types)):
+            expected = " or ".join(_JSON_TYPE_NAMES[t] for t in types)
+            raise UsageError(
+                f"sidecar {sidecar}: {name} is {json.dumps(value)[:80]}, not {expected}",
+                SIDECAR_HINT,
+            )
+    seeds = (content.get("ablation") or {}).get("seeds") or []
+    if any(isinstance(seed, bool) or not isinstance(seed, int) for seed in seeds):
+        raise UsageError(f"sidecar {sidecar}: ablation.seeds holds a non-integer", SIDECAR_HINT)
+    return content
+
+
+_JSON_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    dict: "an object",
+    list: "a list",
+}
+
+
 def save_videos(
     videos: Sequence[GeneratedVideo],
     out: Path | str,

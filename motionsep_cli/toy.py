@@ -52,7 +52,9 @@ def clips(
     shape: Annotated[str, typer.Option("--shape")] = "square",
     background: Annotated[str, typer.Option("--background")] = "white",
     texture: Annotated[str, typer.Option("--texture")] = "striped",
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the small random offsets.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, help="Seed of the small random offsets.")
+    ] = 0,
     as_json: JsonOption = False,
 ) -> None:
     """Render toy clips as mp4 files, each with its prompt (NAME.txt) and ground truth (NAME.json).
