@@ -572,24 +572,138 @@ def resolve_preset(name_or_path: str) -> Path:
     return builtin
 
 
+MAX_SETTINGS_BYTES = 1_000_000
+"""The largest settings file read (a full one, every field set, is about 5 kB)."""
+MAX_SETTINGS_NODES = 10_000
+"""The most YAML nodes a settings file or ``--set`` value may stand for, aliases expanded.
+
+The whole settings tree is about 200 nodes. The budget is checked on the
+composed YAML graph, before any Python object is built, so an alias bomb (a
+few hundred bytes that expand into billions of nodes) is refused in
+milliseconds instead of filling the memory when it is merged or printed.
+"""
+MAX_SHOWN_CHARS = 200
+"""How much of a value an error message shows."""
+
+
+def shorten(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
+    """``text`` cut to about ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses documents standing for too many nodes.
+
+    Composing counts every node and alias event (so a huge file stops early);
+    :func:`load_yaml` then measures the composed graph with aliases expanded
+    (each shared node once, by memo) before anything is constructed.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.composed = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        self.composed += 1
+        if self.composed > MAX_SETTINGS_NODES:
+            raise _OverBudgetError(f"it holds more than {MAX_SETTINGS_NODES} YAML nodes")
+        return super().compose_node(parent, index)
+
+
+class _OverBudgetError(Exception):
+    """A YAML document over the node budget (turned into a UsageError by the caller)."""
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """How many nodes ``node`` stands for with every alias expanded (``sizes`` memoizes)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise _OverBudgetError("it has an alias inside its own anchor (a recursive structure)")
+    open_nodes.add(key)
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        children: list[yaml.Node] = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    else:
+        children = []
+    for child in children:
+        size += _expanded_size(child, sizes, open_nodes)
+        if size > MAX_SETTINGS_NODES:
+            raise _OverBudgetError(
+                f"it stands for more than {MAX_SETTINGS_NODES} YAML nodes once its aliases are "
+                "expanded (an alias bomb?)"
+            )
+    open_nodes.discard(key)
+    sizes[key] = size
+    return size
+
+
+def load_yaml(text: str, what: str) -> Any:
+    """Parses settings YAML safely and within :data:`MAX_SETTINGS_NODES`.
+
+    Args:
+        text: The YAML.
+        what: How errors name the source (a file, a ``--set`` option).
+
+    Raises:
+        UsageError: for a document over the budget (an alias bomb, a
+            recursive alias, a huge file), naming ``what``.
+        yaml.YAMLError: for a syntax error.
+    """
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, set())
+        return loader.construct_document(node)
+    except _OverBudgetError as exc:
+        raise UsageError(
+            f"{what} cannot be read as settings: {exc}",
+            "settings are a small tree of sections and fields; write the values out "
+            "instead of repeating them through YAML anchors and aliases",
+        ) from None
+    finally:
+        loader.dispose()
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
-    """Reads a YAML or TOML settings file into a nested dict."""
+    """Reads a YAML or TOML settings file into a nested dict.
+
+    Raises:
+        UsageError: for a missing, unreadable, oversized or malformed file
+            (see :func:`load_yaml` for the YAML budget).
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise UsageError(f"config file not found: {path}", "check the path given to --config")
+    if path.stat().st_size > MAX_SETTINGS_BYTES:
+        raise UsageError(
+            f"config file {path} is {path.stat().st_size:,} bytes; a settings file is at most "
+            f"{MAX_SETTINGS_BYTES:,}",
+            "is it the right file?",
+        )
     try:
         text = path.read_text(encoding="utf-8")
         if path.suffix == ".toml":
             data: Any = tomllib.loads(text)
         elif path.suffix in {".yaml", ".yml"}:
-            data = yaml.safe_load(text)
+            data = load_yaml(text, f"config file {path}")
         else:
             raise UsageError(
                 f"config file {path} has an unknown type {path.suffix!r}",
                 "use a .yaml, .yml or .toml file",
             )
     except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot parse {path}: {exc}", "fix the syntax of the file") from exc
+        raise UsageError(
+            f"cannot parse {path}: {shorten(str(exc), 4 * MAX_SHOWN_CHARS)}",
+            "fix the syntax of the file",
+        ) from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -612,11 +726,11 @@ def parse_set_options(assignments: list[str]) -> dict[str, Any]:
         key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):
             raise UsageError(
-                f"--set {item!r} is not of the form section.field=value",
+                f"--set {shorten(repr(item))} is not of the form section.field=value",
                 "for example: --set train.steps=500",
             )
         try:
-            value = yaml.safe_load(raw) if raw.strip() else raw
+            value = load_yaml(raw, f"--set {shorten(key)}") if raw.strip() else raw
         except yaml.YAMLError:
             value = raw
         _set_nested(result, key.split("."), value)
@@ -752,7 +866,9 @@ def format_validation_error(
                 origin = f" (set by {label})"
                 break
         value = error.get("input")
-        shown = "" if isinstance(value, dict) else f", got {json.dumps(value, default=str)}"
+        shown = (
+            "" if isinstance(value, dict) else f", got {shorten(json.dumps(value, default=str))}"
+        )
         message = error["msg"].removeprefix("Value error, ")
         lines.append(f"  - {name}: {message}{shown}{origin}")
         help_text = _field_help(loc)

@@ -7,6 +7,14 @@ The CLI maps them to a message and an exit code in one place
 
 from __future__ import annotations
 
+import errno
+from typing import TypeGuard
+
+DISK_FULL_ERRNOS = frozenset(
+    code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code is not None
+)
+"""``OSError.errno`` values that mean the disk (or the user's quota) is full."""
+
 
 class MotionsepError(Exception):
     """Base class of every error motionsep raises on purpose.
@@ -121,3 +129,8 @@ class VideoError(UsageError):
     def __init__(self, message: str, hint: str | None = None, path: str | None = None) -> None:
         super().__init__(message, hint)
         self.path = path
+
+
+def is_disk_full(exc: BaseException) -> TypeGuard[OSError]:
+    """Whether ``exc`` is an ``OSError`` saying the disk or the user's quota is full."""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from motionsep.errors import VideoError
+from motionsep.errors import UsageError, VideoError
 
 SIDECAR_SUFFIX = ".json"
 """The sidecar of ``NAME.mp4`` (or ``NAME.gif``, or the PNG folder ``NAME``) is ``NAME.json``."""
@@ -109,15 +109,80 @@ def read_video(path: Path) -> np.ndarray:
 
 
 def read_sidecar(video: Path) -> dict[str, Any] | None:
-    """The JSON sidecar ``generate`` wrote beside a video, or None."""
+    """The JSON sidecar ``generate`` wrote beside a video, or None when there is none.
+
+    Raises:
+        UsageError: for a sidecar that is not JSON or whose fields do not fit
+            (see :func:`check_sidecar`), naming it.
+    """
     sidecar = sidecar_path(video)
     if not sidecar.is_file():
         return None
     try:
         data = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"sidecar {sidecar} is not JSON ({exc})", SIDECAR_HINT) from exc
+    return check_sidecar(data, sidecar)
+
+
+# The sidecar fields that readers (evaluate, report) rely on -> the JSON types each may
+# have; any of them may also be missing or null.
+SIDECAR_FIELDS: dict[str, tuple[type, ...]] = {
+    "prompt": (str,),
+    "seed": (int,),
+    "motion": (dict,),
+    "motion.name": (str,),
+    "motion.recipe": (str,),
+    "sample": (dict,),
+    "sample.highway": (bool,),
+    "sample.pli": (int, float),
+    "sample.base_seed": (int,),
+    "sample.num_videos": (int,),
+    "ablation": (dict,),
+    "ablation.seeds": (list,),
+    "ablation.variant": (str,),
+}
+SIDECAR_HINT = (
+    "a sidecar is the JSON file generate writes beside each video; fix it, or move it away "
+    "to use the video without one"
+)
+
+
+def check_sidecar(content: Any, sidecar: Path) -> dict[str, Any]:
+    """``content`` (a parsed sidecar) if its fields have the types :data:`SIDECAR_FIELDS` says.
+
+    Raises:
+        UsageError: naming the sidecar file and the first field that does not fit.
+    """
+    if not isinstance(content, dict):
+        raise UsageError(
+            f"sidecar {sidecar} holds a {type(content).__name__}, not a JSON object", SIDECAR_HINT
+        )
+    for name, types in SIDECAR_FIELDS.items():
+        parent, _, key = name.rpartition(".")
+        holder = content.get(parent) if parent else content
+        value = holder.get(key) if isinstance(holder, dict) else None
+        wrong_bool = isinstance(value, bool) and bool not in types
+        if value is not None and (wrong_bool or not isinstance(value, types)):
+            expected = " or ".join(_JSON_TYPE_NAMES[t] for t in types)
+            raise UsageError(
+                f"sidecar {sidecar}: {name} is {json.dumps(value)[:80]}, not {expected}",
+                SIDECAR_HINT,
+            )
+    seeds = (content.get("ablation") or {}).get("seeds") or []
+    if any(isinstance(seed, bool) or not isinstance(seed, int) for seed in seeds):
+        raise UsageError(f"sidecar {sidecar}: ablation.seeds holds a non-integer", SIDECAR_HINT)
+    return content
+
+
+_JSON_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    dict: "an object",
+    list: "a list",
+}
 
 
 # ---------------------------------------------------------------------------

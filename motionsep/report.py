@@ -147,6 +147,13 @@ def write_report(
     source = Path(source).expanduser()
     if not source.is_dir():
         raise UsageError(f"{source} is not a folder", "pass the folder the videos are in")
+    if source.resolve() == Path(source.resolve().anchor):
+        raise UsageError(
+            f"{source} is the root of the file system; report reads FOLDER and every folder in it",
+            "pass the folder the videos are in",
+        )
+    scores = read_scores(scores) if isinstance(scores, (str, Path)) else scores
+    _check_references(references)
     out = Path(out).expanduser() if out is not None else source / "report"
     if store_home is None:
         from motionsep.config import load_settings
@@ -389,11 +396,68 @@ def _read_scores(
     """An ``evaluate --json`` report's scores by resolved video path, and its groups."""
     if scores is None:
         return {}, []
-    report = (
-        scores if isinstance(scores, dict) else json.loads(Path(scores).read_text(encoding="utf-8"))
-    )
+    report = check_scores(scores) if isinstance(scores, dict) else read_scores(scores)
     by_path = {str(Path(v["path"]).resolve()): v for v in report.get("videos", [])}
     return by_path, list(report.get("groups", []))
+
+
+def read_scores(path: Path | str) -> dict[str, Any]:
+    """An ``evaluate --json`` file, checked (see :func:`check_scores`).
+
+    Raises:
+        UsageError: the file is missing, not JSON, or not of that shape, naming it.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UsageError(f"--scores {path} is not a file", _SCORES_HINT)
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--scores {path} is not JSON ({exc})", _SCORES_HINT) from exc
+    return check_scores(content, f"--scores {path}")
+
+
+def check_scores(content: Any, source: str = "the scores") -> dict[str, Any]:
+    """``content`` if it has the shape ``evaluate --json`` writes, as far as the page reads it.
+
+    Raises:
+        UsageError: naming the first entry that does not fit.
+    """
+    if not isinstance(content, dict):
+        raise UsageError(f"{source} holds a {type(content).__name__}, not scores", _SCORES_HINT)
+    for key in ("videos", "groups"):
+        if not isinstance(content.get(key, []), list):
+            raise UsageError(f"{source}: {key!r} is not a list", _SCORES_HINT)
+    for index, video in enumerate(content.get("videos", [])):
+        if not isinstance(video, dict) or not isinstance(video.get("path"), str):
+            raise UsageError(f"{source}: videos[{index}] has no 'path'", _SCORES_HINT)
+    for index, group in enumerate(content.get("groups", [])):
+        tables = [group.get(k) for k in ("mean", "std")] if isinstance(group, dict) else [None]
+        numbers = all(
+            isinstance(table, dict)
+            and all(v is None or isinstance(v, (int, float)) for v in table.values())
+            for table in tables
+        )
+        if not numbers:
+            raise UsageError(
+                f"{source}: groups[{index}] needs 'mean' and 'std', each metric -> a number",
+                _SCORES_HINT,
+            )
+    return content
+
+
+_SCORES_HINT = "pass the file `motionsep evaluate FOLDER --json > scores.json` wrote"
+
+
+def _check_references(references: Sequence[Path]) -> None:
+    """Refuses a reference clip that cannot be shown (missing, no frames, not a video)."""
+    from motionsep.evaluate import check_video
+
+    for reference in references:
+        path = Path(reference).expanduser()
+        if not path.exists():
+            raise UsageError(f"--reference {path} does not exist", "pass a video file")
+        check_video(path)
 
 
 def _groups_table(groups: list[dict[str, Any]]) -> Table:

@@ -6,7 +6,9 @@ Motion training (``train``) and toy pretraining (``toy pretrain``) share this:
   ``state.json``, written through :func:`motionsep.store.atomic_folder`, with
   ``state.json`` last and the sha256 of every tensor file in it, so a folder
   without a readable ``state.json`` is incomplete and one whose files no
-  longer match is damaged;
+  longer match is damaged. ``state.json`` also carries the sha256 of its own
+  content (:func:`state_digest`), and its step must be the folder's ``N``: a
+  state edited by hand (its step, say) is damaged too;
 - only the newest :data:`KEEP_CHECKPOINTS` are kept;
 - optimizer and RNG state become tensors plus JSON (no pickles);
 - the first Ctrl-C asks the loop to checkpoint and stop
@@ -16,6 +18,7 @@ Motion training (``train``) and toy pretraining (``toy pretrain``) share this:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import signal
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
 
 CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "state.json"
+STATE_DIGEST_KEY = "state_sha256"
 KEEP_CHECKPOINTS = 2
 
 
@@ -74,8 +78,8 @@ def save_checkpoint(
         run_dir: The run folder.
         step: The step the checkpoint ends.
         tensors: File name -> the tensors to save in it (safetensors).
-        state: JSON-ready state; ``step`` and ``files`` (the sha256 of each
-            tensor file) are added to it.
+        state: JSON-ready state; ``step``, ``files`` (the sha256 of each
+            tensor file) and the state's own digest are added to it.
         keep: How many checkpoints to keep.
 
     Returns:
@@ -88,11 +92,25 @@ def save_checkpoint(
         for name, values in tensors.items():
             save_file(values, str(tmp / name))
         record = {**state, "step": step, "files": {n: file_sha256(tmp / n) for n in tensors}}
+        # the digest of what a reader gets back (JSON turns tuples and int keys into lists, str)
+        record = json.loads(json.dumps(record))
+        record[STATE_DIGEST_KEY] = state_digest(record)
         # state.json last: a checkpoint without it is incomplete and ignored
         (tmp / STATE_FILE).write_text(json.dumps(record))
     for _, old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def state_digest(record: dict[str, Any]) -> str:
+    """The sha256 of a checkpoint state's content, without its own digest entry.
+
+    Computed over canonical JSON (sorted keys), so it does not depend on how
+    the file is laid out, only on what it says.
+    """
+    content = {key: value for key, value in record.items() if key != STATE_DIGEST_KEY}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -104,20 +122,28 @@ def read_state(path: Path) -> dict[str, Any]:
 def checkpoint_problem(path: Path, tensor_files: tuple[str, ...]) -> str | None:
     """What is wrong with a checkpoint folder, or None when it is intact.
 
-    Intact means: ``state.json`` readable, every one of ``tensor_files``
-    present, matching the sha256 recorded when it was written (checkpoints
-    of older versions have no record and are read instead), readable, and
-    every floating-point tensor in it finite.
+    Intact means: ``state.json`` readable, unchanged since it was written
+    (its digest matches; checkpoints of older versions have none), and its
+    step the folder's; every one of
+    ``tensor_files`` present, matching the sha256 recorded when it was
+    written (checkpoints of older versions have no record and are read
+    instead), readable, and every floating-point tensor in it finite.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         state = read_state(path)
-        int(state["step"])
+        step = state["step"]
         recorded = dict(state.get("files", {}))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         return f"{STATE_FILE} is unreadable ({exc})"
+    digest = state.get(STATE_DIGEST_KEY)
+    if digest is not None and digest != state_digest(state):
+        return f"{STATE_FILE} was changed after it was written (its sha256 does not match)"
+    folder_step = path.name.removeprefix(CHECKPOINT_PREFIX)
+    if isinstance(step, bool) or not isinstance(step, int) or str(step) != folder_step:
+        return f"{STATE_FILE} says step {str(step)[:40]} but the folder is {path.name}"
     for name in tensor_files:
         file = path / name
         if not file.is_file():

@@ -219,10 +219,20 @@ class Store:
 
     Args:
         home: The store root; created on first write.
+
+    Raises:
+        UsageError: if ``home``, or a folder above it, is a file.
     """
 
     def __init__(self, home: Path) -> None:
         self.home = Path(home).expanduser()
+        existing = next((p for p in (self.home, *self.home.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            where = "is a file" if existing == self.home else f"is inside {existing}, a file"
+            raise UsageError(
+                f"the store root {self.home} {where}, not a folder",
+                "point MOTIONSEP_HOME (or store.home) at a folder, or at a path to create one",
+            )
 
     def partial_motion_dir(self, name: str) -> Path:
         """Where an unfinished training of motion ``name`` keeps its checkpoints."""

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from motionsep import runs
 from motionsep.config import Settings
-from motionsep.errors import MotionsepError, UsageError
+from motionsep.errors import DiskFullError, MotionsepError, UsageError, is_disk_full
 from motionsep.progress import Progress, or_null
 from motionsep.runs import TrainingInterruptedError, latest_checkpoint
 from motionsep.store import Store, atomic_write_bytes
@@ -44,6 +44,21 @@ if TYPE_CHECKING:
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_TENSOR_FILES = ("adapters.safetensors", "optimizer.safetensors", "rng.safetensors")
+# What a resume may change: how long the run goes, how often it saves, previews and
+# reports, and how it is spread and sped up. Any other setting is part of the run
+# its checkpoint belongs to (recorded in the checkpoint, compared on --resume).
+RESUME_FREE_SETTINGS = frozenset(
+    {
+        "train.steps",
+        "train.checkpoint_every",
+        "train.preview_every",
+        "train.report_to",
+        "train.num_processes",
+        "train.gradient_checkpointing",
+        "train.channels_last",
+        "train.cudnn_benchmark",
+    }
+)
 
 
 class TrainingDivergedError(MotionsepError):
@@ -314,8 +329,70 @@ def _save_checkpoint(trainer: Trainer, run_dir: Path, step: int, adapters: list[
             "optimizer.safetensors": optimizer_tensors,
             "rng.safetensors": rng_tensors,
         },
-        {"optimizer": optimizer_meta, "scheduler": scheduler, "rng": rng_meta},
+        {
+            "optimizer": optimizer_meta,
+            "scheduler": scheduler,
+            "rng": rng_meta,
+            "run": run_settings(trainer.settings),
+            "clips": [clip.sha256 for clip in trainer.dataset.clips],
+        },
     )
+
+
+def run_settings(settings: Settings) -> dict[str, Any]:
+    """The settings that make a training run what it is, flat (``section.field``).
+
+    The base model's name, ``data``, ``lora``, ``optim`` and ``train`` except
+    :data:`RESUME_FREE_SETTINGS`.
+    """
+    values = settings.to_dict()
+    flat = {
+        f"{section}.{key}": value
+        for section in ("data", "lora", "optim", "train")
+        for key, value in values[section].items()
+    }
+    flat["model.name"] = values["model"]["name"]
+    return {key: value for key, value in flat.items() if key not in RESUME_FREE_SETTINGS}
+
+
+_OTHER_RUN_HINT = (
+    "resume with the command line the run began with (plus --resume), or start over with --force"
+)
+
+
+def _check_run_settings(path: Path, settings: Settings) -> None:
+    """Refuses to resume from a checkpoint written under other :func:`run_settings`.
+
+    Checkpoints of older versions record none and are not checked.
+
+    Raises:
+        UsageError: naming the settings that differ.
+    """
+    recorded = runs.read_state(path).get("run")
+    if not isinstance(recorded, dict):
+        return
+    current = run_settings(settings)
+    changed = sorted(
+        k for k in recorded.keys() | current.keys() if recorded.get(k) != current.get(k)
+    )
+    if changed:
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise UsageError(
+            f"the checkpoint {path} belongs to a run with other settings "
+            f"({', '.join(changed[:6])}{more})",
+            _OTHER_RUN_HINT,
+        )
+
+
+def _check_run_clips(path: Path, dataset: PreparedDataset) -> None:
+    """Refuses to resume from a checkpoint of a run on other clips (older ones record none).
+
+    Raises:
+        UsageError: naming the checkpoint.
+    """
+    clips = runs.read_state(path).get("clips")
+    if isinstance(clips, list) and clips != [clip.sha256 for clip in dataset.clips]:
+        raise UsageError(f"the checkpoint {path} belongs to a run on other clips", _OTHER_RUN_HINT)
 
 
 def _load_checkpoint(trainer: Trainer, path: Path) -> int:
@@ -478,18 +555,45 @@ def train_motion(
     with ExitStack() as stack:
         if accelerator.is_main_process:
             stack.enter_context(store.motion_lock(name, f"training of motion {name!r}"))
-        return _train_locked(
-            inputs,
-            name,
-            settings,
-            store,
-            accelerator,
-            precision,
-            resume,
-            force,
-            progress,
-            resume_command,
+        try:
+            return _train_locked(
+                inputs,
+                name,
+                settings,
+                store,
+                accelerator,
+                precision,
+                resume,
+                force,
+                progress,
+                resume_command,
+            )
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            raise _disk_full(exc, partial_dir(store, name), name, resume_command) from exc
+
+
+def _resume_hint(name: str, resume_command: str | None) -> str:
+    """The command that resumes a training of ``name``."""
+    return resume_command or f"motionsep train ... --name {name} --resume"
+
+
+def _disk_full(exc: OSError, run_dir: Path, name: str, resume_command: str | None) -> DiskFullError:
+    """What a full disk during training means: which checkpoint is kept, how to go on."""
+    where = f" (writing {exc.filename})" if exc.filename else ""
+    kept = latest_checkpoint(run_dir)
+    if kept is None:
+        return DiskFullError(
+            f"the disk filled up while training motion {name!r}{where}; no checkpoint had "
+            "been written yet",
+            "free some space and start the training again",
         )
+    return DiskFullError(
+        f"the disk filled up while training motion {name!r}{where}; the checkpoint of step "
+        f"{kept[0]} is kept in {kept[1]}",
+        f"free some space, then resume with: {_resume_hint(name, resume_command)}",
+    )
 
 
 def _train_locked(
@@ -508,9 +612,11 @@ def _train_locked(
     main = accelerator.is_main_process
     events = or_null(progress if main else None)
     run_dir = partial_dir(store, name)
-    checkpoint = _resume_point(run_dir, name, resume, force, events)
+    checkpoint = _resume_point(run_dir, name, resume, force, settings, events)
     components, weight_dtype = _load_base(settings, store, accelerator.device, precision)
     dataset = _inputs(inputs, settings, store, components, accelerator, events)
+    if checkpoint is not None:
+        _check_run_clips(checkpoint[1], dataset)
     # Only now that the new run's inputs are good is an older run of this name
     # discarded (refused above unless --force; a run with no checkpoint holds nothing).
     if not resume and run_dir.exists() and main:
@@ -529,7 +635,7 @@ def _train_locked(
         (run_dir / "settings.yaml").write_text(settings.to_yaml())
         _write_metrics(run_dir, metrics)
     started = time.monotonic()
-    command = resume_command or f"motionsep train ... --name {name} --resume"
+    command = _resume_hint(name, resume_command)
     _loop(trainer, run_dir, start, metrics, adapters, name, command, events)
     seconds = time.monotonic() - started
 
@@ -560,25 +666,39 @@ def _train_locked(
 
 
 def _resume_point(
-    run_dir: Path, name: str, resume: bool, force: bool, events: Progress
+    run_dir: Path, name: str, resume: bool, force: bool, settings: Settings, events: Progress
 ) -> tuple[int, Path] | None:
     """The checkpoint to resume from (with ``resume``), after refusing what must be refused.
 
     Raises:
-        UsageError: ``resume`` without an intact checkpoint; a new run over an
+        UsageError: ``resume`` without an intact checkpoint, or with one past
+            ``train.steps`` or of a run with other settings; a new run over an
             unfinished one without ``force``.
     """
+    total_steps = settings.train.steps
     checkpoint = (
         runs.intact_checkpoint(run_dir, CHECKPOINT_TENSOR_FILES, events.log) if resume else None
     )
     if resume and checkpoint is None:
-        damaged = latest_checkpoint(run_dir) is not None
+        newest = latest_checkpoint(run_dir)
+        problem = (
+            None if newest is None else runs.checkpoint_problem(newest[1], CHECKPOINT_TENSOR_FILES)
+        )
         raise UsageError(
-            f"there is no {'intact ' if damaged else ''}checkpoint to resume for motion "
-            f"{name!r} (looked in {run_dir})",
+            f"there is no {'intact ' if newest else ''}checkpoint to resume for motion "
+            f"{name!r} (looked in {run_dir})"
+            + (f"; {newest[1].name} is damaged: {problem}" if newest and problem else ""),
             "start the training again with --force (it discards the damaged run)"
-            if damaged
+            if newest
             else "start the training without --resume",
+        )
+    if checkpoint is not None:
+        _check_run_settings(checkpoint[1], settings)
+    if checkpoint is not None and checkpoint[0] > total_steps:
+        raise UsageError(
+            f"the checkpoint of motion {name!r} is at step {checkpoint[0]}, past train.steps = "
+            f"{total_steps} ({checkpoint[1]})",
+            f"resume with --steps {checkpoint[0]} or more (the run's own number of steps)",
         )
     unfinished = None if resume else latest_checkpoint(run_dir)
     if unfinished is not None and not force:

@@ -62,8 +62,8 @@ class RichProgress:
 
     def log(self, message: str) -> None:
         if not self._progress.disable:
-            # the library's lines are plain text (paths may hold "[...]"), never rich markup
-            self._progress.console.print(message, markup=False)
+            # the library's messages are plain text (paths may hold "[...]")
+            self._progress.console.print(message, markup=False, soft_wrap=True)
 
 
 def _short(value: Any) -> str:
@@ -101,10 +101,13 @@ def emit(result: Any, as_json: bool, lines: list[str] | None = None) -> None:
 
 def relaunch_as(processes: int) -> None:
     """With ``processes`` > 1 in a process that was not launched: run the command again as that
-    many processes and exit with their status. Otherwise nothing (this process does the work).
+    many processes and exit with their status. Otherwise nothing (this process does the work);
+    a launched process is tied to its launcher first (it stops when the launcher does).
     """
-    from motionsep.launch import in_distributed_run, relaunch
+    from motionsep.launch import bind_worker_to_launcher, in_distributed_run, relaunch
 
-    if processes > 1 and not in_distributed_run():
+    if in_distributed_run():
+        bind_worker_to_launcher()
+    elif processes > 1:
         err_console.print(f"launching {processes} processes")
         raise SystemExit(relaunch(processes))

@@ -20,7 +20,7 @@ from motionsep_cli import (
     toy,
     train,
 )
-from motionsep_cli._errors import MotionsepGroup
+from motionsep_cli._errors import MotionsepGroup, leave_if_stopped_worker
 
 app = typer.Typer(
     name="motionsep",
@@ -70,4 +70,8 @@ def _root(
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        leave_if_stopped_worker(exc.code)
+        raise

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from motionsep_cli._console import RichProgress, emit, err_console
 from motionsep_cli._options import JsonOption, SetOption
@@ -78,11 +79,12 @@ def demo(
         )
     if not no_report:
         page = write_report(out, out / "report", force=True)
-        err_console.print(f"[green]page:[/] {page} (open it in a browser)")
+        err_console.print(f"[green]page:[/] {escape(str(page))} (open it in a browser)")
     err_console.print((out / "results.md").read_text(), markup=False, soft_wrap=True)
     name = results["settings"]["name"]
     err_console.print(
-        f"report in {out}/ (frames.png, videos/); try: motionsep generate --motion {name} "
+        f"report in {escape(str(out))}/ (frames.png, videos/); "
+        f"try: motionsep generate --motion {name} "
         f'"a green circle {_phrase(motion)} on a plain gray background"'
     )
     emit(results, as_json, lines=[str(out / "results.md")])

@@ -232,9 +232,9 @@ def evaluate(
     _show(report, title="ablation" if ablation else "evaluation")
     page.write(_report_folder(videos, report), report, reference or [])
     if csv_file is not None:
-        err_console.print(f"wrote {escape(str(report.write_csv(csv_file, force=force)))}")
+        err_console.print(f"wrote {report.write_csv(csv_file, force=force)}", markup=False)
     if plot_file is not None:
-        err_console.print(f"wrote {escape(str(report.plot(plot_file, force=force)))}")
+        err_console.print(f"wrote {report.plot(plot_file, force=force)}", markup=False)
     if not as_json:
         emit(None, False, lines=_summary_lines(report))
 
@@ -335,7 +335,7 @@ def _ablation(
         page.check(target)
         err_console.print(
             f"ablation of motion {package.name} ({package.metadata.recipe.value}): "
-            f"{len(prompts)} prompt(s) x {seeds} seed(s) into {target}"
+            f"{len(prompts)} prompt(s) x {seeds} seed(s) into {escape(str(target))}"
             + (f", {shard.count} processes" if shard.count > 1 else "")
         )
     with RichProgress(enabled=shard.is_main) as progress:
@@ -360,7 +360,6 @@ def _ablation(
 
 
 def _show(report: EvaluationReport, title: str) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
     from motionsep.evaluate import format_value

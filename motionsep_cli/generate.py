@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from motionsep.config import VideoFormat
 from motionsep_cli._console import RichProgress, emit, err_console, relaunch_as
@@ -198,6 +199,7 @@ def generate(
     set_options: SetOption = None,
 ) -> None:
     from motionsep.devices import resolve_device
+    from motionsep.errors import is_disk_full
     from motionsep.launch import current_shard
     from motionsep.sample import (
         VideoWriter,
@@ -261,7 +263,7 @@ def generate(
     what = f"motion {package.name} ({package.metadata.recipe.value})" if package else "no motion"
     say(
         f"generating {total} video(s) with {what} on "
-        f"{ref.id}: {sample.frames} frames {sample.width}x{sample.height}, "
+        f"{escape(ref.id)}: {sample.frames} frames {sample.width}x{sample.height}, "
         f"{sample.steps} steps, guidance {sample.guidance:g}"
         + (f", {shard.count} processes" if shard.count > 1 else "")
     )
@@ -277,11 +279,15 @@ def generate(
             )
             for video in videos:
                 writer.write(video)  # each video is kept the moment it is done
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, OSError) as exc:
+        if isinstance(exc, OSError) and not is_disk_full(exc):
+            raise
+        stop = "interrupted" if isinstance(exc, KeyboardInterrupt) else "disk full"
         err_console.print(
-            f"interrupted: {len(writer.saved)} of {total} video(s) were written"
+            f"{stop}: {len(writer.saved)} of {total} video(s) were written"
             + (f" by process {shard.rank}" if shard.count > 1 else "")
-            + ", each complete with its sidecar"
+            + ", each complete with its sidecar",
+            markup=False,
         )
         _emit_saved([item.to_dict() for item in writer.saved], as_json)
         raise

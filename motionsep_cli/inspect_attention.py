@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from motionsep_cli._console import RichProgress, emit, err_console
 from motionsep_cli._options import (
@@ -103,9 +104,9 @@ def inspect_attention(
         else Path("attention") / (f"{package.name}-{slugify(prompt, 40)}-{sample.seed}")
     )
     ref = resolve_model(settings, package)
-    source = f"clip {video}" if video is not None else f"{sample.steps} DDIM steps"
+    source = f"clip {escape(str(video))}" if video is not None else f"{sample.steps} DDIM steps"
     err_console.print(
-        f"inspecting motion {package.name} ({package.metadata.recipe.value}) on {ref.id}: "
+        f"inspecting motion {package.name} ({package.metadata.recipe.value}) on {escape(ref.id)}: "
         f"{source}, {sample.frames} frames {sample.width}x{sample.height}, seed {sample.seed}"
     )
     with RichProgress() as progress:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 
 from motionsep.library import LIST_FIELDS
 from motionsep.model.interop import ExportFormat, ImportFormat
@@ -268,7 +269,8 @@ def _report_leftovers(store: Store) -> None:
         size = _size(leftover.size_bytes)
         if leftover.kind == "unfinished training":
             err_console.print(
-                f"[yellow]unfinished training[/] of {leftover.name!r} in {leftover.path} ({size}): "
+                f"[yellow]unfinished training[/] of {leftover.name!r} in "
+                f"{escape(str(leftover.path))} ({size}): "
                 f"continue with `motionsep train CLIPS --name {leftover.name} --resume`, "
                 "or delete the folder to discard it",
                 highlight=False,
@@ -276,8 +278,8 @@ def _report_leftovers(store: Store) -> None:
             )
         else:
             err_console.print(
-                f"[yellow]cut-off write[/] {leftover.path} ({size}): an interrupted command "
-                "left it; nothing reads it, delete it to free the space",
+                f"[yellow]cut-off write[/] {escape(str(leftover.path))} ({size}): an interrupted "
+                "command left it; nothing reads it, delete it to free the space",
                 highlight=False,
                 soft_wrap=True,
             )
@@ -412,10 +414,10 @@ def import_(
         force=force,
     )
     for note in result.notes:
-        err_console.print(f"note: {note}")
+        err_console.print(f"note: {note}", markup=False)
     err_console.print(
         f"[green]imported:[/] {name} ({result.recipe.value}, rank {result.rank}) "
-        f"on {settings.model.name}"
+        f"on {escape(settings.model.name)}"
     )
     if as_json:
         emit(result.to_dict(), True)

@@ -282,7 +282,8 @@ def pretrain(
         )
     probe = result.probe or {}
     err_console.print(
-        f"[green]pretrained[/] {result.folder} in {result.seconds / 60:.1f} min; held-in probe: "
+        f"[green]pretrained[/] {escape(str(result.folder))} in {result.seconds / 60:.1f} min; "
+        "held-in probe: "
         + ", ".join(
             f"{k} {probe[k]:.2f}" for k in ("color", "direction") if probe.get(k) is not None
         )
@@ -313,7 +314,7 @@ def snapshot(
 
     folder = export_checkpoint(run, out, force=force, step=step)
     step = json.loads((folder / "toy.json").read_text())["exported_from"]["step"]
-    err_console.print(f"[green]snapshot[/] of step {step}: {folder}")
+    err_console.print(f"[green]snapshot[/] of step {step}: {escape(str(folder))}")
     emit({"model": str(folder), "step": step}, as_json, lines=[str(folder)])
 
 
@@ -542,5 +543,5 @@ def experiment(
         from motionsep.report import write_report
 
         page = write_report(out, out / "report", force=True)
-        err_console.print(f"[green]page:[/] {page} (open it in a browser)")
+        err_console.print(f"[green]page:[/] {escape(str(page))} (open it in a browser)")
     emit(results, as_json, lines=[str(out / "results.md")])

@@ -426,7 +426,7 @@ def test_resume_passes_over_a_damaged_checkpoint_to_the_older_one(
 
     from safetensors.torch import save_file
 
-    from motionsep import train
+    from motionsep import runs, train
     from motionsep.data import file_sha256
 
     clip = [clips_dir / "dolly.mp4"]
@@ -455,6 +455,7 @@ def test_resume_passes_over_a_damaged_checkpoint_to_the_older_one(
         save_file(tensors, str(adapters))
         state = json_module.loads((newest / "state.json").read_text())
         state["files"]["adapters.safetensors"] = file_sha256(adapters)
+        state[runs.STATE_DIGEST_KEY] = runs.state_digest(state)
         (newest / "state.json").write_text(json_module.dumps(state))
 
     logged = _Logged()

@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pickle
 import re
 from collections.abc import Mapping, Sequence
@@ -450,6 +451,23 @@ def _gaps(indices: Sequence[int]) -> str:
     return ", ".join(str(i) for i in missing[:_PREVIEW]) + more
 
 
+def _value_problem(tensor: torch.Tensor) -> str | None:
+    """What makes a LoRA tensor unusable (a dtype motionsep cannot compute with, NaN or
+    inf), or None."""
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    if dtype not in _FLOAT_DTYPES:
+        return f"is {dtype}, which motionsep cannot compute with (use {', '.join(_FLOAT_DTYPES)})"
+    if not bool(tensor.isfinite().all()):
+        return "holds NaN or inf"
+    return None
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a config value can be anything)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def _preview(items: Sequence[str], limit: int = _PREVIEW) -> str:
     shown = ", ".join(repr(item) for item in items[:limit])
     return shown if len(items) <= limit else f"{shown}, ... ({len(items) - limit} more)"
@@ -565,12 +583,16 @@ def _check_shapes(
         ):
             swapped += 1
         for which, tensor in (("up", up), ("down", down)):
-            dtype = str(tensor.dtype).removeprefix("torch.")
-            if dtype not in _FLOAT_DTYPES:
-                problems.append(f"pair {index} ({layer.name}): {which} is {dtype}, not a float")
-            elif not bool(tensor.isfinite().all()):
-                problems.append(f"pair {index} ({layer.name}): {which} holds NaN or inf")
+            problem = _value_problem(tensor)
+            if problem:
+                problems.append(f"pair {index} ({layer.name}): {which} {problem}")
     if not problems:
+        if rank < 1:
+            raise UsageError(
+                f"{source}: its LoRA has rank {rank} (down of pair 0 is "
+                f"{tuple(tensors[1].shape)}); a LoRA's rank is 1 or more",
+                "is the file damaged? Export it again from the program that trained it",
+            )
         return rank
     hint = (
         "the file holds [down, up] pairs; upstream lists are [up0, down0, up1, down1, ...]"
@@ -617,8 +639,13 @@ def read_peft_folder(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
     return config, tensors
 
 
-def _peft_rank(config: Mapping[str, Any], source: str) -> tuple[int, float]:
-    """A peft adapter config's rank and alpha, refusing what a motion LoRA cannot reproduce."""
+def _peft_rank(
+    config: Mapping[str, Any], source: str, where: str = PEFT_CONFIG_FILE
+) -> tuple[int, float]:
+    """A peft adapter config's rank and alpha, refusing what a motion LoRA cannot reproduce.
+
+    ``where`` names the config in messages (the file, or a LoRA file's metadata).
+    """
     if config.get("peft_type") != "LORA":
         raise UsageError(
             f"{source} is a {config.get('peft_type')!r} adapter, not a LoRA",
@@ -638,13 +665,27 @@ def _peft_rank(config: Mapping[str, Any], source: str) -> tuple[int, float]:
             f"{source} uses {', '.join(unsupported)}, which a motion LoRA cannot reproduce",
             "export a plain LoRA (one rank, no bias, no DoRA/rsLoRA)",
         )
-    try:
-        rank = int(config["r"])
-        alpha = float(config.get("lora_alpha", rank))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UsageError(f"{source}: adapter_config.json has no valid 'r' ({exc})") from exc
-
-    return rank, alpha
+    if "r" not in config:
+        raise UsageError(f"{source}: {where} has no 'r' (the LoRA rank)")
+    rank, alpha = config["r"], config.get("lora_alpha", config["r"])
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise UsageError(
+            f"{source}: {where} gives 'r' = {_shown(rank)}; a LoRA's rank is a whole number, "
+            "1 or more",
+            "is the adapter damaged? Export it again from the program that trained it",
+        )
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not math.isfinite(alpha)
+        or alpha <= 0
+    ):
+        raise UsageError(
+            f"{source}: {where} gives 'lora_alpha' = {_shown(alpha)}; it must be a finite "
+            "number above 0 (the LoRA's output is scaled by lora_alpha / r)",
+            "is the adapter damaged? Export it again from the program that trained it",
+        )
+    return rank, float(alpha)
 
 
 def convert_peft(
@@ -869,7 +910,9 @@ def _metadata_alpha(metadata: Mapping[str, str], path: Path) -> float | None:
     }
     if not config:
         return None
-    _, alpha = _peft_rank({"peft_type": "LORA", **config}, str(path))
+    _, alpha = _peft_rank(
+        {"peft_type": "LORA", **config}, str(path), f"its {DIFFUSERS_METADATA_KEY} metadata"
+    )
     return alpha
 
 
@@ -978,10 +1021,12 @@ def _checked_pairs(
                 problems.append(
                     f"{layer.name}.lora_{kind}.weight: expected {shape}, found {tuple(item.shape)}"
                 )
-            elif str(item.dtype).removeprefix("torch.") not in _FLOAT_DTYPES:
-                problems.append(f"{layer.name}.lora_{kind}.weight is {item.dtype}, not a float")
-            elif not bool(item.isfinite().all()):
-                problems.append(f"{layer.name}.lora_{kind}.weight holds NaN or inf")
+            elif problem := _value_problem(item):
+                problems.append(f"{layer.name}.lora_{kind}.weight {problem}")
+    if not problems and rank < 1:
+        problems.append(
+            f"{layers[0].name}.lora_A.weight has rank {rank}; a LoRA's rank is 1 or more"
+        )
     if problems:
         more = f"; ... ({len(problems) - _PREVIEW} more)" if len(problems) > _PREVIEW else ""
         raise UsageError(

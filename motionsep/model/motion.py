@@ -179,11 +179,17 @@ class MotionMetadata:
         """
         lora_fields = data["lora"]
         base = data["base_model"]
+        rank, alpha = int(lora_fields["rank"]), float(lora_fields["alpha"])
+        if rank < 1 or not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(
+                f"lora.rank is {rank} and lora.alpha {alpha}: a LoRA needs a rank of 1 or more "
+                "and a finite alpha above 0"
+            )
         return cls(
             recipe=Recipe(data["recipe"]),
             lora_targets=[str(t) for t in lora_fields["targets"]],
-            lora_rank=int(lora_fields["rank"]),
-            lora_alpha=float(lora_fields["alpha"]),
+            lora_rank=rank,
+            lora_alpha=alpha,
             base_model=BaseModelRecord(
                 id=str(base["id"]),
                 revision=base.get("revision"),

@@ -288,6 +288,11 @@ def run_experiment(
     """
     chosen = get_protocol(protocol)
     _check_request(motions, recipes, seeds, references)
+    if out.exists() and not out.is_dir():
+        raise UsageError(
+            f"{out} is a file; the experiment writes a report folder there",
+            "pass a folder (new, or an earlier experiment's to continue it) to --out",
+        )
     events = or_null(progress)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

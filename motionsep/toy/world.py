@@ -138,6 +138,8 @@ class ClipSpec:
                 raise ValueError(f"unknown toy {what} {value!r}; choose from {', '.join(allowed)}")
         if not 0.0 < self.speed <= MAX_SPEED:
             raise ValueError(f"toy speed must be in (0, {MAX_SPEED}] (got {self.speed})")
+        if self.seed < 0:
+            raise ValueError(f"a toy clip's seed must be 0 or more (got {self.seed})")
 
     @property
     def named(self) -> bool:
