@@ -993,58 +993,63 @@ def is_inspection_folder(path: Path) -> bool:
     return (path / "summary.json").is_file() and any((path / name).is_file() for name in maps)
 
 
-def save_inspection(inspection: AttentionInspection, out: Path | str) -> InspectionFiles:
-    """Writes the PNG grids, ``summary.json`` and ``maps.npz`` into the folder ``out``.
-
-    Files are written atomically; existing files of the same names are replaced.
-    """
-    from motionsep.store import atomic_write_bytes
-
+def inspection_files(out: Path | str) -> InspectionFiles:
+    """The five files an inspection writes into the folder ``out``."""
     out = Path(out).expanduser()
-    files = InspectionFiles(
+    return InspectionFiles(
         base=out / "base.png",
         motion=out / "motion.png",
         difference=out / "difference.png",
         summary=out / "summary.json",
         maps=out / "maps.npz",
     )
+
+
+def save_inspection(
+    inspection: AttentionInspection, out: Path | str, *, force: bool = False
+) -> InspectionFiles:
+    """Writes the PNG grids, ``summary.json`` and ``maps.npz`` into the folder ``out``.
+
+    The five files take their names together and exclusively: one that exists
+    is refused unless ``force`` (which replaces those five files only).
+
+    Raises:
+        OutputExistsError: one of the five files exists, without ``force``.
+    """
+    from motionsep.store import temporary_sibling
+    from motionsep.userfiles import check_new_files, discard, publish
+
+    files = inspection_files(out)
+    check_new_files(files.paths(), force=force)
     pairs = zip(inspection.steps, inspection.timesteps, strict=True)
     titles = [f"step {step} (t={timestep})" for step, timestep in pairs]
     shared = float(max(inspection.base_maps.max(), inspection.motion_maps.max()))
     where = inspection.prompt if inspection.video is None else inspection.video.name
     motion_name = inspection.record.get("motion", {}).get("name", "motion")
-    atomic_write_bytes(
-        files.base,
-        plot_grid(
-            inspection.base_maps,
-            inspection.layers,
-            titles,
-            f"base model: temporal attention (query frame x key frame), {where}",
-            vmax=shared,
-        ),
+    contents: dict[Path, bytes] = {}
+    contents[files.base] = plot_grid(
+        inspection.base_maps,
+        inspection.layers,
+        titles,
+        f"base model: temporal attention (query frame x key frame), {where}",
+        vmax=shared,
     )
-    atomic_write_bytes(
-        files.motion,
-        plot_grid(
-            inspection.motion_maps,
-            inspection.layers,
-            titles,
-            f"motion {motion_name}: temporal attention, {where}",
-            vmax=shared,
-        ),
+    contents[files.motion] = plot_grid(
+        inspection.motion_maps,
+        inspection.layers,
+        titles,
+        f"motion {motion_name}: temporal attention, {where}",
+        vmax=shared,
     )
-    atomic_write_bytes(
-        files.difference,
-        plot_grid(
-            inspection.motion_maps - inspection.base_maps,
-            inspection.layers,
-            titles,
-            f"motion {motion_name} minus base",
-            difference=True,
-        ),
+    contents[files.difference] = plot_grid(
+        inspection.motion_maps - inspection.base_maps,
+        inspection.layers,
+        titles,
+        f"motion {motion_name} minus base",
+        difference=True,
     )
     summary = {**inspection.summary(), "files": {k: str(v) for k, v in files.named().items()}}
-    atomic_write_bytes(files.summary, (json.dumps(summary, indent=2) + "\n").encode())
+    contents[files.summary] = (json.dumps(summary, indent=2) + "\n").encode()
     buffer = io.BytesIO()
     np.savez(
         buffer,
@@ -1054,7 +1059,18 @@ def save_inspection(inspection: AttentionInspection, out: Path | str) -> Inspect
         steps=np.array(inspection.steps),
         timesteps=np.array(inspection.timesteps),
     )
-    atomic_write_bytes(files.maps, buffer.getvalue())
+    contents[files.maps] = buffer.getvalue()
+    files.summary.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    try:
+        for final, data in contents.items():
+            tmp = temporary_sibling(final)
+            written.append((tmp, final))
+            tmp.write_bytes(data)
+        publish(written, replace=force)
+    finally:
+        for tmp, _ in written:
+            discard(tmp)
     return files
 
 

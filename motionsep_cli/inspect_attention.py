@@ -32,7 +32,8 @@ Writes into --out (default attention/MOTION-PROMPT-SEED/): base.png,
 motion.png, difference.png (layers x steps grids), summary.json (per layer and
 step: entropy, diagonal mass, KL(motion || base); per rerouted skip: cosine
 between the spatial-attention output and the temporal-attention output it
-replaces) and maps.npz. Paths go to stdout (the summary with --json),
+replaces) and maps.npz; files of an earlier inspection there are kept unless
+--force. Paths go to stdout (the summary with --json),
 progress to stderr.
 
 Examples:
@@ -78,6 +79,10 @@ def inspect_attention(
         typer.Option("--out", "-o", help="Output folder (default attention/MOTION-PROMPT-SEED/)."),
     ] = None,
     model: ModelOption = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Replace the five files of an earlier inspection in --out."),
+    ] = False,
     as_json: JsonOption = False,
     preset: PresetOption = None,
     config: ConfigOption = None,
@@ -85,8 +90,9 @@ def inspect_attention(
 ) -> None:
     from motionsep.errors import UsageError
     from motionsep.inspect import inspect_attention as run_inspection
-    from motionsep.inspect import save_inspection
+    from motionsep.inspect import inspection_files, save_inspection
     from motionsep.sample import load_motion_and_settings, resolve_model, slugify
+    from motionsep.userfiles import check_new_files
 
     overrides: dict[str, Any] = {"model": {"name": model}, "sample": {"seed": seed}}
     package, settings = load_motion_and_settings(
@@ -103,6 +109,7 @@ def inspect_attention(
         if out is not None
         else Path("attention") / (f"{package.name}-{slugify(prompt, 40)}-{sample.seed}")
     )
+    check_new_files(inspection_files(target).paths(), force=force)  # before any work
     ref = resolve_model(settings, package)
     source = f"clip {escape(str(video))}" if video is not None else f"{sample.steps} DDIM steps"
     err_console.print(
@@ -120,6 +127,6 @@ def inspect_attention(
             model=ref,
             progress=progress,
         )
-        files = save_inspection(inspection, target)
+        files = save_inspection(inspection, target, force=force)
     summary = {**inspection.summary(), "files": {k: str(v) for k, v in files.named().items()}}
     emit(summary, as_json, lines=[str(path) for path in files.paths()])

@@ -347,7 +347,12 @@ def test_cli_writes_pngs_of_the_expected_size_and_a_summary(
     maps = np.load(out / "maps.npz")
     assert maps["base"].shape == (6, 2, FRAMES, FRAMES)
 
-    bad = runner.invoke(app, [*args, "--layers", "nothing_like_this"])
+    before = {path: path.read_bytes() for path in out.iterdir()}
+    again = runner.invoke(app, [*args, "--layers", "up_blocks.1.*", "--steps", "0"])
+    assert again.exit_code == 2  # an earlier inspection is kept, before any work
+    assert "already exists" in again.stderr and "--force" in again.stderr
+    assert {path: path.read_bytes() for path in out.iterdir()} == before
+    bad = runner.invoke(app, [*args, "--layers", "nothing_like_this", "--force"])
     assert bad.exit_code == 2
     assert "matches none" in bad.stderr
 
@@ -365,6 +370,16 @@ def test_save_inspection_writes_the_five_files(
         "maps.npz",
     ]
     assert all(path.is_file() for path in files.paths())
+    from motionsep.errors import OutputExistsError
+
+    before = {path: path.read_bytes() for path in files.paths()}
+    with pytest.raises(OutputExistsError, match="already exists"):
+        save_inspection(inspection, tmp_path / "out")
+    assert {path: path.read_bytes() for path in files.paths()} == before
+    save_inspection(inspection, tmp_path / "out", force=True)  # replaces its own five files
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        p.name for p in files.paths()
+    )
 
 
 # ---------------------------------------------------------------------------
