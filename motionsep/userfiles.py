@@ -54,6 +54,7 @@ class OutputKind(str, Enum):
     EXPORT = "export"
     CLIPS = "clips"
     MODEL = "model"
+    DEMO = "demo"
 
     @property
     def noun(self) -> str:
@@ -66,6 +67,7 @@ _NOUNS = {
     "export": "motion export",
     "clips": "folder of clips",
     "model": "model folder",
+    "demo": "demo folder",
 }
 
 
@@ -397,6 +399,11 @@ def new_folder(
         publish([(tmp, path)], replace=replacing)
     finally:
         discard(tmp)
+
+
+def write_marker(folder: Path, kind: OutputKind) -> None:
+    """Marks ``folder``, filled in place, as a ``kind`` output holding what is in it now."""
+    _write_marker(folder, kind)
 
 
 def _write_marker(folder: Path, kind: OutputKind) -> None:

@@ -14,8 +14,8 @@ PresetOption = Annotated[
     typer.Option(
         "--preset",
         help=(
-            "Preset name (car-turn, zoom-in, zoom-out, dolly, animatediff, tiny, toy) "
-            "or a preset YAML's path."
+            "Preset name (car-turn, zoom-in, zoom-out, dolly, animatediff, tiny, toy, "
+            "toy-animatediff) or a preset YAML's path."
         ),
         rich_help_panel=SETTINGS_PANEL,
     ),

@@ -341,7 +341,16 @@ def test_animatediff_inspect_attention_maps_the_motion_modules(
     video = _ok(
         runner.invoke(
             app,
-            [*args, "--video", str(clips_dir / "dolly.mp4"), "--layers", "mid_block.*", "--json"],
+            # the same --out: --force replaces the first inspection
+            [
+                *args,
+                "--force",
+                "--video",
+                str(clips_dir / "dolly.mp4"),
+                "--layers",
+                "mid_block.*",
+                "--json",
+            ],
         )
     )
     data = json.loads(video.stdout)
@@ -350,7 +359,7 @@ def test_animatediff_inspect_attention_maps_the_motion_modules(
         "mid_block.motion_modules.0.transformer_blocks.0.attn1",
         "mid_block.motion_modules.0.transformer_blocks.0.attn2",
     }
-    bad = runner.invoke(app, [*args, "--layers", "temp_attentions"])
+    bad = runner.invoke(app, [*args, "--force", "--layers", "temp_attentions"])
     assert bad.exit_code == 2 and "matches none" in bad.stderr
 
 

@@ -516,10 +516,16 @@ def test_interrupted_generate_keeps_every_finished_video(
         "--preset", "tiny", "--steps", "8", "--batch-size", "1",
     ]  # fmt: skip
     process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # Ctrl-C as in a terminal, even when the suite runs in a background job (SIGINT ignored)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 300
-    while len(list(out.glob("*.json"))) < 3:
+    while len(list(out.glob("[!.]*.json"))) < 3:
         assert process.poll() is None, process.communicate()[1]
         assert time.monotonic() < deadline, "not 3 videos after 300 s"
         time.sleep(0.05)

@@ -478,6 +478,21 @@ def test_demo_trains_generates_scores_and_reports(
     assert page.count("<video") == 2 + 2 + 3  # base, motion, three reference clips
     assert (store_home / "motions" / "toy-diagonal").is_dir()  # usable by generate
 
+    # a rerun keeps the earlier demo (and its motion) unless --force, refused before any work
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    args = ["demo", "--out", str(out), "--prompts", "2", "--set", f"model.name={toy_random_model}"]
+    again = CliRunner().invoke(app, [*args, "--set", "train.steps=2", "--set", "sample.steps=3"])
+    assert again.exit_code == 2 and "already exists" in again.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    elsewhere = ["--out", str(tmp_path / "other")]
+    taken = CliRunner().invoke(app, [*args[:1], *elsewhere, *args[3:]])
+    assert taken.exit_code == 2 and "'toy-diagonal' is already in the store" in taken.stderr
+    assert not (tmp_path / "other").exists()
+    (out / "notes.txt").write_text("mine")  # a user's file: even --force keeps the folder
+    kept = CliRunner().invoke(app, [*args, "--force"])
+    assert kept.exit_code == 2 and "notes.txt" in kept.stderr
+    assert (out / "notes.txt").read_text() == "mine"
+
 
 def test_experiment_reports_every_condition_with_intervals(
     store_home: Path, tmp_path: Path, toy_random_model: Path

@@ -647,6 +647,7 @@ def run_demo(
     set_options: list[str] | None = None,
     progress: Progress | None = None,
     model: str = DEMO_MODELS[0],
+    force: bool = False,
 ) -> dict[str, Any]:
     """The whole pipeline on a built-in toy model, in a few minutes on a CPU.
 
@@ -656,6 +657,8 @@ def run_demo(
     with and without the motion, scores them with the toy metrics, and
     writes a report folder: ``clips/``, ``videos/``, ``frames.png``,
     ``results.md`` and ``results.json``.
+
+    A motion ``name`` already in the store is replaced only with ``force``.
 
     Returns:
         The results: rows for the base model and the learned motion.
@@ -677,13 +680,20 @@ def run_demo(
     name = name or f"toy-{motion}"
     settings = _settings(None, {}, set_options, preset=model)
     store = Store(settings.store.home)
+    try:  # refused before any work
+        store.new_motion_path(name, force)
+    except UsageError as error:
+        raise UsageError(
+            f"a motion named {name!r} is already in the store (an earlier demo?)",
+            f"pass --force to replace it, or remove it with `motionsep motions rm {name}`",
+        ) from error
     out.mkdir(parents=True, exist_ok=True)
     ref_specs = reference_specs(motion, 3, seed=0)
     ref_clips = {motion: [world.render(s) for s in ref_specs]}
     events.log(f"reference clips: {ref_specs[0].prompt} (3 clips) -> {out / 'clips'}")
     paths = write_clips(ref_specs, out / "clips")
     t0 = time.monotonic()
-    result = train_motion(paths, name, settings, store, force=True, progress=progress)
+    result = train_motion(paths, name, settings, store, force=force, progress=progress)
     train_seconds = time.monotonic() - t0
     package = load_motion(result.package)
     components = load_components(store.resolve_model(settings.model.name))
