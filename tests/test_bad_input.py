@@ -730,7 +730,8 @@ def test_a_store_root_that_is_a_file_is_refused(
     assert home.read_text() == "not a folder"
 
 
-def test_a_full_disk_says_what_was_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def disk_full_after_one_video(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Makes the disk fill up after one video is written; returns the paths written."""
     from motionsep import video
 
     real = video.write_video
@@ -743,9 +744,15 @@ def test_a_full_disk_says_what_was_kept(tmp_path: Path, monkeypatch: pytest.Monk
         return written[-1]
 
     monkeypatch.setattr(video, "write_video", fills_up)
+    return written
+
+
+def test_a_full_disk_says_what_was_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    written = disk_full_after_one_video(monkeypatch)
     result = runner.invoke(app, ["toy", "clips", str(tmp_path / "clips"), "--count", "3"])
     message = refused(result, "the disk is full while writing", "diagonal-01.mp4", code=1)
     assert "nothing half-written is left" in message
+    assert len(written) == 1  # the disk filled after one whole clip
     # toy clips writes its folder all at once: cut off, it leaves no folder and no leftovers
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
@@ -753,18 +760,7 @@ def test_a_full_disk_says_what_was_kept(tmp_path: Path, monkeypatch: pytest.Monk
 def test_a_full_disk_in_generate_says_how_many_videos_were_kept(
     tiny_model_dir: Path, store_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from motionsep import video
-
-    real = video.write_video
-    written: list[Path] = []
-
-    def fills_up(frames: Any, path: Any, *args: Any, **kwargs: Any) -> Path:
-        if written:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        written.append(real(frames, path, *args, **kwargs))
-        return written[-1]
-
-    monkeypatch.setattr(video, "write_video", fills_up)
+    written = disk_full_after_one_video(monkeypatch)
     out = tmp_path / "videos"
     args = [
         "generate", "--motion", "none", "a red car", "--preset", "tiny", "-n", "2",
