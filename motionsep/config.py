@@ -228,6 +228,13 @@ class TrainSettings(_Section):
         description="Let cuDNN time its convolution algorithms on the first steps (CUDA only; "
         "faster when it wins, but runs are then no longer bit-reproducible).",
     )
+    attention: Literal["auto", "sdpa", "math"] = Field(
+        "auto",
+        description="Attention kernel while training: sdpa (torch's fused "
+        "scaled_dot_product_attention), math (plain matmul + softmax), auto: math on the CPU "
+        "(its fused kernel is slow on short sequences: bench/inner_loop.py), sdpa elsewhere. "
+        "Same results to rounding; generation always uses sdpa.",
+    )
     spatial_skip_prob: float = Field(
         0.2, ge=0.0, le=1.0, description="Fraction of steps that skip the spatial path."
     )

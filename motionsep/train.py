@@ -478,6 +478,22 @@ def use_channels_last(unet: torch.nn.Module) -> None:
 # entry point
 
 
+def use_attention_kernel(unet: Any, kernel: str, device: torch.device) -> None:
+    """Sets the U-Net's attention kernel for training (``train.attention``).
+
+    ``math`` is diffusers' ``AttnProcessor`` (batched matmul, softmax,
+    matmul); ``sdpa`` leaves diffusers' default, torch's fused
+    ``scaled_dot_product_attention``. On the CPU the fused kernel's backward
+    pass is slow on the toy's short sequences (8 frames, 64 cells), so
+    ``auto`` takes ``math`` there.
+    """
+    if kernel == "sdpa" or (kernel == "auto" and device.type != "cpu"):
+        return
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet.set_attn_processor(AttnProcessor())
+
+
 def check_training_base(settings: Settings, store: Store) -> Path:
     """Checks the base model and what training asks of it, before anything loads.
 
@@ -800,6 +816,7 @@ def _build_trainer(
         enable_gradient_checkpointing(unet)
     if settings.train.channels_last:
         use_channels_last(unet)
+    use_attention_kernel(unet, settings.train.attention, accelerator.device)
     unet.train()
     events.log(
         f"motion LoRA ({lora_settings.recipe.value}): {len(motion.adapted)} modules, "
@@ -818,6 +835,9 @@ def _build_trainer(
         weight_decay=optim.weight_decay,
         eps=optim.eps,
         fused=optim.fused or None,
+        # torch picks the one-kernel-per-list update only on CUDA; on the CPU it
+        # saves a loop over every LoRA tensor each step (same arithmetic)
+        foreach=None if optim.fused or accelerator.device.type != "cpu" else True,
     )
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings))
     # prepared so that fp16 steps go through the gradient scaler; the scheduler

@@ -481,6 +481,17 @@ def experiment(
             "continues the table.",
         ),
     ] = None,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs",
+            min=1,
+            help="Worker processes making units side by side, each with an equal share of "
+            "the threads. On 2 cores, 2 jobs make about twice the units per hour (the toy's "
+            "small operations leave a second thread mostly idle); scores equal one job's to "
+            "rounding.",
+        ),
+    ] = 1,
     set_options: SetOption = None,
     no_report: Annotated[
         bool, typer.Option("--no-report", help="Skip the HTML page (OUT/report/index.html).")
@@ -508,6 +519,8 @@ def experiment(
       motionsep toy experiment --motions diagonal --motions orbit --seeds 3
 
       motionsep toy experiment --protocol leak --motions diagonal --recipes motiondirector
+
+      motionsep toy experiment --model toy-animatediff --jobs 2
     """
     from motionsep.config import load_settings
     from motionsep.toy import world
@@ -537,6 +550,7 @@ def experiment(
             protocol=protocol,
             model=model,
             units=units,
+            jobs=jobs,
         )
     err_console.print((out / "results.md").read_text(), markup=False, soft_wrap=True)
     if not no_report:

@@ -9,6 +9,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("MOTIONSEP_DEBUG", None)
+# One thread per process: the suite runs in two workers on 2 cores, and the command
+# lines the tests start (subprocesses) inherit this; oversubscribed threads make the
+# tiny models' small operations many times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from collections.abc import Iterator
 from pathlib import Path

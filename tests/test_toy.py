@@ -601,6 +601,56 @@ def test_a_rerun_experiment_reuses_finished_units_only_under_the_same_settings(
         run_experiment(out, ["orbit"], set_options=options, fresh=True, **kwargs)
 
 
+def test_two_jobs_make_the_same_table_as_one(
+    store_home: Path, tmp_path: Path, toy_random_model: Path
+) -> None:
+    """--jobs 2: units made in two worker processes score as one process scores them.
+
+    Tolerance: every per-seed motion fidelity and leakage within 1e-4 (the
+    workers run the same code on their own share of the threads).
+    """
+    from motionsep.toy.experiment import run_experiment
+
+    options = [f"model.name={toy_random_model}", "train.steps=2", "sample.steps=2"]
+    kwargs: dict[str, Any] = {"seeds": 1, "recipes": ["paper"], "references": 1, "prompts": 1}
+    one = run_experiment(tmp_path / "one", ["orbit", "bounce"], set_options=options, **kwargs)
+    log = _Lines()
+    two = run_experiment(
+        tmp_path / "two", ["orbit", "bounce"], set_options=options, jobs=2, progress=log, **kwargs
+    )
+    assert "2 motion x seed task(s) in 2 worker processes" in "\n".join(log.lines)
+    assert not any("reused" in line for line in log.lines)  # made, not found
+    assert sorted(p.name for p in (tmp_path / "two" / "runs").glob("*.json")) == [
+        "named-bounce-seed0-base.json",
+        "named-bounce-seed0-paper.json",
+        "named-ceiling-seed0.json",
+        "named-orbit-seed0-base.json",
+        "named-orbit-seed0-paper.json",
+    ]
+    assert [r["condition"] for r in two["rows"]] == [r["condition"] for r in one["rows"]]
+    for a, b in zip(one["rows"], two["rows"], strict=True):
+        for key in ("motion_fidelity", "leakage"):
+            if a[key] is None:
+                assert b[key] is None, key
+            else:
+                assert b[key]["per_seed"] == pytest.approx(a[key]["per_seed"], abs=1e-4), key
+    assert (tmp_path / "two" / "frames.png").is_file()
+
+
+class _Lines:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def start(self, task: str, total: float | None, unit: str = "") -> None: ...
+
+    def advance(self, task: str, amount: float = 1.0, **fields: object) -> None: ...
+
+    def finish(self, task: str) -> None: ...
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+
 def test_committed_unit_records_let_a_new_folder_continue_the_table(
     store_home: Path, tmp_path: Path, toy_random_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -337,21 +337,27 @@ def test_gradient_checkpointing_trains_the_same_adapter(
 def test_the_speed_levers_follow_the_plain_loss_curve(
     clips_dir: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Fused AdamW and channels-last weights: the same run to float rounding.
+    """The CPU defaults (plain-matmul attention, list-at-once AdamW), fused AdamW and
+    channels-last weights: the same run as the plain one to float rounding.
 
-    Tolerance: every step's loss within 1e-4 relative and every adapter
-    tensor within 1e-4 absolute of the plain run over 12 steps (the plain run
-    repeats itself bit for bit; these levers change only the order of float
-    operations).
+    The plain run is torch's fused attention kernel and the per-tensor AdamW
+    loop (the defaults before they changed). Tolerance: every step's loss
+    within 1e-4 relative and every adapter tensor within 1e-4 absolute of the
+    plain run over 12 steps (the plain run repeats itself bit for bit; these
+    levers change only the order of float operations).
     """
     import motionsep.train as training
 
-    fused: list[bool | None] = []
+    optimizers: list[tuple[bool | None, bool | None]] = []
     layouts: list[bool] = []
+    kernels: list[str] = []
     real_adamw, real_channels_last = torch.optim.AdamW, training.use_channels_last
+    real_kernel = training.use_attention_kernel
 
     def adamw(*args: Any, **kwargs: Any) -> Any:
-        fused.append(kwargs.get("fused"))
+        if not runs:  # the plain run: torch's own CPU default, one tensor at a time
+            kwargs["foreach"] = False
+        optimizers.append((kwargs.get("fused"), kwargs.get("foreach")))
         return real_adamw(*args, **kwargs)
 
     def channels_last(unet: torch.nn.Module) -> None:
@@ -368,10 +374,19 @@ def test_the_speed_levers_follow_the_plain_loss_curve(
             )
         )
 
+    def kernel(unet: torch.nn.Module, name: str, device: torch.device) -> None:
+        real_kernel(unet, name, device)
+        kernels.append(type(next(iter(unet.attn_processors.values()))).__name__)
+
     monkeypatch.setattr(torch.optim, "AdamW", adamw)
     monkeypatch.setattr(training, "use_channels_last", channels_last)
-    runs = []
-    for levers in ([], ["optim.fused=true", "train.channels_last=true"]):
+    monkeypatch.setattr(training, "use_attention_kernel", kernel)
+    runs: list[tuple[Any, dict[str, torch.Tensor]]] = []
+    for levers in (
+        ["train.attention=sdpa"],
+        [],
+        ["optim.fused=true", "train.channels_last=true"],
+    ):
         settings = load_settings(
             preset="tiny",
             set_options=[
@@ -386,16 +401,20 @@ def test_the_speed_levers_follow_the_plain_loss_curve(
             [clips_dir / "dolly.mp4"], "fast", settings, Store(tmp_path / str(len(runs)))
         )
         runs.append((result, load_file(result.package / "adapter.safetensors")))
-    (plain, plain_adapter), (fast, fast_adapter) = runs
-    assert fused == [None, True] and layouts == [True]  # the levers were on in the fast run only
+    # the levers were on where asked: CPU defaults are list-at-once AdamW and plain attention
+    assert optimizers == [(None, False), (None, True), (True, None)]
+    assert kernels == ["AttnProcessor2_0", "AttnProcessor", "AttnProcessor"]
+    assert layouts == [True]
+    plain, plain_adapter = runs[0]
     plain_losses = [row["loss"] for row in plain.metrics]
-    fast_losses = [row["loss"] for row in fast.metrics]
-    assert len(plain_losses) == len(fast_losses) == 12
-    assert fast_losses == pytest.approx(plain_losses, rel=1e-4)
-    assert plain_adapter.keys() == fast_adapter.keys()
-    for key in plain_adapter:
-        assert torch.allclose(plain_adapter[key], fast_adapter[key], atol=1e-4), key
+    assert len(plain_losses) == 12
     assert plain_losses[-1] != plain_losses[0]  # the runs did train
+    for fast, fast_adapter in runs[1:]:
+        fast_losses = [row["loss"] for row in fast.metrics]
+        assert fast_losses == pytest.approx(plain_losses, rel=1e-4)
+        assert plain_adapter.keys() == fast_adapter.keys()
+        for key in plain_adapter:
+            assert torch.allclose(plain_adapter[key], fast_adapter[key], atol=1e-4), key
 
 
 class _Logged:

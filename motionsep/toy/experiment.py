@@ -252,6 +252,7 @@ def run_experiment(
     protocol: str = "named",
     model: str | None = None,
     units: Path | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Runs the experiment; writes ``results.json``, ``results.md`` and ``frames.png`` to ``out``.
 
@@ -282,6 +283,12 @@ def run_experiment(
             specs, a few KB of JSON, no frames), e.g. a folder kept in git:
             a unit found there under the same settings and model weights is
             reused, so a later session continues the table from it.
+        jobs: Worker processes that make the units (one motion and seed each:
+            its base model run and every recipe), each with an equal share of
+            torch's threads. The toy's small operations leave a second
+            thread mostly idle, so two jobs on 2 cores make about twice the
+            units per hour (``bench/inner_loop.py``); the scores equal those
+            of one job to floating-point rounding.
 
     Returns:
         The results (rows with mean and 95% interval over seeds).
@@ -296,19 +303,33 @@ def run_experiment(
     events = or_null(progress)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    experiment = _Experiment.open(
-        out, chosen, references, prompts, set_options, progress, fresh, model, units
-    )
+    if jobs < 1:
+        raise UsageError(f"--jobs must be at least 1 (got {jobs})")
+    opening: dict[str, Any] = {
+        "out": out,
+        "protocol": chosen,
+        "references": references,
+        "prompts": prompts,
+        "set_options": set_options,
+        "model": model,
+        "units": units,
+    }
+    experiment = _Experiment.open(**opening, progress=progress, fresh=fresh)
     runs: list[ToyRun] = []
     events.start("experiment", total=len(motions) * seeds * len(recipes), unit="motion")
     for seed in range(seeds):
         runs.extend(experiment.ceiling(seed))
+    made = 0
+    if jobs > 1:
+        made = _units_in_workers(experiment, opening, motions, seeds, recipes, jobs, events)
+        experiment.saved.fresh = False  # read back what the workers just made
     for motion in motions:
         for seed in range(seeds):
             runs.extend(experiment.base(motion, seed))
             for recipe in recipes:
                 runs.extend(experiment.recipe(motion, seed, recipe))
                 events.advance("experiment")
+    experiment.saved.reused -= made
     if experiment.saved.reused:
         events.log(
             f"reused {experiment.saved.reused} finished run(s) from {out / 'runs'} "
@@ -339,6 +360,91 @@ def run_experiment(
         references=[reference_specs(m, 1, 0, chosen.reference_look)[0] for m in motions],
     )
     return results
+
+
+def _units_in_workers(
+    experiment: _Experiment,
+    opening: dict[str, Any],
+    motions: Sequence[str],
+    seeds: int,
+    recipes: Sequence[str],
+    jobs: int,
+    events: Any,
+) -> int:
+    """Makes the missing units in ``jobs`` worker processes; they save them as usual.
+
+    One task is one motion and seed (its base run and every recipe), so two
+    workers never write the same reference clips. The caller then reads every
+    unit back from the saved records, exactly as on a rerun.
+
+    Returns:
+        How many units the workers made.
+    """
+    import multiprocessing
+
+    import torch
+
+    tasks = []
+    for motion in motions:
+        for seed in range(seeds):
+            names = [
+                experiment.unit(motion, f"seed{seed}", "base"),
+                *(experiment.unit(motion, f"seed{seed}", r) for r in recipes),
+            ]
+            if experiment.saved.fresh or not all(experiment.saved.has(n) for n in names):
+                tasks.append((motion, seed))
+    if not tasks:
+        return 0
+    made = 0
+    workers = min(jobs, len(tasks))
+    threads = max(1, torch.get_num_threads() // workers)
+    events.log(
+        f"{len(tasks)} motion x seed task(s) in {workers} worker processes, "
+        f"{threads} thread(s) each"
+    )
+    # spawn, not fork: the parent holds torch's thread pool
+    context = multiprocessing.get_context("spawn")
+    worker_args = (opening, list(recipes), threads, experiment.saved.fresh)
+    pool = context.Pool(workers, _worker_open, worker_args)
+    try:
+        for motion, seed, seconds, count in pool.imap_unordered(_worker_task, tasks):
+            made += count
+            events.log(f"{motion} seed {seed}: {len(recipes)} recipe(s) in {seconds:.0f} s")
+            events.advance("experiment", len(recipes))
+        pool.close()
+    except BaseException:
+        # Ctrl-C or a failed unit: stop the other workers now (their finished
+        # units are saved; a rerun continues from them)
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+    return made
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_open(opening: dict[str, Any], recipes: list[str], threads: int, fresh: bool) -> None:
+    """A worker's own experiment: same settings; it skips the units already saved."""
+    import torch
+
+    torch.set_num_threads(threads)
+    _WORKER["experiment"] = _Experiment.open(**opening, progress=None, fresh=fresh)
+    _WORKER["recipes"] = recipes
+
+
+def _worker_task(task: tuple[str, int]) -> tuple[str, int, float, int]:
+    """Makes one motion and seed's missing units: (motion, seed, seconds, units made)."""
+    motion, seed = task
+    started = time.monotonic()
+    experiment: _Experiment = _WORKER["experiment"]
+    before = experiment.saved.reused
+    experiment.base(motion, seed)
+    for recipe in _WORKER["recipes"]:
+        experiment.recipe(motion, seed, recipe)
+    made = 1 + len(_WORKER["recipes"]) - (experiment.saved.reused - before)
+    return motion, seed, time.monotonic() - started, made
 
 
 def _check_request(
@@ -549,6 +655,11 @@ class _SavedRuns:
         self.mirror = mirror
         self.reused = 0
         self._seconds: dict[str, float] = {}
+
+    def has(self, unit: str) -> bool:
+        """Whether ``unit`` is saved under this fingerprint (here or in the mirror)."""
+        places = [self.folder] + ([self.mirror] if self.mirror is not None else [])
+        return any(self._read(place / f"{unit}.json", Path("-")) is not None for place in places)
 
     def unit_seconds(self) -> float:
         """Seconds the units of this experiment took when they were made (reused ones too)."""
