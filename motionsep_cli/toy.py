@@ -487,9 +487,10 @@ def experiment(
             "--jobs",
             min=1,
             help="Worker processes making units side by side, each with an equal share of "
-            "the threads. On 2 cores, 2 jobs make about twice the units per hour (the toy's "
-            "small operations leave a second thread mostly idle); scores equal one job's to "
-            "rounding.",
+            "the threads. On 2 cores, 2 jobs made 1.6x the units per hour on 2 units and "
+            "2.1x on 24 (bench/inner_loop.py, README). A unit made with fewer threads "
+            "rounds differently, and training carries that into the scores: close to one "
+            "job's (largest difference 0.014 in motion fidelity in the bench), not equal.",
         ),
     ] = 1,
     set_options: SetOption = None,
