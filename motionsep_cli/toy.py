@@ -487,8 +487,8 @@ def experiment(
             "--jobs",
             min=1,
             help="Worker processes making units side by side, each with an equal share of "
-            "the threads. On 2 cores, 2 jobs made 1.6x the units per hour on 2 units and "
-            "2.1x on 24 (bench/inner_loop.py, README). A unit made with fewer threads "
+            "the threads. On 2 cores, 2 jobs made 1.6x the units per hour of one job "
+            "(2 units; bench/inner_loop.py, README). A unit made with fewer threads "
             "rounds differently, and training carries that into the scores: close to one "
             "job's (largest difference 0.014 in motion fidelity in the bench), not equal.",
         ),

@@ -92,7 +92,7 @@ def tiny_unet(tiny_model_dir: Path):
     return load_unet(tiny_model_dir)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def clips_dir() -> Path:
     """The real reference clips of ../shared/clips (skips when absent)."""
     if not SHARED_CLIPS.is_dir():

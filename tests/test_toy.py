@@ -468,7 +468,7 @@ def test_demo_trains_generates_scores_and_reports(
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert [row["condition"] for row in report["rows"]] == ["base model", "reference + highway"]
+    assert [row["condition"] for row in report["rows"]] == ["base model", "paper + highway"]
     for row in report["rows"]:
         assert set(row) >= {"motion_fidelity", "color", "shape", "background", "leakage"}
     assert (out / "frames.png").is_file() and (out / "results.md").is_file()
@@ -606,10 +606,10 @@ def test_two_jobs_make_the_same_table_as_one(
 ) -> None:
     """--jobs 2: units made in two worker processes score as one process scores them.
 
-    Tolerance: every per-seed motion fidelity and leakage within 1e-4 (here
-    every process runs one thread, so the workers round as the single
-    process does; with other thread counts training carries rounding
-    differences into the scores).
+    Tolerance: every per-seed motion fidelity and leakage within 1e-3. Every
+    process here runs one thread, yet a worker's float rounding is not
+    always the single process's (1.4e-4 seen in leakage after 2 training
+    steps); a wrong seed, prompt or recipe moves these scores by 0.1 and more.
     """
     from motionsep.toy.experiment import run_experiment
 
@@ -635,7 +635,7 @@ def test_two_jobs_make_the_same_table_as_one(
             if a[key] is None:
                 assert b[key] is None, key
             else:
-                assert b[key]["per_seed"] == pytest.approx(a[key]["per_seed"], abs=1e-4), key
+                assert b[key]["per_seed"] == pytest.approx(a[key]["per_seed"], abs=1e-3), key
     assert (tmp_path / "two" / "frames.png").is_file()
 
 

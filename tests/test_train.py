@@ -91,19 +91,20 @@ def test_training_lowers_the_temporal_loss(
     assert not partial_dir(store, "dolly").exists(), "the run folder is gone once done"
 
 
-def test_sigint_then_resume_is_bit_identical_to_one_run(
-    clips_dir: Path, tiny_model_dir: Path, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def interrupted_training(
+    clips_dir: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """A training run straight through, and the same run stopped by Ctrl-C after step 7."""
     clip = clips_dir / "dolly.mp4"
     extra = ["--steps", "12", "--set", "train.checkpoint_every=5", "--set", "lora.dropout=0.1"]
-    straight = tmp_path / "straight"
+    root = tmp_path_factory.mktemp("sigint")
+    straight = root / "straight"
     verbose = subprocess.run(
         [*_train_args(clip, tiny_model_dir, "m", *extra), "--verbose"], env=_env(straight),
         check=True, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert "spatial_skip_prob:" in verbose.stderr  # --verbose: every resolved setting
-
-    home = tmp_path / "interrupted"
+    home = root / "interrupted"
     args = _train_args(clip, tiny_model_dir, "m", *extra)
     process = subprocess.Popen(
         args, env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -111,19 +112,34 @@ def test_sigint_then_resume_is_bit_identical_to_one_run(
     _wait_for_step(home, "m", 7, process, timeout=240)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
-    assert "--resume" in stderr
+    return {
+        "straight": straight,
+        "verbose": verbose.stderr,
+        "home": home,
+        "args": args,
+        "typo": _train_args(clips_dir / "dolyl.mp4", tiny_model_dir, "m", *extra),
+        "returncode": process.returncode,
+        "stderr": stderr,
+    }
+
+
+def test_sigint_stops_training_with_a_checkpoint_and_a_rerun_loses_nothing(
+    interrupted_training: dict[str, Any],
+) -> None:
+    run = interrupted_training
+    assert "spatial_skip_prob:" in run["verbose"]  # --verbose: every resolved setting
+    assert run["returncode"] == 130, run["stderr"]
+    assert "--resume" in run["stderr"]
+    home = run["home"]
     checkpoint = latest_checkpoint(partial_dir(Store(home), "m"))
     assert checkpoint is not None and 7 <= checkpoint[0] < 12
     assert not (home / "motions" / "m").exists()
     checkpoints = sorted(p.name for p in (partial_dir(Store(home), "m") / "checkpoints").iterdir())
-
     # a rerun without --resume, even one with a mistyped clip, loses nothing
-    typo = _train_args(clips_dir / "dolyl.mp4", tiny_model_dir, "m", *extra)
     for rerun, says in (
-        (typo, "unfinished training of 'm'"),
-        (args, "--force to discard it"),
-        ([*typo, "--force"], "dolyl.mp4"),  # --force discards only once the inputs are good
+        (run["typo"], "unfinished training of 'm'"),
+        (run["args"], "--force to discard it"),
+        ([*run["typo"], "--force"], "dolyl.mp4"),  # --force discards only once inputs are good
     ):
         refused = subprocess.run(rerun, env=_env(home), capture_output=True, text=True, timeout=120)
         assert refused.returncode == 2, refused.stderr
@@ -131,6 +147,14 @@ def test_sigint_then_resume_is_bit_identical_to_one_run(
         kept = sorted(p.name for p in (partial_dir(Store(home), "m") / "checkpoints").iterdir())
         assert kept == checkpoints
 
+
+def test_sigint_then_resume_is_bit_identical_to_one_run(
+    interrupted_training: dict[str, Any],
+) -> None:
+    run = interrupted_training
+    home, args = run["home"], run["args"]
+    checkpoint = latest_checkpoint(partial_dir(Store(home), "m"))
+    assert checkpoint is not None
     resumed = subprocess.run(
         [*args, "--resume"], env=_env(home), capture_output=True, text=True, timeout=300
     )
@@ -141,7 +165,7 @@ def test_sigint_then_resume_is_bit_identical_to_one_run(
     assert "spatial_skip_prob" not in summary and len(summary.splitlines()) < 15
     assert f"saves to {home / 'motions' / 'm'}" in summary
     assert "reference recipe" in summary and "resume   motionsep train" in summary
-    a, b = _adapter(straight, "m"), _adapter(home, "m")
+    a, b = _adapter(run["straight"], "m"), _adapter(home, "m")
     assert a.keys() == b.keys()
     for key in a:
         assert (a[key] == b[key]).all(), f"{key} differs after resume"

@@ -286,11 +286,11 @@ def run_experiment(
         jobs: Worker processes that make the units (one motion and seed each:
             its base model run and every recipe), each with an equal share of
             torch's threads. The toy's small operations leave a second
-            thread mostly idle, so two jobs on 2 cores make 1.6-2.1x the
-            units per hour (``bench/inner_loop.py``). With the same thread
-            count the scores equal one job's; with fewer threads per job the
-            float rounding differs and training carries it into the scores
-            (close, not equal).
+            thread mostly idle, so two jobs on 2 cores made 1.6x the units
+            per hour of the old code's one job (``bench/inner_loop.py``, 2
+            units). A worker's float rounding can differ from one process's
+            (fewer threads), and training carries that into the scores:
+            close, not equal.
 
     Returns:
         The results (rows with mean and 95% interval over seeds).
