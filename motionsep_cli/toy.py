@@ -512,8 +512,8 @@ def experiment(
     report/index.html (seed 0's videos of every condition side by side) to OUT.
     Each finished run is kept in OUT/runs: run the same command again after a
     stop and it continues (a change of settings redoes what it touches).
-    Times on 2 CPU cores: one motion, one recipe, one seed about 2 min
-    (named) or 5 min (leak).
+    Times on 2 CPU cores (toy-animatediff): one motion, one recipe, one seed about 1.5 min
+    (named) or 3.5 min (leak); --jobs 2 makes two at a time.
 
     Examples:
 
