@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from motionsep.toy import metrics, world
 from motionsep_cli.app import app
+from tests._progress import LoggedProgress
 
 
 @pytest.fixture(scope="module")
@@ -616,7 +617,7 @@ def test_two_jobs_make_the_same_table_as_one(
     options = [f"model.name={toy_random_model}", "train.steps=2", "sample.steps=2"]
     kwargs: dict[str, Any] = {"seeds": 1, "recipes": ["paper"], "references": 1, "prompts": 1}
     one = run_experiment(tmp_path / "one", ["orbit", "bounce"], set_options=options, **kwargs)
-    log = _Lines()
+    log = LoggedProgress()
     two = run_experiment(
         tmp_path / "two", ["orbit", "bounce"], set_options=options, jobs=2, progress=log, **kwargs
     )
@@ -637,20 +638,6 @@ def test_two_jobs_make_the_same_table_as_one(
             else:
                 assert b[key]["per_seed"] == pytest.approx(a[key]["per_seed"], abs=1e-3), key
     assert (tmp_path / "two" / "frames.png").is_file()
-
-
-class _Lines:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def start(self, task: str, total: float | None, unit: str = "") -> None: ...
-
-    def advance(self, task: str, amount: float = 1.0, **fields: object) -> None: ...
-
-    def finish(self, task: str) -> None: ...
-
-    def log(self, message: str) -> None:
-        self.lines.append(message)
 
 
 def test_committed_unit_records_let_a_new_folder_continue_the_table(

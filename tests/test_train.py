@@ -23,6 +23,7 @@ from motionsep.model.motion import load_motion
 from motionsep.store import Store
 from motionsep.train import latest_checkpoint, partial_dir, train_motion
 from motionsep.video import probe
+from tests._progress import LoggedProgress
 
 
 def _env(home: Path) -> dict[str, str]:
@@ -444,22 +445,6 @@ def test_the_speed_levers_follow_the_plain_loss_curve(
             assert torch.allclose(plain_adapter[key], fast_adapter[key], atol=1e-4), key
 
 
-class _Logged:
-    """A progress sink that keeps the log lines."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def start(self, task: str, total: float | None, unit: str = "") -> None: ...
-
-    def advance(self, task: str, amount: float = 1.0, **fields: object) -> None: ...
-
-    def finish(self, task: str) -> None: ...
-
-    def log(self, message: str) -> None:
-        self.lines.append(message)
-
-
 @pytest.mark.parametrize("damage", ["garbage", "nan"])
 def test_resume_passes_over_a_damaged_checkpoint_to_the_older_one(
     damage: str,
@@ -504,7 +489,7 @@ def test_resume_passes_over_a_damaged_checkpoint_to_the_older_one(
         state[runs.STATE_DIGEST_KEY] = runs.state_digest(state)
         (newest / "state.json").write_text(json_module.dumps(state))
 
-    logged = _Logged()
+    logged = LoggedProgress()
     resumed = train_motion(clip, "m", settings, store, resume=True, progress=logged)
     assert any("step-4 is damaged" in line for line in logged.lines), logged.lines
     assert any("resuming from step 2" in line for line in logged.lines), logged.lines

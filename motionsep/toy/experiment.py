@@ -658,10 +658,13 @@ class _SavedRuns:
         self.reused = 0
         self._seconds: dict[str, float] = {}
 
+    @property
+    def _places(self) -> list[Path]:
+        return [self.folder] + ([self.mirror] if self.mirror is not None else [])
+
     def has(self, unit: str) -> bool:
         """Whether ``unit`` is saved under this fingerprint (here or in the mirror)."""
-        places = [self.folder] + ([self.mirror] if self.mirror is not None else [])
-        return any(self._read(place / f"{unit}.json", Path("-")) is not None for place in places)
+        return any(self._record(place / f"{unit}.json") is not None for place in self._places)
 
     def unit_seconds(self) -> float:
         """Seconds the units of this experiment took when they were made (reused ones too)."""
@@ -670,8 +673,7 @@ class _SavedRuns:
     def load(self, unit: str) -> list[ToyRun] | None:
         if self.fresh:
             return None
-        places = [self.folder] + ([self.mirror] if self.mirror is not None else [])
-        for place in places:
+        for place in self._places:
             runs = self._read(place / f"{unit}.json", self.folder / f"{unit}.npz")
             if runs is not None:
                 self.reused += 1
@@ -680,7 +682,8 @@ class _SavedRuns:
                 return runs
         return None
 
-    def _read(self, record_path: Path, frames_path: Path) -> list[ToyRun] | None:
+    def _record(self, record_path: Path) -> tuple[list[ToyRun], float] | None:
+        """The runs (without frames) and seconds of a record made under this fingerprint."""
         if not record_path.is_file():
             return None
         try:
@@ -699,9 +702,15 @@ class _SavedRuns:
                 )
                 for item in record["runs"]
             ]
-            self._seconds[record_path.stem] = float(record.get("seconds", 0.0))
+            return runs, float(record.get("seconds", 0.0))
         except (OSError, ValueError, KeyError, TypeError):
             return None  # unreadable (e.g. cut off mid-write): redo the unit
+
+    def _read(self, record_path: Path, frames_path: Path) -> list[ToyRun] | None:
+        found = self._record(record_path)
+        if found is None:
+            return None
+        runs, self._seconds[record_path.stem] = found
         try:
             with np.load(frames_path) as frames:
                 for index, run in enumerate(runs):
