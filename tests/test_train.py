@@ -153,10 +153,13 @@ def test_sigint_stops_training_with_a_checkpoint_and_a_rerun_loses_nothing(
 
 
 def test_sigint_then_resume_is_bit_identical_to_one_run(
-    interrupted_training: dict[str, Any],
+    interrupted_training: dict[str, Any], tmp_path: Path
 ) -> None:
     run = interrupted_training
-    home, args = run["home"], run["args"]
+    # resume a copy: the fixture's interrupted store stays as Ctrl-C left it
+    # for the other test, whichever order they run in
+    home, args = tmp_path / "home", run["args"]
+    shutil.copytree(run["home"], home)
     checkpoint = latest_checkpoint(partial_dir(Store(home), "m"))
     assert checkpoint is not None
     resumed = subprocess.run(
