@@ -5,16 +5,16 @@ the motiondirector recipe, on the toy world's diagonal clips) is run twice in
 fresh child processes: as shipped (eager), and with the U-Net's forward
 wrapped in ``torch.compile`` (inductor, static shapes). Every step's seconds
 are recorded; the table gives the first step (where compilation happens), the
-slowest step after it (a recompilation: the dual-path step switches the
-per-clip spatial LoRA and the frame count, and each new combination is a new
-graph), the median step, and the whole run. ``torch.compile`` is not a
+slowest step after it (a recompilation, most likely where the dual-path
+step first switches to another clip's spatial LoRA: a new graph), the median
+step, and the whole run. ``torch.compile`` is not a
 setting of motionsep; this bench is the evidence for why not on the CPU::
 
     python bench/compile_train.py [--steps 30]
 
 Writes ``bench/results/compile_train-cpu.json`` with the library versions, the
-machine and the commit. Run it on an idle machine; it takes about 15 minutes
-on 2 cores, almost all of it compiling.
+machine and the commit. Run it on an idle machine; it took 25 minutes on 2
+cores with ``--steps 30``, almost all of it compiling.
 """
 
 from __future__ import annotations
