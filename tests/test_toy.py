@@ -508,7 +508,12 @@ def test_experiment_reports_every_condition_with_intervals(
         recipes=["motiondirector", "paper"],
         references=2,
         prompts=1,
-        set_options=[f"model.name={toy_random_model}", "train.steps=1", "sample.steps=2"],
+        set_options=[
+            f"model.name={toy_random_model}",
+            "train.steps=1",
+            "sample.steps=2",
+            "optim.lr=3e-3",
+        ],
     )
     rows = [(row["motion"], row["condition"]) for row in results["rows"]]
     assert rows == [
@@ -524,6 +529,8 @@ def test_experiment_reports_every_condition_with_intervals(
         assert len(row["vs_base"]["leakage"]["per_seed"]) == 2
     table = (out / "results.md").read_text()
     assert "± " in table and "paper + highway" in table and "Δ fidelity vs base" in table
+    # the note names the budget the recipes were trained with, --set included
+    assert "trained 1 step at lr 0.003 (spatial 0.001), rank 8" in table
     _assert_first_row_is_the_reference(out / "frames.png", "bounce")
     with pytest.raises(Exception, match="unknown toy motion"):
         run_experiment(out, ["spin"], set_options=[f"model.name={toy_random_model}"])

@@ -92,10 +92,7 @@ PROTOCOLS: dict[str, Protocol] = {
         prompt_looks=PROMPT_LOOKS,
         motion_only_captions=False,
         settings={},
-        summary=(
-            "reference clips in a look the captions name in full (red square, striped white); "
-            "the toy preset's 200 steps"
-        ),
+        summary="reference clips in a look the captions name in full (red square, striped white)",
     ),
     "leak": Protocol(
         name="leak",
@@ -107,7 +104,7 @@ PROTOCOLS: dict[str, Protocol] = {
         settings={"train": {"steps": 500}},
         summary=(
             "reference clips in a look no word names (magenta square, dotted white), "
-            "captioned by the motion alone; 500 steps at lr 1e-3 (upstream: 1000 at 5e-4)"
+            "captioned by the motion alone; upstream's budget: 1000 steps at lr 5e-4"
         ),
     ),
 }
@@ -342,6 +339,7 @@ def run_experiment(
     results["settings"] = {
         "protocol": chosen.name,
         "protocol_summary": chosen.summary,
+        "training": _budget(experiment.settings()),
         "motions": list(motions),
         "seeds": seeds,
         "recipes": list(recipes),
@@ -902,6 +900,16 @@ def mean_interval(values: Sequence[float]) -> tuple[float, float | None]:
     return mean, float(t * array.std(ddof=1) / math.sqrt(len(array)))
 
 
+def _budget(settings: Any) -> str:
+    """The customization budget every recipe was trained with, for the table's note."""
+    optim = settings.optim
+    rates = f"lr {optim.lr:g}"
+    if optim.spatial_lr != optim.lr:
+        rates += f" (spatial {optim.spatial_lr:g})"
+    steps = settings.train.steps
+    return f"{steps} step{'s' if steps != 1 else ''} at {rates}, rank {settings.lora.rank}"
+
+
 def run_summary(run: ToyRun) -> dict[str, float | None]:
     """One run's metrics, plus ``nearest_target``: the share of videos nearest their own motion."""
     summary = metrics.summarize(run.scores)
@@ -1014,6 +1022,7 @@ def results_markdown(results: dict[str, Any]) -> str:
     note = (
         f"\nProtocol `{settings.get('protocol', 'named')}`"
         + (f" ({settings['protocol_summary']})" if settings.get("protocol_summary") else "")
+        + (f"; trained {settings['training']}" if settings.get("training") else "")
         + f". Mean over {settings.get('seeds', '?')} seed(s), ± the 95% interval (Student t); "
         "Δ columns: the paired difference from the base model on the same prompts and noise, "
         "per seed. Motion fidelity: 1 - trajectory error / error of standing still "
