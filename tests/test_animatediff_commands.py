@@ -38,7 +38,7 @@ runner = CliRunner()
 MOTION = "ad"
 PROMPT = "a red car on a road"
 FRAMES = 4  # the tiny preset's
-SIZE = 32
+SIZE = 16
 TRAIN_STEPS = 4
 MAX_FRAMES = 32  # the motion modules' frame positions (AnimateDiff v1-5-2's)
 

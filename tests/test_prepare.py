@@ -43,8 +43,8 @@ def test_real_clips_give_latents_of_the_expected_shape_and_a_cache_hit(
     for index, clip in enumerate(dataset.clips):
         assert clip.prompt == (clips_dir / f"{clip.name}.txt").read_text().strip()
         tensors = dataset.load(index)
-        # tiny preset: 4 frames of 32x32, VAE downsamples by 2 into 4 channels
-        assert tensors["latents"].shape == (4, 4, 16, 16)
+        # tiny preset: 4 frames of 16x16, VAE downsamples by 2 into 4 channels
+        assert tensors["latents"].shape == (4, 4, 8, 8)
         assert tensors["prompt_embeds"].shape == (77, 32)
         assert torch.isfinite(tensors["latents"]).all()
         assert clip.indices == [0, 4, 8, 12]

@@ -87,7 +87,7 @@ def test_training_lowers_the_temporal_loss(
     assert package.metadata.clips[0].name == "dolly"
     assert package.has_file("loss.png") and package.has_file("metrics.jsonl")
     preview = probe(package.file_path("preview.mp4"))  # the last preview, at step 30
-    assert (preview.frame_count, preview.width, preview.height) == (4, 32, 32)
+    assert (preview.frame_count, preview.width, preview.height) == (4, 16, 16)
     assert all(".to_k." in key or ".to_out.0." in key for key in package.adapter_state)
     assert not partial_dir(store, "dolly").exists(), "the run folder is gone once done"
 
