@@ -670,10 +670,28 @@ def test_committed_unit_records_let_a_new_folder_continue_the_table(
     assert again["rows"] == first["rows"]
     assert again["settings"]["reused_units"] == 3
     assert (tmp_path / "b" / "frames.png").is_file()  # the reference row, without videos
+    # the same settings spelled another way (the preset's own rank, given by --set): reused
+    spelled = run_experiment(
+        tmp_path / "d", ["orbit"], set_options=[*options, "lora.rank=8"], units=units, **kwargs
+    )
+    assert spelled["settings"]["reused_units"] == 3
     with pytest.raises(RuntimeError, match="trained again"):  # other settings: not reused
         run_experiment(
             tmp_path / "c", ["orbit"], set_options=[*options, "lora.rank=2"], units=units, **kwargs
         )
+    # the preset itself changed under the records (its learning rate): not reused either
+    import motionsep.config
+
+    real_load_settings = motionsep.config.load_settings
+
+    def changed_preset(*args: Any, **kw: Any) -> Any:
+        settings = real_load_settings(*args, **kw)
+        settings.optim.lr *= 2
+        return settings
+
+    monkeypatch.setattr(motionsep.config, "load_settings", changed_preset)
+    with pytest.raises(RuntimeError, match="trained again"):
+        run_experiment(tmp_path / "e", ["orbit"], set_options=options, units=units, **kwargs)
 
 
 def test_toy_pretrain_command_installs_a_usable_model(store_home: Path) -> None:

@@ -504,7 +504,7 @@ class _Experiment:
         fingerprint = {
             "version": __version__,
             "protocol": protocol.name,
-            "set": list(set_options or []),
+            "settings": settings_digest(base_settings),
             "references": references,
             "prompts": prompts,
             "model": base_settings.model.name,
@@ -613,6 +613,23 @@ def _model_override(tree: dict[str, Any], model: str | None) -> dict[str, Any]:
     return tree if model is None else deep_merge(tree, {"model": {"name": model}})
 
 
+def settings_digest(settings: Any) -> str:
+    """SHA-256 over the resolved settings a unit is made under, for unit fingerprints.
+
+    The settings as resolved (preset, protocol, ``--set``), so that a unit is
+    reused whenever it would be made the same way, however the settings were
+    spelled, and never after the preset itself changed. Left out: the store's
+    folder, and the recipe and training seed, which each unit sets itself.
+    """
+    import hashlib
+
+    tree = settings.model_dump(mode="json")
+    tree.pop("store", None)
+    tree["lora"].pop("recipe", None)
+    tree["train"].pop("seed", None)
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
+
+
 def weights_digest(folder: Path) -> str:
     """SHA-256 over a model folder's weight files (names and bytes), for unit fingerprints."""
     import hashlib
@@ -638,8 +655,8 @@ class _SavedRuns:
     ``.npz`` of its frames for the pictures. With ``mirror``, the record (not
     the frames) is also kept there, and a record found only there is reused
     too: its runs have scores but no frames. A unit is reused only if it was
-    made under the same ``fingerprint`` (motionsep version, ``--set``
-    options, reference and prompt counts, the base model and its weights).
+    made under the same ``fingerprint`` (motionsep version, the resolved
+    settings, reference and prompt counts, the base model and its weights).
     """
 
     def __init__(
