@@ -478,7 +478,8 @@ def experiment(
             "--units",
             help="Also keep each finished unit's scores (a few KB of JSON, no frames) in "
             "this folder, and reuse the units found there: commit it and a later run "
-            "continues the table.",
+            "continues the table. A unit is reused only if it was made under the same "
+            "resolved settings, model weights, protocol and counts.",
         ),
     ] = None,
     jobs: Annotated[
