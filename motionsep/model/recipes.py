@@ -140,9 +140,14 @@ def _linear_names_under(unet: Any, prefix: str) -> list[str]:
     """Linear layers under ``prefix``; a layer peft already wrapped counts once, by its own name."""
     from torch import nn
 
+    try:
+        root = unet.get_submodule(prefix)
+    except AttributeError:
+        return []
     names = []
-    for name, module in unet.named_modules():
-        if not name.startswith(prefix + ".") or ".lora_" in name:
+    # walk the block alone, not the whole U-Net once per block
+    for name, module in root.named_modules(prefix=prefix):
+        if name == prefix or ".lora_" in name:
             continue
         if name.endswith(".base_layer"):
             names.append(name.removesuffix(".base_layer"))
