@@ -448,27 +448,19 @@ def test_the_speed_levers_follow_the_plain_loss_curve(
             assert torch.allclose(plain_adapter[key], fast_adapter[key], atol=1e-4), key
 
 
-@pytest.mark.parametrize("damage", ["garbage", "nan"])
-def test_resume_passes_over_a_damaged_checkpoint_to_the_older_one(
-    damage: str,
-    clips_dir: Path,
-    tiny_model_dir: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import json as json_module
-
-    from safetensors.torch import save_file
-
-    from motionsep import runs, train
-    from motionsep.data import file_sha256
+@pytest.fixture(scope="module")
+def stopped_after_step_4(
+    clips_dir: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """Six steps straight through, and the same run stopped by Ctrl-C after the
+    checkpoint of step 4 (checkpoints every 2 steps); built once, copied by each test."""
+    from motionsep import train
 
     clip = [clips_dir / "dolly.mp4"]
     options = [f"model.name={tiny_model_dir}", "train.steps=6", "train.checkpoint_every=2"]
     settings = load_settings(preset="tiny", set_options=options)
-    straight = train_motion(clip, "m", settings, Store(tmp_path / "straight"))
-
-    store = Store(tmp_path / "damaged")
+    root = tmp_path_factory.mktemp("stopped")
+    straight = train_motion(clip, "m", settings, Store(root / "straight"))
     step = train.Trainer.step
 
     def stop_at_step_5(self: train.Trainer, number: int) -> dict[str, float]:
@@ -476,10 +468,34 @@ def test_resume_passes_over_a_damaged_checkpoint_to_the_older_one(
             raise KeyboardInterrupt  # as Ctrl-C would, after the checkpoint of step 4
         return step(self, number)
 
-    monkeypatch.setattr(train.Trainer, "step", stop_at_step_5)
-    with pytest.raises((KeyboardInterrupt, train.TrainingInterruptedError)):
-        train_motion(clip, "m", settings, store)
-    monkeypatch.setattr(train.Trainer, "step", step)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train.Trainer, "step", stop_at_step_5)
+        with pytest.raises((KeyboardInterrupt, train.TrainingInterruptedError)):
+            train_motion(clip, "m", settings, Store(root / "stopped"))
+    return {
+        "clip": clip,
+        "settings": settings,
+        "straight": straight.package.parent.parent,
+        "stopped": root / "stopped",
+    }
+
+
+@pytest.mark.parametrize("damage", ["garbage", "nan"])
+def test_resume_passes_over_a_damaged_checkpoint_to_the_older_one(
+    damage: str, stopped_after_step_4: dict[str, Any], tmp_path: Path
+) -> None:
+    import json as json_module
+
+    from safetensors.torch import save_file
+
+    from motionsep import runs
+    from motionsep.data import file_sha256
+
+    run = stopped_after_step_4
+    clip, settings = run["clip"], run["settings"]
+    # damage a copy: the fixture's store stays as Ctrl-C left it for the other case
+    shutil.copytree(run["stopped"], tmp_path / "damaged")
+    store = Store(tmp_path / "damaged")
     newest = partial_dir(store, "m") / "checkpoints" / "step-4"
     adapters = newest / "adapters.safetensors"
     if damage == "garbage":
@@ -496,7 +512,7 @@ def test_resume_passes_over_a_damaged_checkpoint_to_the_older_one(
     resumed = train_motion(clip, "m", settings, store, resume=True, progress=logged)
     assert any("step-4 is damaged" in line for line in logged.lines), logged.lines
     assert any("resuming from step 2" in line for line in logged.lines), logged.lines
-    a, b = _adapter(straight.package.parent.parent, "m"), _adapter(store.home, "m")
+    a, b = _adapter(run["straight"], "m"), _adapter(store.home, "m")
     for key in a:
         assert (a[key] == b[key]).all(), f"{key} differs after falling back"
     assert resumed.metrics[-1]["step"] == 6
