@@ -281,3 +281,36 @@ def test_layer_list_follows_injection_removal_and_replacement(tiny_unet: nn.Modu
     setattr(parent, child, tiny_unet.get_submodule(first).get_base_layer())
     assert first not in lora.adapted_modules(tiny_unet)
     assert lora.adapted_modules(tiny_unet) == walked(tap.MOTION_ADAPTER)
+
+
+def test_lora_targets_under_a_block_are_those_of_a_whole_unet_walk(tiny_unet: nn.Module) -> None:
+    """The per-block walk finds the feed-forward Linear layers a walk of the whole
+    U-Net finds, in the same order, before and after peft wraps them."""
+
+    def whole_walk(unet: nn.Module, prefix: str) -> list[str]:
+        names = []
+        for name, module in unet.named_modules():
+            if not name.startswith(prefix + ".") or ".lora_" in name:
+                continue
+            if name.endswith(".base_layer"):
+                names.append(name.removesuffix(".base_layer"))
+            elif isinstance(module, nn.Linear):
+                names.append(name)
+        return names
+
+    blocks = [
+        f"{block}.ff"
+        for transformer in [
+            *recipes.temporal_transformer_names(tiny_unet),
+            *recipes.spatial_transformer_names(tiny_unet),
+        ]
+        for block in recipes._block_names(tiny_unet, transformer)
+    ]
+    assert blocks
+    before = {prefix: recipes._linear_names_under(tiny_unet, prefix) for prefix in blocks}
+    assert all(before.values())
+    assert before == {prefix: whole_walk(tiny_unet, prefix) for prefix in blocks}
+    tap.inject_motion_lora(tiny_unet, Recipe.MOTIONDIRECTOR, 2)  # adapts the feed-forwards
+    tap.inject_spatial_lora(tiny_unet, 2)
+    after = {prefix: recipes._linear_names_under(tiny_unet, prefix) for prefix in blocks}
+    assert after == before == {prefix: whole_walk(tiny_unet, prefix) for prefix in blocks}

@@ -1057,3 +1057,31 @@ def test_pretraining_settings_take_every_layer_and_the_recorded_command_repeats_
     assert again == config  # the recorded command alone runs the same settings
     with pytest.raises(UsageError, match="head_width must divide 32"):
         load_settings(set_options=["pretrain.head_width=5"])
+
+
+# the README's commands that rebuild each committed table: (protocol, --set)
+COMMITTED_TABLES = {
+    "named": ("named", []),
+    "leak": ("leak", []),
+    "named-lr3e-3": ("named", ["optim.lr=3e-3"]),
+    "leak-lr3e-3": ("leak", ["optim.lr=3e-3"]),
+    "named-500steps": ("named", ["train.steps=500"]),
+}
+
+
+@pytest.mark.parametrize("table", sorted(COMMITTED_TABLES))
+def test_committed_unit_records_match_the_settings_of_their_readme_command(table: str) -> None:
+    """A change to the settings (a new field, a preset edit) that would make the
+    README's rebuild commands retrain hours of committed units fails here."""
+    from motionsep.toy.experiment import PROTOCOLS, _model_override, _settings, settings_digest
+
+    protocol, set_options = COMMITTED_TABLES[table]
+    tree = _model_override(PROTOCOLS[protocol].settings, "toy-animatediff")
+    digest = settings_digest(_settings(None, tree, set_options))
+    folder = Path(__file__).resolve().parents[1] / "results" / "toy-animatediff" / table
+    records = sorted(folder.glob("*.json"))
+    assert len(records) >= 27
+    for path in records:
+        fingerprint = json.loads(path.read_text())["fingerprint"]
+        assert fingerprint["protocol"] == protocol, path.name
+        assert fingerprint["settings"] == digest, f"{path.name}: settings changed since it was made"

@@ -613,18 +613,25 @@ def _model_override(tree: dict[str, Any], model: str | None) -> dict[str, Any]:
     return tree if model is None else deep_merge(tree, {"model": {"name": model}})
 
 
+UNIT_SECTIONS = ("model", "data", "lora", "optim", "train", "sample", "eval")
+"""The settings sections an experiment unit is made from (its fingerprint's digest)."""
+
+
 def settings_digest(settings: Any) -> str:
     """SHA-256 over the resolved settings a unit is made under, for unit fingerprints.
 
     The settings as resolved (preset, protocol, ``--set``), so that a unit is
     reused whenever it would be made the same way, however the settings were
-    spelled, and never after the preset itself changed. Left out: the store's
-    folder, and the recipe and training seed, which each unit sets itself.
+    spelled, and never after the preset itself changed. Only the sections a
+    unit is made from count (not ``store`` or ``pretrain``), and not the
+    recipe and training seed, which each unit sets itself. A new field in
+    those sections changes every digest: `tests/test_toy.py` checks that the
+    committed records still match, so such a change is seen, not a silent rerun.
     """
     import hashlib
 
-    tree = settings.model_dump(mode="json")
-    tree.pop("store", None)
+    dumped = settings.model_dump(mode="json")
+    tree = {section: dumped[section] for section in UNIT_SECTIONS}
     tree["lora"].pop("recipe", None)
     tree["train"].pop("seed", None)
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
