@@ -479,7 +479,8 @@ def experiment(
             help="Also keep each finished unit's scores (a few KB of JSON, no frames) in "
             "this folder, and reuse the units found there: commit it and a later run "
             "continues the table. A unit is reused only if it was made under the same "
-            "resolved settings, model weights, protocol and counts.",
+            "resolved settings, model weights, protocol and counts; a folder holding the "
+            "protocol's units made another way is refused, never written over.",
         ),
     ] = None,
     jobs: Annotated[

@@ -676,10 +676,19 @@ def test_committed_unit_records_let_a_new_folder_continue_the_table(
     )
     assert spelled["settings"]["reused_units"] == 3
     with pytest.raises(RuntimeError, match="trained again"):  # other settings: not reused
+        run_experiment(tmp_path / "a", ["orbit"], set_options=[*options, "lora.rank=2"], **kwargs)
+    # nor are the committed records written over: other settings with the same
+    # --units folder are refused before anything trains
+    from motionsep.errors import UsageError
+
+    committed = {path.name: path.read_bytes() for path in units.iterdir()}
+    with pytest.raises(
+        UsageError, match=r"3 unit record\(s\) .* other settings \(differing: settings\)"
+    ):
         run_experiment(
             tmp_path / "c", ["orbit"], set_options=[*options, "lora.rank=2"], units=units, **kwargs
         )
-    # the preset itself changed under the records (its learning rate): not reused either
+    # the preset itself changed under the records (its learning rate): seen, refused too
     import motionsep.config
 
     real_load_settings = motionsep.config.load_settings
@@ -690,8 +699,9 @@ def test_committed_unit_records_let_a_new_folder_continue_the_table(
         return settings
 
     monkeypatch.setattr(motionsep.config, "load_settings", changed_preset)
-    with pytest.raises(RuntimeError, match="trained again"):
-        run_experiment(tmp_path / "e", ["orbit"], set_options=options, units=units, **kwargs)
+    with pytest.raises(UsageError, match="differing: settings"):
+        run_experiment(tmp_path / "f", ["orbit"], set_options=options, units=units, **kwargs)
+    assert {path.name: path.read_bytes() for path in units.iterdir()} == committed
 
 
 def test_toy_pretrain_command_installs_a_usable_model(store_home: Path) -> None:

@@ -679,6 +679,39 @@ class _SavedRuns:
         self.mirror = mirror
         self.reused = 0
         self._seconds: dict[str, float] = {}
+        self._refuse_foreign_records()
+
+    def _refuse_foreign_records(self) -> None:
+        """Refuses a ``mirror`` that holds this protocol's units made another way.
+
+        Records are named by unit alone, so making the units again under other
+        settings would write over them: committed results, lost without asking.
+        """
+        if self.mirror is None or not self.mirror.is_dir():
+            return
+        protocol = self.fingerprint["protocol"]
+        differing: dict[str, int] = {}
+        count = 0
+        for path in sorted(self.mirror.glob(f"{protocol}-*.json")):
+            try:
+                theirs = json.loads(path.read_text()).get("fingerprint")
+            except (OSError, ValueError, AttributeError):
+                continue  # not a unit record: left alone, never written over
+            if not isinstance(theirs, dict) or theirs == self.fingerprint:
+                continue
+            count += 1
+            for key in sorted(set(theirs) | set(self.fingerprint)):
+                if theirs.get(key) != self.fingerprint.get(key):
+                    differing[key] = differing.get(key, 0) + 1
+        if count:
+            what = ", ".join(differing)
+            raise UsageError(
+                f"{self.mirror} holds {count} unit record(s) of the {protocol} protocol made "
+                f"under other settings (differing: {what}); making these units would write "
+                "over them",
+                "pass another --units folder for these settings (one folder per table), "
+                "or run with the settings those records were made under",
+            )
 
     @property
     def _places(self) -> list[Path]:
