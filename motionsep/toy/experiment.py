@@ -690,7 +690,7 @@ class _SavedRuns:
         if self.mirror is None or not self.mirror.is_dir():
             return
         protocol = self.fingerprint["protocol"]
-        differing: dict[str, int] = {}
+        differing: set[str] = set()
         count = 0
         for path in sorted(self.mirror.glob(f"{protocol}-*.json")):
             try:
@@ -700,11 +700,10 @@ class _SavedRuns:
             if not isinstance(theirs, dict) or theirs == self.fingerprint:
                 continue
             count += 1
-            for key in sorted(set(theirs) | set(self.fingerprint)):
-                if theirs.get(key) != self.fingerprint.get(key):
-                    differing[key] = differing.get(key, 0) + 1
+            keys = set(theirs) | set(self.fingerprint)
+            differing |= {key for key in keys if theirs.get(key) != self.fingerprint.get(key)}
         if count:
-            what = ", ".join(differing)
+            what = ", ".join(sorted(differing))
             raise UsageError(
                 f"{self.mirror} holds {count} unit record(s) of the {protocol} protocol made "
                 f"under other settings (differing: {what}); making these units would write "
