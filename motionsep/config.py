@@ -389,6 +389,7 @@ class PretrainSettings(_Section):
     checkpoint_every: int = Field(200, description="Checkpoint every N steps.")
     probe_every: int = Field(0, ge=0, description="Held-in probe every N U-Net steps; 0: never.")
     probe_count: int = Field(56, description="Videos per probe.")
+    probe_steps: int = Field(25, ge=1, description="DDIM steps of each probe video.")
     head_width: int = Field(
         4, description="Width of each attention head (diffusers' attention_head_dim; ZeroScope 64)."
     )

@@ -13,6 +13,8 @@ import hashlib
 import json
 import socket
 import threading
+import time
+import types
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -58,6 +60,7 @@ class FakeHub:
     def __init__(self) -> None:
         self.repos: dict[str, Repo] = {}
         self.gets: Counter[str] = Counter()
+        self.waits: list[float] = []  # the client's retry waits, in seconds
         self.ranges: list[tuple[str, str]] = []
         # path -> byte offset where the body is cut; "once" cuts only the next GET.
         self.cut_at: dict[str, int] = {}
@@ -241,7 +244,16 @@ def running_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
     # Small chunks, so that a cut body leaves complete chunks to resume from.
     monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    # huggingface_hub waits 1 s before each retry of a cut body (5 tries): the
+    # waits are recorded, not slept, so a test of giving up costs no idle seconds.
+    from huggingface_hub import file_download
+
     server = FakeHub()
+    monkeypatch.setattr(
+        file_download,
+        "time",
+        types.SimpleNamespace(**{**vars(time), "sleep": server.waits.append}),
+    )
     monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
     try:
         yield server

@@ -616,19 +616,30 @@ def test_two_processes_write_exactly_the_files_one_process_writes(
     # one thread in every process: the sharded run's processes get one each
     env.update(MOTIONSEP_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
-    def run(out: Path, *extra: str) -> list[str]:
-        command = [
-            sys.executable, "-m", "motionsep_cli", "generate", "--motion", "none",
+    def command(out: Path) -> list[str]:
+        return [
+            "generate", "--motion", "none",
             "--model", str(tiny_model_dir), "--prompts-file", str(prompts), "--out", str(out),
             "--size", "16x16", "--frames", "2", "--steps", "2", "-n", "2", "--batch-size", "2",
-            *extra,
         ]  # fmt: skip
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr
-        return done.stdout.split()
 
-    one = run(tmp_path / "one")
-    two = run(tmp_path / "two", "--num-processes", "2")
+    # one process: this one (the same code as the console script, without its imports)
+    single = runner.invoke(
+        app, command(tmp_path / "one"), env={"MOTIONSEP_HOME": str(tmp_path / "home")}
+    )
+    assert single.exit_code == 0, single.output
+    one = single.stdout.split()
+    sharded = [
+        sys.executable,
+        "-m",
+        "motionsep_cli",
+        *command(tmp_path / "two"),
+        "--num-processes",
+        "2",
+    ]
+    done = subprocess.run(sharded, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    two = done.stdout.split()
     assert [Path(p).name for p in two] == [Path(p).name for p in one]  # printed once, in order
     assert len(one) == 6
     names = sorted(p.name for p in (tmp_path / "one").iterdir())

@@ -218,6 +218,7 @@ def test_an_interrupted_download_resumes_on_the_next_run(
     with pytest.raises(HubUnreachableError) as failure:
         download(store, REPO, endpoint=hub.endpoint)
     assert UNET_WEIGHTS in failure.value.message
+    assert hub.waits, "gave up without retrying the cut file"
     assert "--from" in str(failure.value.hint) and "rerun" in str(failure.value.hint)
     assert store.model_record(REPO) is None
     assert _store_entries(tmp_path) == [".partial-acme--tiny-t2v"]

@@ -253,6 +253,7 @@ def test_an_interrupted_download_resumes_without_fetching_finished_files(
     with pytest.raises(HubUnreachableError) as failure:
         download(store, "animatediff", endpoint=hub.endpoint)
     assert UNET_WEIGHTS in failure.value.message
+    assert hub.waits, "gave up without retrying the cut file"
     assert "rerun" in str(failure.value.hint) and "--from PATH" in str(failure.value.hint)
     assert store_entries(tmp_path) == [".partial-animatediff"]
     assert hub.gets[ADAPTER_WEIGHTS] == 1  # the smaller adapter weights came first

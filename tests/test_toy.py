@@ -336,7 +336,13 @@ def test_pretraining_resumes_bit_identically_and_records_itself(tmp_path: Path) 
     from motionsep.train import TrainingInterruptedError
 
     config = PretrainConfig(
-        vae_steps=2, steps=3, batch=2, vae_batch=4, checkpoint_every=10, probe_count=1
+        vae_steps=2,
+        steps=3,
+        batch=2,
+        vae_batch=4,
+        checkpoint_every=10,
+        probe_count=1,
+        probe_steps=2,  # the record, not the model's quality: 2 DDIM steps, not 25
     )
     straight = pretrain(tmp_path / "a", tmp_path / "a-run", config, command=["test"])
     with pytest.raises(TrainingInterruptedError) as stopped:
@@ -352,6 +358,7 @@ def test_pretraining_resumes_bit_identically_and_records_itself(tmp_path: Path) 
     record = json.loads((tmp_path / "a" / "toy.json").read_text())
     assert record["command"] == ["test"]
     assert record["config"]["steps"] == 3
+    assert record["config"]["probe_steps"] == 2  # recorded with every other setting
     assert set(record["probe"]) >= {"color", "direction", "motion"}
     vae_config = json.loads((tmp_path / "a" / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] != 1.0  # set from the trained encoder
@@ -719,6 +726,8 @@ def test_toy_pretrain_command_installs_a_usable_model(store_home: Path) -> None:
         "2",
         "--probe-count",
         "1",
+        "--set",
+        "pretrain.probe_steps=2",
         "--json",
     ]
     result = runner.invoke(app, args)
@@ -747,6 +756,7 @@ def test_pretraining_can_take_a_trained_vae_wider_heads_and_harder_clips(tmp_pat
         steps=2,
         batch=2,
         probe_count=1,
+        probe_steps=2,
         head_width=16,
         speed_jitter=0.3,
         attribute_dropout=0.5,
@@ -931,7 +941,9 @@ def test_an_unfinished_run_exports_its_newest_checkpoint(tmp_path: Path) -> None
     from motionsep.toy.pretrain import PretrainConfig, export_checkpoint, pretrain
     from motionsep.train import TrainingInterruptedError
 
-    config = PretrainConfig(vae_steps=1, steps=2, batch=2, vae_batch=4, probe_count=1)
+    config = PretrainConfig(
+        vae_steps=1, steps=2, batch=2, vae_batch=4, probe_count=1, probe_steps=2
+    )
     with pytest.raises(TrainingInterruptedError):
         pretrain(tmp_path / "m", tmp_path / "run", config, progress=_StopAt(2))
     made = CliRunner().invoke(

@@ -12,10 +12,13 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
+from click.testing import Result
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from motionsep import train
 from motionsep.config import load_settings
@@ -23,7 +26,10 @@ from motionsep.model.motion import load_motion
 from motionsep.store import Store
 from motionsep.train import latest_checkpoint, partial_dir, train_motion
 from motionsep.video import probe
+from motionsep_cli.app import app
 from tests._progress import LoggedProgress
+
+runner = CliRunner()
 
 
 def _env(home: Path) -> dict[str, str]:
@@ -37,6 +43,18 @@ def _train_args(clip: Path, model: Path, name: str, *extra: str) -> list[str]:
         sys.executable, "-m", "motionsep_cli", "train", str(clip), "--name", name,
         "--preset", "tiny", "--model", str(model), *extra,
     ]  # fmt: skip
+
+
+def _in_process(args: list[str], home: Path) -> Result:
+    """The command line ``args`` (as `_train_args` makes it) run in this process.
+
+    The same code as the console script, without a fresh interpreter's 5 s of
+    imports: for the steps of a test that are not about the process itself
+    (its signals, its exit), such as the rerun after a Ctrl-C.
+    """
+    assert args[:3] == [sys.executable, "-m", "motionsep_cli"], args
+    with mock.patch.object(sys, "argv", ["motionsep", *args[3:]]):  # as the script sees it
+        return runner.invoke(app, args[3:], env={"MOTIONSEP_HOME": str(home)})
 
 
 def _adapter(home: Path, name: str) -> dict:
@@ -100,12 +118,6 @@ def interrupted_training(
     clip = clips_dir / "dolly.mp4"
     extra = ["--steps", "12", "--set", "train.checkpoint_every=5", "--set", "lora.dropout=0.1"]
     root = tmp_path_factory.mktemp("sigint")
-    straight = root / "straight"
-    # both runs at once (one thread each): the fixture stays under 30 s
-    through = subprocess.Popen(
-        [*_train_args(clip, tiny_model_dir, "m", *extra), "--verbose"], env=_env(straight),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
     home = root / "interrupted"
     args = _train_args(clip, tiny_model_dir, "m", *extra)
     process = subprocess.Popen(
@@ -114,11 +126,19 @@ def interrupted_training(
     _wait_for_step(home, "m", 7, process, timeout=240)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
-    _, verbose = through.communicate(timeout=300)
-    assert through.returncode == 0, verbose
+    # the run straight through needs no process of its own; one thread, as in
+    # the subprocess (a module fixture runs before the per-test one-thread fixture)
+    straight = root / "straight"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        through = _in_process([*args, "--verbose"], straight)
+    finally:
+        torch.set_num_threads(threads)
+    assert through.exit_code == 0, through.output
     return {
         "straight": straight,
-        "verbose": verbose,
+        "verbose": through.stderr,
         "home": home,
         "args": args,
         "typo": _train_args(clips_dir / "dolyl.mp4", tiny_model_dir, "m", *extra),
@@ -145,8 +165,8 @@ def test_sigint_stops_training_with_a_checkpoint_and_a_rerun_loses_nothing(
         (run["args"], "--force to discard it"),
         ([*run["typo"], "--force"], "dolyl.mp4"),  # --force discards only once inputs are good
     ):
-        refused = subprocess.run(rerun, env=_env(home), capture_output=True, text=True, timeout=120)
-        assert refused.returncode == 2, refused.stderr
+        refused = _in_process(rerun, home)
+        assert refused.exit_code == 2, refused.output
         assert says in " ".join(refused.stderr.split())
         kept = sorted(p.name for p in (partial_dir(Store(home), "m") / "checkpoints").iterdir())
         assert kept == checkpoints
@@ -162,10 +182,8 @@ def test_sigint_then_resume_is_bit_identical_to_one_run(
     shutil.copytree(run["home"], home)
     checkpoint = latest_checkpoint(partial_dir(Store(home), "m"))
     assert checkpoint is not None
-    resumed = subprocess.run(
-        [*args, "--resume"], env=_env(home), capture_output=True, text=True, timeout=300
-    )
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = _in_process([*args, "--resume"], home)
+    assert resumed.exit_code == 0, resumed.output
     assert f"resuming from step {checkpoint[0]}" in resumed.stderr
     # the start-up summary: a few lines, where the motion goes and how to resume
     summary = resumed.stderr.split("resuming from")[0]
@@ -194,10 +212,8 @@ def _kill_and_resume(clip: Path, model: Path, home: Path, seed: int) -> None:
     if (home / "motions" / "k").exists():
         return  # killed after the package was complete
     resume = ["--resume"] if latest_checkpoint(partial_dir(Store(home), "k")) else []
-    finished = subprocess.run(
-        [*args, *resume], env=_env(home), capture_output=True, text=True, timeout=300
-    )
-    assert finished.returncode == 0, finished.stderr
+    finished = _in_process([*args, *resume], home)  # the resume needs no process of its own
+    assert finished.exit_code == 0, finished.output
     load_motion(home / "motions" / "k")
     _assert_no_half_written_state(home, "k")
 
@@ -264,11 +280,8 @@ def test_a_2d_unet_is_refused(clips_dir: Path, tiny_model_dir: Path, tmp_path: P
     config["_class_name"] = "UNet2DConditionModel"
     (model / "unet" / "config.json").write_text(json.dumps(config))
     home = tmp_path / "home"
-    result = subprocess.run(
-        _train_args(clips_dir / "dolly.mp4", model, "m"), env=_env(home),
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 2, result.stderr
+    result = _in_process(_train_args(clips_dir / "dolly.mp4", model, "m"), home)
+    assert result.exit_code == 2, result.output
     assert "UNet3DConditionModel" in result.stderr
     assert not (home / "motions" / "m").exists()
 
@@ -279,11 +292,8 @@ def test_existing_name_is_refused_without_force(
     existing = tmp_path / "motions" / "taken"
     existing.mkdir(parents=True)
     (existing / "motion.json").write_text("{}")
-    result = subprocess.run(
-        _train_args(clips_dir / "dolly.mp4", tiny_model_dir, "taken"), env=_env(tmp_path),
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 2
+    result = _in_process(_train_args(clips_dir / "dolly.mp4", tiny_model_dir, "taken"), tmp_path)
+    assert result.exit_code == 2
     assert "already exists" in result.stderr and "--force" in result.stderr
     assert (existing / "motion.json").read_text() == "{}"
     assert sorted(p.name for p in (tmp_path / "motions").iterdir()) == ["taken"]

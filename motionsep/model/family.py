@@ -26,6 +26,7 @@ a forward pre-hook that repeats a per-video text batch (one that already has
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -201,28 +202,41 @@ def unet_config(folder: Path) -> dict[str, Any]:
 
     For AnimateDiff this is the joined ``UNetMotionModel``'s config, built on
     the meta device (no memory, no weights), so it equals ``unet.config`` of
-    the loaded model: that is what motion packages hash.
+    the loaded model: that is what motion packages hash. Building it takes
+    about half a second even for the tiny model, and one command asks for it
+    several times (checking the folder, loading, checking the training base),
+    so it is computed once per pair of config files in a process.
     """
     family = folder_family(folder)
     raw = read_config(folder / "unet" / "config.json", folder)
     if family is ZEROSCOPE:
         return raw
+    adapter_config = read_config(folder / MOTION_ADAPTER_FOLDER / "config.json", folder)
+    try:
+        joined = _joined_config(
+            json.dumps(raw, sort_keys=True), json.dumps(adapter_config, sort_keys=True)
+        )
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ModelFormatError(
+            f"{folder}: the U-Net and the motion adapter do not fit together: {exc}",
+            "the motion adapter must be one for Stable Diffusion 1.5 (same blocks, "
+            "layers and channels as the U-Net)",
+        ) from exc
+    return json.loads(joined)
+
+
+@functools.lru_cache(maxsize=16)
+def _joined_config(unet_json: str, adapter_json: str) -> str:
+    """The joined ``UNetMotionModel`` config of two config files (JSON in, JSON out:
+    the cache hands out no object a caller could change)."""
     import torch
     from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
-    adapter_config = read_config(folder / MOTION_ADAPTER_FOLDER / "config.json", folder)
     with _quiet_diffusers(), torch.device("meta"):
-        try:
-            unet2d = UNet2DConditionModel.from_config(raw)
-            adapter = MotionAdapter.from_config(adapter_config)
-            joined = UNetMotionModel.from_unet2d(unet2d, adapter, load_weights=False)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ModelFormatError(
-                f"{folder}: the U-Net and the motion adapter do not fit together: {exc}",
-                "the motion adapter must be one for Stable Diffusion 1.5 (same blocks, "
-                "layers and channels as the U-Net)",
-            ) from exc
-    return dict(joined.config)
+        unet2d = UNet2DConditionModel.from_config(json.loads(unet_json))
+        adapter = MotionAdapter.from_config(json.loads(adapter_json))
+        joined = UNetMotionModel.from_unet2d(unet2d, adapter, load_weights=False)
+    return json.dumps(dict(joined.config))
 
 
 class _quiet_diffusers:  # noqa: N801 - used like a function

@@ -940,7 +940,7 @@ def _probe(run: PretrainRun, config: PretrainConfig, device: torch.device) -> di
 
     parts = export_parts(run)
     components = components_of(parts, device)
-    return _probe_record(probe(components, count=config.probe_count))
+    return _probe_record(probe(components, count=config.probe_count, steps=config.probe_steps))
 
 
 @contextlib.contextmanager
