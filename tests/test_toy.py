@@ -33,6 +33,35 @@ def toy_random_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+# one job, two motions: the table that --jobs 2 and a rerun are each compared with
+ONE_JOB_SETTINGS = ["train.steps=2", "sample.steps=2"]
+ONE_JOB_UNITS: dict[str, Any] = {"seeds": 1, "recipes": ["paper"], "references": 1, "prompts": 1}
+
+
+@pytest.fixture(scope="module")
+def one_job_experiment(
+    toy_random_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, Any]]:
+    """orbit and bounce made in this process (read only: copy the folder to change it)."""
+    import torch
+
+    from motionsep.toy.experiment import run_experiment
+
+    root = tmp_path_factory.mktemp("one_job")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a module fixture runs before the per-test one-thread fixture
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MOTIONSEP_HOME", str(root / "store"))
+            options = [f"model.name={toy_random_model}", *ONE_JOB_SETTINGS]
+            results = run_experiment(
+                root / "exp", ["orbit", "bounce"], set_options=options, **ONE_JOB_UNITS
+            )
+    finally:
+        torch.set_num_threads(threads)
+    return root / "exp", results
+
+
 # ---------------------------------------------------------------------------
 # world
 
@@ -592,32 +621,42 @@ def test_leak_protocol_captions_reference_clips_by_their_motion_alone(
 
 
 def test_a_rerun_experiment_reuses_finished_units_only_under_the_same_settings(
-    store_home: Path, tmp_path: Path, toy_random_model: Path, monkeypatch: pytest.MonkeyPatch
+    store_home: Path,
+    tmp_path: Path,
+    toy_random_model: Path,
+    one_job_experiment: tuple[Path, dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    import shutil
+
     import motionsep.train
     from motionsep.toy.experiment import run_experiment
 
+    made, first = one_job_experiment
     out = tmp_path / "exp"
-    options = [f"model.name={toy_random_model}", "train.steps=1", "sample.steps=2"]
-    kwargs: dict[str, Any] = {"seeds": 1, "recipes": ["paper"], "references": 2, "prompts": 1}
-    first = run_experiment(out, ["orbit"], set_options=options, **kwargs)
+    shutil.copytree(made, out)  # the finished experiment, run again in its own folder
+    options = [f"model.name={toy_random_model}", *ONE_JOB_SETTINGS]
     (out / "frames.png").unlink()
 
     def no_training(*args: object, **kw: object) -> None:
         raise RuntimeError("trained again")
 
     monkeypatch.setattr(motionsep.train, "train_motion", no_training)
-    again = run_experiment(out, ["orbit"], set_options=options, **kwargs)
+    again = run_experiment(out, ["orbit", "bounce"], set_options=options, **ONE_JOB_UNITS)
     assert again["rows"] == first["rows"]  # the same scores, without training
+    assert again["settings"]["reused_units"] == 5  # ceiling, and base and paper per motion
     assert (out / "frames.png").is_file()  # the report is rebuilt from the saved frames
     with pytest.raises(RuntimeError, match="trained again"):
-        run_experiment(out, ["orbit"], set_options=[*options, "sample.steps=3"], **kwargs)
+        run_experiment(out, ["orbit"], set_options=[*options, "sample.steps=3"], **ONE_JOB_UNITS)
     with pytest.raises(RuntimeError, match="trained again"):
-        run_experiment(out, ["orbit"], set_options=options, fresh=True, **kwargs)
+        run_experiment(out, ["orbit"], set_options=options, fresh=True, **ONE_JOB_UNITS)
 
 
 def test_two_jobs_make_the_same_table_as_one(
-    store_home: Path, tmp_path: Path, toy_random_model: Path
+    store_home: Path,
+    tmp_path: Path,
+    toy_random_model: Path,
+    one_job_experiment: tuple[Path, dict[str, Any]],
 ) -> None:
     """--jobs 2: units made in two worker processes score as one process scores them.
 
@@ -628,12 +667,16 @@ def test_two_jobs_make_the_same_table_as_one(
     """
     from motionsep.toy.experiment import run_experiment
 
-    options = [f"model.name={toy_random_model}", "train.steps=2", "sample.steps=2"]
-    kwargs: dict[str, Any] = {"seeds": 1, "recipes": ["paper"], "references": 1, "prompts": 1}
-    one = run_experiment(tmp_path / "one", ["orbit", "bounce"], set_options=options, **kwargs)
+    options = [f"model.name={toy_random_model}", *ONE_JOB_SETTINGS]
+    one = one_job_experiment[1]
     log = LoggedProgress()
     two = run_experiment(
-        tmp_path / "two", ["orbit", "bounce"], set_options=options, jobs=2, progress=log, **kwargs
+        tmp_path / "two",
+        ["orbit", "bounce"],
+        set_options=options,
+        jobs=2,
+        progress=log,
+        **ONE_JOB_UNITS,
     )
     assert "2 motion x seed task(s) in 2 worker processes" in "\n".join(log.lines)
     assert not any("reused" in line for line in log.lines)  # made, not found
