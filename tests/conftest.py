@@ -34,17 +34,28 @@ def _isolated_env(
     monkeypatch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_per_session() -> Iterator[None]:
     """Tiny-model ops are too small for intra-op threads: on a shared 2-core box
     oversubscribed threads make a forward pass up to 10x slower, and one thread
-    keeps CPU results reproducible."""
+    keeps CPU results reproducible. Session-scoped, so module fixtures (which run
+    before any function-scoped fixture) compute with one thread too, like the
+    tests that compare against them."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(_one_thread_per_session: None) -> Iterator[None]:
+    """A test that changes the thread count leaves one thread behind for the next."""
+    import torch
+
+    yield
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,21 +51,14 @@ def _train(clip: Path, model: Path, name: str, store: Store, *options: str) -> P
 
 
 @pytest.fixture(scope="module")
-def ad_home(tmp_path_factory: pytest.TempPathFactory, tiny_animatediff_dir: Path) -> Iterator[Path]:
+def ad_home(tmp_path_factory: pytest.TempPathFactory, tiny_animatediff_dir: Path) -> Path:
     """A store holding motion ``ad``, trained on tiny-animatediff with its inversion (read only)."""
     clips = Path(__file__).resolve().parents[1].parent / "shared" / "clips"
     if not (clips / "dolly.mp4").is_file():
         pytest.skip(f"reference clips not found at {clips}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        home = tmp_path_factory.mktemp("ad_store")
-        _train(
-            clips / "dolly.mp4", tiny_animatediff_dir, MOTION, Store(home), "data.inversion=true"
-        )
-        yield home
-    finally:
-        torch.set_num_threads(threads)
+    home = tmp_path_factory.mktemp("ad_store")
+    _train(clips / "dolly.mp4", tiny_animatediff_dir, MOTION, Store(home), "data.inversion=true")
+    return home
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pickle
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +51,6 @@ RECIPE_LAYERS = {
 }
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Both sides of every comparison run alike (one thread), so they can agree bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def pipeline(model_dir: Path) -> Any:

@@ -258,15 +258,10 @@ def stopped_run(
             raise KeyboardInterrupt  # as a crash would, after the checkpoint of step 3
         return step(self, number)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the function-scoped _one_thread does (not active yet here)
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(train.Trainer, "step", stop)
-            with pytest.raises(KeyboardInterrupt):
-                train.train_motion([clip], "m", settings, Store(home))
-    finally:
-        torch.set_num_threads(threads)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train.Trainer, "step", stop)
+        with pytest.raises(KeyboardInterrupt):
+            train.train_motion([clip], "m", settings, Store(home))
     return home, clip
 
 

@@ -668,31 +668,27 @@ def test_zeroscope_sampler_equals_the_text_to_video_pipeline(tiny_model_dir: Pat
             "sample": {**sample, "negative_prompt": "blurry"},
         }
     )
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # both sides alike, so they can agree bit for bit
-    try:
-        video = generate_videos(["a red car"], settings)[0]
-        pipe = TextToVideoSDPipeline.from_pretrained(tiny_model_dir)
-        assert isinstance(pipe.scheduler, DDIMScheduler)
-        pipe.set_progress_bar_config(disable=True)
-        latents = pipe(
-            "a red car",
-            negative_prompt="blurry",
-            num_frames=sample["frames"],
-            height=sample["height"],
-            width=sample["width"],
-            num_inference_steps=sample["steps"],
-            guidance_scale=sample["guidance"],
-            generator=torch.Generator("cpu").manual_seed(sample["seed"]),
-            output_type="latent",
-        ).frames
-        with torch.no_grad():
-            theirs = pipe.video_processor.postprocess_video(
-                video=pipe.decode_latents(latents), output_type="np"
-            )[0]
-            pixels = decode_pixels(pipe.vae, video.latents[None], frames_per_call=16)[0]
-    finally:
-        torch.set_num_threads(threads)
+    # both sides run with one thread (conftest), so they can agree bit for bit
+    video = generate_videos(["a red car"], settings)[0]
+    pipe = TextToVideoSDPipeline.from_pretrained(tiny_model_dir)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe(
+        "a red car",
+        negative_prompt="blurry",
+        num_frames=sample["frames"],
+        height=sample["height"],
+        width=sample["width"],
+        num_inference_steps=sample["steps"],
+        guidance_scale=sample["guidance"],
+        generator=torch.Generator("cpu").manual_seed(sample["seed"]),
+        output_type="latent",
+    ).frames
+    with torch.no_grad():
+        theirs = pipe.video_processor.postprocess_video(
+            video=pipe.decode_latents(latents), output_type="np"
+        )[0]
+        pixels = decode_pixels(pipe.vae, video.latents[None], frames_per_call=16)[0]
     assert float((video.latents - latents[0]).abs().max()) == 0.0
     ours = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert np.abs(ours - np.asarray(theirs)).max() <= 1e-5

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +41,6 @@ UPSTREAM_NEEDLES = {
 }
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One thread for the whole module: the originals' frames (module fixtures) and the
-    round trips' frames must run alike to be bit-identical; tiny ops gain nothing from more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------

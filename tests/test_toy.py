@@ -20,12 +20,10 @@ from tests._progress import LoggedProgress
 @pytest.fixture(scope="module")
 def toy_random_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A toy-shaped model with random weights (the shipped one is not needed for plumbing)."""
-    import torch
 
     from motionsep.model.components import save_components
     from motionsep.toy.model import build_components
 
-    torch.set_num_threads(1)
     parts = build_components(seed=3)
     parts["vae"].register_to_config(scaling_factor=1.0)
     folder = tmp_path_factory.mktemp("toy_random") / "model"
@@ -43,22 +41,15 @@ def one_job_experiment(
     toy_random_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, dict[str, Any]]:
     """orbit and bounce made in this process (read only: copy the folder to change it)."""
-    import torch
-
     from motionsep.toy.experiment import run_experiment
 
     root = tmp_path_factory.mktemp("one_job")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a module fixture runs before the per-test one-thread fixture
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("MOTIONSEP_HOME", str(root / "store"))
-            options = [f"model.name={toy_random_model}", *ONE_JOB_SETTINGS]
-            results = run_experiment(
-                root / "exp", ["orbit", "bounce"], set_options=options, **ONE_JOB_UNITS
-            )
-    finally:
-        torch.set_num_threads(threads)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MOTIONSEP_HOME", str(root / "store"))
+        options = [f"model.name={toy_random_model}", *ONE_JOB_SETTINGS]
+        results = run_experiment(
+            root / "exp", ["orbit", "bounce"], set_options=options, **ONE_JOB_UNITS
+        )
     return root / "exp", results
 
 
@@ -354,6 +345,11 @@ class _StopAt:
         return None
 
 
+# one probe video of 2 DDIM steps (the default is 56 of 25): these tests check the
+# probe's record, not the model's quality
+QUICK_PROBE: dict[str, Any] = {"probe_count": 1, "probe_steps": 2}
+
+
 def _unet_weights(folder: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -370,8 +366,7 @@ def test_pretraining_resumes_bit_identically_and_records_itself(tmp_path: Path) 
         batch=2,
         vae_batch=4,
         checkpoint_every=10,
-        probe_count=1,
-        probe_steps=2,  # the record, not the model's quality: 2 DDIM steps, not 25
+        **QUICK_PROBE,
     )
     straight = pretrain(tmp_path / "a", tmp_path / "a-run", config, command=["test"])
     with pytest.raises(TrainingInterruptedError) as stopped:
@@ -387,7 +382,7 @@ def test_pretraining_resumes_bit_identically_and_records_itself(tmp_path: Path) 
     record = json.loads((tmp_path / "a" / "toy.json").read_text())
     assert record["command"] == ["test"]
     assert record["config"]["steps"] == 3
-    assert record["config"]["probe_steps"] == 2  # recorded with every other setting
+    assert record["config"]["probe_steps"] == QUICK_PROBE["probe_steps"]  # recorded like the rest
     assert set(record["probe"]) >= {"color", "direction", "motion"}
     vae_config = json.loads((tmp_path / "a" / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] != 1.0  # set from the trained encoder
@@ -798,12 +793,11 @@ def test_pretraining_can_take_a_trained_vae_wider_heads_and_harder_clips(tmp_pat
         vae_from="toy",
         steps=2,
         batch=2,
-        probe_count=1,
-        probe_steps=2,
         head_width=16,
         speed_jitter=0.3,
         attribute_dropout=0.5,
         trail_opacity=0.2,
+        **QUICK_PROBE,
     )
     pretrain(tmp_path / "m", tmp_path / "run", config, command=["test"])
     unet = json.loads((tmp_path / "m" / "unet" / "config.json").read_text())
@@ -984,9 +978,7 @@ def test_an_unfinished_run_exports_its_newest_checkpoint(tmp_path: Path) -> None
     from motionsep.toy.pretrain import PretrainConfig, export_checkpoint, pretrain
     from motionsep.train import TrainingInterruptedError
 
-    config = PretrainConfig(
-        vae_steps=1, steps=2, batch=2, vae_batch=4, probe_count=1, probe_steps=2
-    )
+    config = PretrainConfig(vae_steps=1, steps=2, batch=2, vae_batch=4, **QUICK_PROBE)
     with pytest.raises(TrainingInterruptedError):
         pretrain(tmp_path / "m", tmp_path / "run", config, progress=_StopAt(2))
     made = CliRunner().invoke(

@@ -126,15 +126,9 @@ def interrupted_training(
     _wait_for_step(home, "m", 7, process, timeout=240)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
-    # the run straight through needs no process of its own; one thread, as in
-    # the subprocess (a module fixture runs before the per-test one-thread fixture)
+    # the run straight through needs no process of its own (one thread, as in the subprocess)
     straight = root / "straight"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        through = _in_process([*args, "--verbose"], straight)
-    finally:
-        torch.set_num_threads(threads)
+    through = _in_process([*args, "--verbose"], straight)
     assert through.exit_code == 0, through.output
     return {
         "straight": straight,
