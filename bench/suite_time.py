@@ -141,7 +141,7 @@ def main() -> None:
     if shares:
         print("\n| py-spy samples in | share |\n|---|---|")
         for name, value in shares.items():
-            print(f"| {name} | {100 * value:.0f} % |")
+            print(f"| {name} | {100 * value:.1f} % |")
     print(f"\nwritten: {args.out}")
 
 

@@ -202,8 +202,8 @@ def unet_config(folder: Path) -> dict[str, Any]:
 
     For AnimateDiff this is the joined ``UNetMotionModel``'s config, built on
     the meta device (no memory, no weights), so it equals ``unet.config`` of
-    the loaded model: that is what motion packages hash. Building it takes
-    about half a second even for the tiny model, and one command asks for it
+    the loaded model: that is what motion packages hash. Building it means
+    building three models on the meta device, and one command asks for it
     several times (checking the folder, loading, checking the training base),
     so it is computed once per pair of config files in a process.
     """
