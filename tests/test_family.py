@@ -114,3 +114,34 @@ def test_animatediff_preset_uses_the_family_defaults() -> None:
         ANIMATEDIFF.height,
         ANIMATEDIFF.frames,
     )
+
+
+def test_the_faster_dtype_lookup_gives_what_diffusers_gives(tiny_animatediff_dir: Path) -> None:
+    """Every forward asks ``unet.dtype``; a wrong answer casts the time embedding wrongly."""
+    from diffusers.models import modeling_utils
+
+    from motionsep.model import dtype_lookup
+
+    unet = load_components(tiny_animatediff_dir).unet  # loading installs the lookup
+    assert modeling_utils.get_parameter_dtype is dtype_lookup.parameter_dtype
+    diffusers_dtype = dtype_lookup._original
+    assert diffusers_dtype is not None
+
+    def both(module: torch.nn.Module) -> tuple[torch.dtype, torch.dtype]:
+        return dtype_lookup.parameter_dtype(module), diffusers_dtype(module)
+
+    assert both(unet) == (torch.float32, torch.float32)
+    assert unet.dtype == torch.float32
+    half = unet.half()
+    assert both(half) == (torch.float16, torch.float16)
+    # kept-in-fp32 modules are skipped: the first of them is conv_in, left in fp32
+    half.conv_in.float()
+    half._keep_in_fp32_modules = ["conv_in"]
+    assert both(half) == (torch.float16, torch.float16)
+    half._keep_in_fp32_modules = None
+    assert both(half) == (torch.float32, torch.float32)
+    # layerwise casting: stored in fp16, computed in fp32 (a hook deep inside)
+    cast = load_components(tiny_animatediff_dir).unet
+    cast.enable_layerwise_casting(storage_dtype=torch.float16, compute_dtype=torch.float32)
+    assert both(cast) == (torch.float32, torch.float32)
+    assert next(cast.parameters()).dtype == torch.float16  # the hook, not the weights, decides

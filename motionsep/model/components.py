@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from motionsep.errors import ModelFormatError
+from motionsep.model import dtype_lookup
 from motionsep.model.family import (
     ANIMATEDIFF,
     MOTION_ADAPTER_FOLDER,
@@ -239,6 +240,7 @@ def build_tiny_components(
     from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    dtype_lookup.install()
     if tokenizer is None:
         vocab, merges = tiny_vocab()
         tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
@@ -331,6 +333,7 @@ def build_zeroscope_unet(device: str | torch.device = "cpu", dtype: Any = None) 
     import torch
     from diffusers import UNet3DConditionModel
 
+    dtype_lookup.install()
     with torch.device(device):
         unet = UNet3DConditionModel(**ZEROSCOPE_UNET_CONFIG)
     if dtype is not None:

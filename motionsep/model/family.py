@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from motionsep.errors import ModelFormatError
+from motionsep.model import dtype_lookup
 
 if TYPE_CHECKING:
     from torch import nn
@@ -287,6 +288,7 @@ def per_video_text(unet: nn.Module) -> nn.Module:
 def load_unet(folder: Path, dtype: Any = None, device: Any = "cpu") -> nn.Module:
     """Loads the U-Net of a model folder of either family, frozen, in eval mode."""
     family = folder_family(folder)
+    dtype_lookup.install()
     with _quiet_diffusers():
         if family is ZEROSCOPE:
             from diffusers import UNet3DConditionModel
@@ -314,6 +316,7 @@ def join_motion_unet(unet2d: nn.Module, adapter: nn.Module) -> nn.Module:
     """``UNetMotionModel.from_unet2d`` (quiet), with the per-video text call of this module."""
     from diffusers import UNetMotionModel
 
+    dtype_lookup.install()
     with _quiet_diffusers():
         unet = UNetMotionModel.from_unet2d(unet2d, adapter)
         unet = unet.to(dtype=next(unet2d.parameters()).dtype)
