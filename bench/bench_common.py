@@ -182,3 +182,11 @@ def build_trainer(name: str, set_options: tuple[str, ...] = ()) -> tuple[Any, An
         prompts=[torch.randn(*text, dtype=dtype)],
     )
     return trainer, device, vae
+
+
+def print_table(header: str, lines: list[str]) -> None:
+    """A fixed-width table: the header, a rule as wide, then one line per row."""
+    print(header)
+    print("-" * len(header))
+    for line in lines:
+        print(line)

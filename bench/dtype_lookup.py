@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench_common import RESULTS, environment
+from bench_common import RESULTS, environment, print_table
 
 CALLS = 100
 
@@ -77,13 +77,12 @@ def main() -> None:
     rows.append(_measure("the same with the LoRAs of training", unet, args.repeats))
 
     header = f"{'model':<38} {'modules':>8} {'diffusers':>10} {'motionsep':>10} {'forward':>9}"
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        print(
-            f"{row['model']:<38} {row['modules']:>8} {row['diffusers_ms']:>8.2f}ms"
-            f" {row['motionsep_ms']:>8.2f}ms {row['forward_ms']:>7.1f}ms"
-        )
+    lines = [
+        f"{row['model']:<38} {row['modules']:>8} {row['diffusers_ms']:>8.2f}ms"
+        f" {row['motionsep_ms']:>8.2f}ms {row['forward_ms']:>7.1f}ms"
+        for row in rows
+    ]
+    print_table(header, lines)
     record = {"environment": environment(), "repeats": args.repeats, "rows": rows}
     out = RESULTS / "dtype_lookup-cpu.json"
     out.write_text(json.dumps(record, indent=1) + "\n")
