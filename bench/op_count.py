@@ -13,7 +13,8 @@ a ``TorchDispatchMode`` sees each one) of one step of
   runs it,
 
 and times the same kind of step without the counting (median over
-``--steps`` steps after warm-up). Seconds per step divided by operations per
+``--steps`` steps after warm-up; the counted step comes after them, since
+steps after a dispatch mode was active ran slower). Seconds per step divided by operations per
 step is the time one operation costs on average, arithmetic and overhead
 together: far above the arithmetic of these small operations means the step
 is bound by per-operation overhead. Writes ``bench/results/op_count-cpu.json``::
@@ -79,7 +80,9 @@ def training_step(steps: int, recipe: str) -> dict[str, Any]:
     import motionsep.train as train_module
 
     plain_step = train_module.Trainer.step
-    warmup, counted_at = 3, 4
+    # counted last: a step after a dispatch mode was active ran slower here
+    warmup = 3
+    counted_at = warmup + steps + 1
     seconds: list[float] = []
     counted: dict[str, collections.Counter[str]] = {}
 
@@ -147,12 +150,12 @@ def pretraining_step(steps: int) -> dict[str, Any]:
     run = _pretrain_run()
     for index in range(2):
         _pretrain_step(run, index)
-    ops = _counted(lambda: _pretrain_step(run, 2))
     seconds = []
-    for index in range(3, 3 + steps):
+    for index in range(2, 2 + steps):
         started = time.perf_counter()
         _pretrain_step(run, index)
         seconds.append(time.perf_counter() - started)
+    ops = _counted(lambda: _pretrain_step(run, 2 + steps))
     return _row("toy-animatediff pretraining (batch 16)", ops, seconds)
 
 
