@@ -35,7 +35,9 @@ def parameter_dtype(module: Any) -> Any:
 
     if isinstance(module, torch.nn.Module):
         # the modules in named_modules' order (depth first, parent before its
-        # children), without building their names
+        # children), without building their names. A module shared by two
+        # parents is looked at twice, which finds the same hook first; a
+        # cycle cannot occur, since .to() and state_dict() would recurse forever
         stack = [module]
         while stack:
             submodule = stack.pop()
