@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import statistics
 import sys
@@ -83,25 +84,20 @@ def training_step(steps: int, recipe: str) -> dict[str, Any]:
     # counted last: a step after a dispatch mode was active ran slower here
     warmup = 3
     counted_at = warmup + steps + 1
+    calls = itertools.count(1)
     seconds: list[float] = []
     counted: dict[str, collections.Counter[str]] = {}
 
     def step(trainer: Any, index: int) -> dict[str, float]:
-        number = len(seconds) + len(counted) + 1
+        number = next(calls)
+        losses: dict[str, float] = {}
         if number == counted_at:
-            result: dict[str, float] = {}
-
-            def run() -> None:
-                result.update(plain_step(trainer, index))
-
-            counted["ops"] = _counted(run)
-            return result
+            counted["ops"] = _counted(lambda: losses.update(plain_step(trainer, index)))
+            return losses
         started = time.perf_counter()
         losses = plain_step(trainer, index)
         if number > warmup:
             seconds.append(time.perf_counter() - started)
-        else:
-            seconds.append(-1.0)  # warm-up, dropped below
         return losses
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -124,8 +120,7 @@ def training_step(steps: int, recipe: str) -> dict[str, Any]:
             )
         finally:
             train_module.Trainer.step = plain_step  # type: ignore[method-assign]
-    timed = [s for s in seconds if s >= 0]
-    return _row(f"toy-animatediff motion training ({recipe})", counted["ops"], timed)
+    return _row(f"toy-animatediff motion training ({recipe})", counted["ops"], seconds)
 
 
 def _cli(*args: str) -> None:
