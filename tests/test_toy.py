@@ -356,6 +356,42 @@ def _unet_weights(folder: Path) -> dict:
     return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
+def test_pretraining_updates_every_tensor_as_the_per_tensor_optimizer_does() -> None:
+    """The optimizers update all tensors in one call (faster on the CPU) and give the
+    bytes of torch's per-tensor loop, so a recorded pretraining command still makes
+    the model it made (the shipped ones included)."""
+    import copy
+
+    import torch
+
+    from motionsep.toy.pretrain import PretrainConfig, build_run
+
+    config = PretrainConfig(vae_steps=1, steps=2, batch=1, vae_batch=2)
+    built = build_run(config, torch.device("cpu"))
+
+    def tensors(run: Any) -> list[torch.Tensor]:
+        modules = (run.parts["unet"], run.ema["unet"], run.parts["vae"])
+        return [t.detach().clone() for m in modules for t in m.state_dict().values()]
+
+    def trained(per_tensor: bool) -> list[torch.Tensor]:
+        run = copy.deepcopy(built)  # the same start for both (the optimizers follow their tensors)
+        for opt in (run.opt, run.vae_opt):
+            assert all(group["foreach"] for group in opt.param_groups)
+            for group in opt.param_groups:
+                group["foreach"] = not per_tensor
+        torch.manual_seed(0)
+        run.vae_step(0)
+        for step in range(2):
+            run.unet_step(step)  # and its update of the average
+        return tensors(run)
+
+    untrained = tensors(built)
+    together, one_by_one = trained(per_tensor=False), trained(per_tensor=True)
+    changed = [not torch.equal(a, b) for a, b in zip(untrained, together, strict=True)]
+    assert sum(changed) > len(changed) // 2  # the copies' own weights were trained
+    assert all(torch.equal(a, b) for a, b in zip(together, one_by_one, strict=True))
+
+
 def test_pretraining_resumes_bit_identically_and_records_itself(tmp_path: Path) -> None:
     from motionsep.toy.pretrain import PretrainConfig, pretrain
     from motionsep.train import TrainingInterruptedError

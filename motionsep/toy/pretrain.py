@@ -492,7 +492,7 @@ def build_run(config: PretrainConfig, device: torch.device) -> PretrainRun:
         # features keep every word apart.
         parts["text_encoder"].eval().requires_grad_(False)
     # foreach: one call over all tensors instead of a loop per tensor (on the
-    # CPU torch defaults to the loop); the same arithmetic, bit for bit
+    # CPU torch defaults to the loop); the same bytes (tests/test_toy.py)
     vae_opt = torch.optim.AdamW(
         parts["vae"].parameters(), lr=config.vae_lr, weight_decay=0.0, foreach=True
     )
